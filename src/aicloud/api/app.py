@@ -1,0 +1,51 @@
+"""The application factory: wires settings, store, accounts, billing and engines."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from aicloud.accounts.keys import KeyService
+from aicloud.api import errors
+from aicloud.api.body_limit import BodyLimit
+from aicloud.api.routes import health, openai
+from aicloud.billing.usage import UsageLedger
+from aicloud.config import Settings
+from aicloud.models.pool import ModelPool
+from aicloud.store import db, migrate
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.prepare_home()
+        await asyncio.to_thread(migrate.upgrade, settings.db_url)
+        engine = db.create_engine_async(settings.db_url)
+        sessions = db.session_factory(engine)
+        app.state.keys = KeyService(sessions)
+        app.state.ledger = UsageLedger(sessions)
+        app.state.pool = pool
+        app.state.background = set()
+        await pool.start()
+        log.info("serving models: %s", ", ".join(c.id for c in pool.cards()))
+        try:
+            yield
+        finally:
+            pending = list(app.state.background)
+            if pending:
+                await asyncio.wait(pending, timeout=10)
+            await pool.close()
+            await engine.dispose()
+
+    app = FastAPI(title="aicloud", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    errors.install(app)
+    app.include_router(openai.router)
+    app.include_router(health.router)
+    return app

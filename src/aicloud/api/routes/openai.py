@@ -1,0 +1,110 @@
+"""The OpenAI-compatible surface: /v1/models, /v1/chat/completions, /v1/completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from aicloud.api.deps import CurrentPrincipal, PoolDep, parse_body
+from aicloud.api.errors import APIError, invalid
+from aicloud.api.generation import Run, collect, open_run, stream_events, usage_json
+from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest
+from aicloud.engines.base import ChatMessage, Engine, EngineError, TokenEvent
+from aicloud.models.pool import ModelPool, UnknownModel
+
+router = APIRouter(prefix="/v1")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _engine(pool: ModelPool, model: str) -> Engine:
+    try:
+        return pool.get(model)
+    except UnknownModel:
+        raise APIError(404, f"The model '{model[:128]}' does not exist.", param="model",
+                       code="model_not_found") from None
+
+
+@router.get("/models")
+async def list_models(_: CurrentPrincipal, pool: PoolDep) -> dict[str, Any]:
+    return {"object": "list", "data": [
+        {"id": c.id, "object": "model", "created": c.created, "owned_by": c.owned_by}
+        for c in pool.cards()
+    ]}
+
+
+class ChatFormat:
+    object_chunk = "chat.completion.chunk"
+
+    def chunk(self, run: Run, text: str, finish: str | None, first: bool) -> dict[str, Any]:
+        delta = {"role": "assistant", "content": text} if first else (
+            {"content": text} if text else {})
+        return {"id": run.request_id, "object": self.object_chunk, "created": run.created,
+                "model": run.model, "system_fingerprint": None,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": finish}]}
+
+    def whole(self, run: Run, text: str, final: TokenEvent) -> dict[str, Any]:
+        assert final.finish_reason is not None and final.usage is not None
+        return {"id": run.request_id, "object": "chat.completion", "created": run.created,
+                "model": run.model, "system_fingerprint": None,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": final.finish_reason.openai}],
+                "usage": usage_json(final.usage)}
+
+
+class TextFormat:
+    object_chunk = "text_completion"
+
+    def chunk(self, run: Run, text: str, finish: str | None, first: bool) -> dict[str, Any]:
+        return {"id": run.request_id, "object": self.object_chunk, "created": run.created,
+                "model": run.model, "system_fingerprint": None,
+                "choices": [{"index": 0, "text": text, "logprobs": None,
+                             "finish_reason": finish}]}
+
+    def whole(self, run: Run, text: str, final: TokenEvent) -> dict[str, Any]:
+        assert final.finish_reason is not None and final.usage is not None
+        body = self.chunk(run, text, final.finish_reason.openai, True)
+        return {**body, "usage": usage_json(final.usage)}
+
+
+async def _respond(request: Request, run: Run, fmt: ChatFormat | TextFormat,
+                   stream: bool, include_usage: bool) -> StreamingResponse | JSONResponse:
+    if stream:
+        return StreamingResponse(stream_events(run, fmt, include_usage),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    text, final = await collect(run, request)
+    return JSONResponse(fmt.whole(run, text, final))
+
+
+def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(request: Request, principal: CurrentPrincipal,
+                           pool: PoolDep) -> StreamingResponse | JSONResponse:
+    body = await parse_body(request, ChatCompletionRequest)
+    engine = _engine(pool, body.model)
+    messages = [ChatMessage(m.role, m.text, m.name) for m in body.messages]
+    try:
+        tokens = await engine.encode_chat(messages)
+    except EngineError as exc:
+        raise invalid(exc.message, exc.param or "messages", exc.code) from None
+    run = await open_run(request, engine, principal, body.model, tokens, body,
+                         body.completion_limit, "chatcmpl")
+    return await _respond(request, run, ChatFormat(), body.stream, _include_usage(body))
+
+
+@router.post("/completions", response_model=None)
+async def completions(request: Request, principal: CurrentPrincipal,
+                      pool: PoolDep) -> StreamingResponse | JSONResponse:
+    body = await parse_body(request, CompletionRequest)
+    engine = _engine(pool, body.model)
+    prompt = body.prompt
+    tokens = await engine.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
+    run = await open_run(request, engine, principal, body.model, tokens, body,
+                         body.max_tokens if body.max_tokens is not None else 16, "cmpl")
+    return await _respond(request, run, TextFormat(), body.stream, _include_usage(body))

@@ -1,0 +1,38 @@
+"""Settings from `AICLOUD_*` environment variables; the CLI overrides some per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from aicloud.store.db import default_url
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AICLOUD_", extra="ignore")
+
+    home: Path = Field(default=Path("~/.aicloud"), description="where aicloud keeps its data")
+    database_url: str | None = Field(default=None, description="default: SQLite under home")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: list[str] = Field(default_factory=list, description="ID=PATH or PATH of GGUF files")
+    sequences: int | None = Field(default=None, ge=1, le=256)
+    context: int | None = Field(default=None, ge=64)
+    threads: int | None = Field(default=None, ge=1)
+    batch_tokens: int = Field(default=512, ge=16, le=8192)
+    kv_budget_mb: int = Field(default=2048, ge=16)
+    max_body_bytes: int = Field(default=8 << 20, ge=1024)
+    log_level: str = "info"
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser()
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or default_url(self.home_dir)
+
+    def prepare_home(self) -> None:
+        self.home_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

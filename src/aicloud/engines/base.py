@@ -1,0 +1,172 @@
+"""The Engine protocol: the one seam between the cloud layer and whatever produces tokens.
+
+The API layer only sees these types, so an engine can run in-process, in another process
+or behind a Ray actor handle without the routes knowing.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+class FinishReason(enum.StrEnum):
+    """Why a sequence ended; the first two are OpenAI's finish reasons."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+    @property
+    def openai(self) -> str:
+        return "length" if self is FinishReason.LENGTH else "stop"
+
+
+class EngineError(Exception):
+    """Raised by an engine for a request it cannot run; `param` names the culprit field."""
+
+    code: str = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ContextLengthExceeded(EngineError):
+    code = "context_length_exceeded"
+
+
+class EngineOverloaded(EngineError):
+    code = "engine_overloaded"
+
+
+@dataclass(slots=True, frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+    name: str | None = None
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """Per-request sampling; checked here so every engine gets sane values."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        floats = (self.temperature, self.top_p, self.min_p, self.presence_penalty,
+                  self.frequency_penalty, self.repetition_penalty)
+        if not all(math.isfinite(v) for v in floats):
+            raise EngineError("sampling parameters must be finite numbers")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise EngineError("temperature must be between 0 and 2", param="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise EngineError("top_p must be in (0, 1]", param="top_p")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise EngineError("min_p must be in [0, 1]", param="min_p")
+        if self.top_k < 0:
+            raise EngineError("top_k must be >= 0", param="top_k")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise EngineError(f"{name} must be between -2 and 2", param=name)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """One generation. `prompt_tokens` come from `Engine.encode`, so the caller knows the
+    prompt size (for limits and budgets) before anything runs."""
+
+    request_id: str
+    prompt_tokens: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    max_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    tenant: str = ""
+    priority: int = 0
+
+
+@dataclass(slots=True, frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True, frozen=True)
+class TokenEvent:
+    """A step of one sequence: new text (maybe empty while bytes are incomplete) and,
+    on the last event, why it finished and the exact usage."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class EngineInfo:
+    model_id: str
+    context_length: int
+    max_sequences: int
+    kind: str
+
+
+@dataclass(slots=True, frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    tokens_per_second: float
+    kv_cells_used: int
+    kv_cells_total: int
+
+
+class GenerationStream(Protocol):
+    """What `Engine.generate` returns: the events of one sequence, cancellable."""
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]: ...
+
+    def cancel(self) -> None:
+        """Stop the sequence; the engine still sends a final event with the usage so far."""
+
+    async def final(self) -> TokenEvent:
+        """Wait for the final event (after a cancel, or to drain)."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    async def start(self) -> None:
+        """Load weights and start decoding; called once before the first request."""
+
+    async def close(self) -> None: ...
+
+    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        """Render the model's own chat template and tokenize the result."""
+
+    async def encode_text(self, text: str) -> list[int]: ...
+
+    async def generate(self, request: GenerationRequest) -> GenerationStream:
+        """Validate and enqueue; raise `EngineError` before anything is produced."""
+
+    def info(self) -> EngineInfo: ...
+
+    def stats(self) -> EngineStats: ...

@@ -1,0 +1,241 @@
+"""Continuous batching on one llama.cpp context, in the engine's own thread.
+
+Each `step` decodes one token for every running sequence and, in the same `llama_decode`,
+a chunk of the prompts still being prefilled, up to `batch_tokens` in all. New requests
+join at the next step when a slot is free; finished or cancelled ones leave at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+import llama_cpp
+
+from aicloud.engines.base import FinishReason, TokenEvent
+from aicloud.engines.llamacpp.model import LlamaModel
+from aicloud.engines.llamacpp.sampling import build_sampler, free_sampler
+from aicloud.engines.llamacpp.sequence import Sequence, SeqState
+from aicloud.engines.llamacpp.slots import SlotTable
+
+log = logging.getLogger(__name__)
+
+Delivery = tuple[Callable[[TokenEvent], None], TokenEvent]
+PlanItem = tuple[Sequence, list[int], bool]
+
+
+class FifoQueue:
+    """First come, first served; the tenant-fair queue replaces it with the same methods."""
+
+    def __init__(self) -> None:
+        self._items: deque[Sequence] = deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def push(self, seq: Sequence) -> None:
+        self._items.append(seq)
+
+    def pop(self) -> Sequence | None:
+        return self._items.popleft() if self._items else None
+
+    def remove(self, seq: Sequence) -> bool:
+        try:
+            self._items.remove(seq)
+        except ValueError:
+            return False
+        return True
+
+
+class RateMeter:
+    """Tokens per second over a sliding window."""
+
+    def __init__(self, window: float = 5.0) -> None:
+        self._window = window
+        self._marks: deque[tuple[float, int]] = deque()
+
+    def add(self, n: int) -> None:
+        now = time.monotonic()
+        self._marks.append((now, n))
+        while self._marks and self._marks[0][0] < now - self._window:
+            self._marks.popleft()
+
+    @property
+    def rate(self) -> float:
+        marks = list(self._marks)
+        if not marks or time.monotonic() - marks[-1][0] > self._window:
+            return 0.0
+        span = max(time.monotonic() - marks[0][0], 1e-3)
+        return sum(n for _, n in marks) / span
+
+
+class Batcher:
+    def __init__(self, model: LlamaModel, queue: FifoQueue | None = None) -> None:
+        self.model = model
+        self.config = model.config
+        self.slots = SlotTable(model.memory, self.config.sequences)
+        self.queue = queue or FifoQueue()
+        self.running: list[Sequence] = []
+        self.meter = RateMeter()
+        self._batch = llama_cpp.llama_batch_init(self.config.batch_tokens, 0, 1)
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="llamacpp-batcher", daemon=True)
+
+    # -- called from the event loop -------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("engine is shutting down")
+            self.queue.push(seq)
+            self._wake.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        """A queued sequence is dropped without running; a running one ends next step."""
+        with self._wake:
+            if self.queue.remove(seq):
+                seq.loop.call_soon_threadsafe(seq.on_event, seq.finish(FinishReason.CANCELLED))
+                return
+            seq.cancelled = True
+            self._wake.notify()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+        llama_cpp.llama_batch_free(self._batch)
+
+    # -- the engine thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self.running or len(self.queue)):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                self._admit()
+            try:
+                self.step()
+            except Exception:  # a bug here must not leave clients hanging forever
+                log.exception("decoding step failed; ending the running sequences")
+                self._deliver([(s, self._retire(s, s.finish(FinishReason.ERROR)))
+                               for s in list(self.running)])
+        self._drain()
+
+    def _admit(self) -> None:
+        while self.slots.free and (seq := self.queue.pop()) is not None:
+            slot, reuse = self.slots.acquire(seq.prompt)
+            seq.slot, seq.n_past, seq.cached_tokens = slot.seq_id, reuse, reuse
+            seq.sampler = build_sampler(seq.request.sampling, self.model.n_vocab)
+            seq.state = SeqState.PREFILL
+            self.running.append(seq)
+
+    def step(self) -> None:
+        cancelled = [s for s in self.running if s.cancelled]
+        out = [(s, self._retire(s, s.finish(FinishReason.CANCELLED))) for s in cancelled]
+        plan = self._plan()
+        if plan:
+            out += self._decode(plan)
+        self._deliver(out)
+
+    def _plan(self) -> list[PlanItem]:
+        """Every decoding sequence gets its next token; prompts fill what is left."""
+        budget = self.config.batch_tokens
+        plan: list[PlanItem] = []
+        for seq in self.running:
+            if seq.state is SeqState.DECODE:
+                plan.append((seq, [seq.last_token], True))
+                budget -= 1
+        for seq in self.running:
+            if seq.state is SeqState.PREFILL and budget > 0:
+                n = min(seq.prompt_left, budget)
+                plan.append((seq, seq.prompt[seq.n_past : seq.n_past + n], n == seq.prompt_left))
+                budget -= n
+        return plan
+
+    def _decode(self, plan: list[PlanItem]) -> list[tuple[Sequence, TokenEvent]]:
+        outputs = self._fill(plan)
+        status = llama_cpp.llama_decode(self.model.ctx, self._batch)
+        if status == 1 and self.slots.drop_idle_caches():
+            status = llama_cpp.llama_decode(self.model.ctx, self._batch)
+        if status != 0:
+            log.error("llama_decode failed with status %d", status)
+            return [(s, self._retire(s, s.finish(FinishReason.ERROR))) for s, _, _ in plan]
+        for seq, tokens, _ in plan:
+            self.slots.append(self._slot(seq), tokens)
+            if seq.state is SeqState.PREFILL:
+                seq.n_past += len(tokens)
+        return [self._sample(seq, index) for seq, index in outputs]
+
+    def _fill(self, plan: list[PlanItem]) -> list[tuple[Sequence, int]]:
+        batch, i = self._batch, 0
+        outputs: list[tuple[Sequence, int]] = []
+        for seq, tokens, wants_logits in plan:
+            start = len(self._slot(seq).tokens)
+            for j, token in enumerate(tokens):
+                batch.token[i] = token
+                batch.pos[i] = start + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq.slot
+                batch.logits[i] = 0
+                i += 1
+            if wants_logits:
+                batch.logits[i - 1] = 1
+                outputs.append((seq, i - 1))
+        batch.n_tokens = i
+        return outputs
+
+    def _sample(self, seq: Sequence, index: int) -> tuple[Sequence, TokenEvent]:
+        token = llama_cpp.llama_sampler_sample(seq.sampler, self.model.ctx, index)
+        seq.state = SeqState.DECODE
+        event = seq.on_token(token, self.model.piece(token), self.model.is_eog(token))
+        self.meter.add(1)
+        if event.finish_reason is not None:
+            self._retire(seq, event)
+        return seq, event
+
+    def _slot(self, seq: Sequence):  # noqa: ANN202 - Slot, kept internal
+        return self.slots.slots[seq.slot]
+
+    def _retire(self, seq: Sequence, event: TokenEvent) -> TokenEvent:
+        """Free the sequence's slot, keeping only its prompt for later prefix reuse."""
+        self.running.remove(seq)
+        self.slots.release(self._slot(seq), keep=min(seq.n_past, len(seq.prompt)))
+        free_sampler(seq.sampler)
+        seq.sampler = None
+        return event
+
+    @staticmethod
+    def _deliver(out: list[tuple[Sequence, TokenEvent]]) -> None:
+        """One wake-up per event loop per step, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
+        for seq, event in out:
+            by_loop.setdefault(seq.loop, []).append((seq.on_event, event))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_run_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
+
+    def _drain(self) -> None:
+        with self._wake:
+            waiting = []
+            while (seq := self.queue.pop()) is not None:
+                waiting.append((seq, seq.finish(FinishReason.ERROR)))
+        running = [(s, self._retire(s, s.finish(FinishReason.ERROR))) for s in list(self.running)]
+        self._deliver(waiting + running)
+
+
+def _run_all(items: list[Delivery]) -> None:
+    for callback, event in items:
+        callback(event)

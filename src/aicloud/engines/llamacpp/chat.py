@@ -1,0 +1,62 @@
+"""Chat formatting with the template shipped inside the model file.
+
+Templates come from model files, which users download from anywhere, so they are rendered
+only in Jinja's immutable sandbox (as Hugging Face does): no attribute access to Python
+internals, no mutation of the messages we pass in.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from aicloud.engines.base import ChatMessage, EngineError
+
+# Used when a GGUF carries no template: ChatML, the format of the bundled model family.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class TemplateRenderError(EngineError):
+    code = "invalid_messages"
+
+
+def _raise(message: str) -> None:
+    raise TemplateRenderError(message, param="messages")
+
+
+class ChatTemplate:
+    def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "") -> None:
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.filters["tojson"] = lambda value, indent=None: json.dumps(
+            value, ensure_ascii=False, indent=indent
+        )
+        env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self._template = env.from_string(source or CHATML)
+        self._specials = {"bos_token": bos_token, "eos_token": eos_token}
+
+    def render(self, messages: list[ChatMessage]) -> str:
+        payload: list[dict[str, Any]] = [
+            {"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {})
+            for m in messages
+        ]
+        try:
+            return self._template.render(
+                messages=payload, add_generation_prompt=True, **self._specials
+            )
+        except TemplateRenderError:
+            raise
+        except (TemplateError, TypeError, ValueError) as exc:
+            raise TemplateRenderError(
+                f"the model's chat template rejected these messages: {exc}", param="messages"
+            ) from exc

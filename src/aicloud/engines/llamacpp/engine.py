@@ -1,0 +1,152 @@
+"""The llama.cpp engine as the event loop sees it: async methods over the batcher thread."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from aicloud.engines.base import (
+    ChatMessage,
+    ContextLengthExceeded,
+    EngineError,
+    EngineInfo,
+    EngineStats,
+    GenerationRequest,
+    TokenEvent,
+)
+from aicloud.engines.llamacpp.batcher import Batcher
+from aicloud.engines.llamacpp.chat import ChatTemplate
+from aicloud.engines.llamacpp.model import ContextConfig, LlamaModel
+from aicloud.engines.llamacpp.sequence import Sequence
+
+# Tokenizing more text than this goes to a worker thread so the loop stays responsive.
+INLINE_TOKENIZE_CHARS = 16_384
+
+
+class LlamaCppStream:
+    """The events of one sequence, delivered on the loop by the batcher thread."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self._batcher = batcher
+        self._events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._final: asyncio.Future[TokenEvent] = asyncio.get_running_loop().create_future()
+        self.sequence: Sequence | None = None
+
+    def on_event(self, event: TokenEvent) -> None:
+        self._events.put_nowait(event)
+        if event.finish_reason is not None and not self._final.done():
+            self._final.set_result(event)
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            event = await self._events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        if self.sequence is not None and not self._final.done():
+            self._batcher.cancel(self.sequence)
+
+    async def final(self) -> TokenEvent:
+        return await asyncio.shield(self._final)
+
+
+class LlamaCppEngine:
+    kind = "llama.cpp"
+
+    def __init__(self, model_id: str, path: Path, config: ContextConfig | None = None) -> None:
+        self.model_id = model_id
+        self.path = path
+        self._requested = config or ContextConfig()
+        self._model: LlamaModel | None = None
+        self._batcher: Batcher | None = None
+        self._template: ChatTemplate | None = None
+
+    async def start(self) -> None:
+        model = await asyncio.to_thread(LlamaModel, self.path, self._requested)
+        self._model = model
+        self._template = ChatTemplate(
+            model.metadata("tokenizer.chat_template"),
+            bos_token=model.bos_text, eos_token=model.eos_text,
+        )
+        self._batcher = Batcher(model)
+        self._batcher.start()
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            await asyncio.to_thread(self._batcher.stop)
+            self._batcher = None
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+    @property
+    def model(self) -> LlamaModel:
+        if self._model is None:
+            raise EngineError(f"model {self.model_id} is not loaded")
+        return self._model
+
+    @property
+    def config(self) -> ContextConfig:
+        return self.model.config
+
+    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        assert self._template is not None
+        return await self._tokenize(self._template.render(messages), special=True)
+
+    async def encode_text(self, text: str) -> list[int]:
+        return await self._tokenize(text, special=False)
+
+    async def _tokenize(self, text: str, *, special: bool) -> list[int]:
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return self.model.tokenize(text, special=special)
+        return await asyncio.to_thread(self.model.tokenize, text, special=special)
+
+    async def generate(self, request: GenerationRequest) -> LlamaCppStream:
+        max_tokens = self._check(request)
+        assert self._batcher is not None
+        stream = LlamaCppStream(self._batcher)
+        stream.sequence = Sequence(
+            request, asyncio.get_running_loop(), stream.on_event, max_tokens=max_tokens
+        )
+        self._batcher.submit(stream.sequence)
+        return stream
+
+    def _check(self, request: GenerationRequest) -> int:
+        """Refuse what cannot run; return the effective completion limit."""
+        window = self.config.context_per_sequence or 0
+        n = len(request.prompt_tokens)
+        if n == 0:
+            raise EngineError("the prompt is empty", param="prompt")
+        if any(not 0 <= t < self.model.n_vocab for t in request.prompt_tokens):
+            raise EngineError("the prompt contains token ids outside the vocabulary",
+                              param="prompt")
+        if n >= window:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {window} tokens, "
+                f"but the prompt has {n} tokens.", param="messages")
+        if request.max_tokens is not None and n + request.max_tokens > window:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {window} tokens. However, you "
+                f"requested {n + request.max_tokens} tokens ({n} in the prompt, "
+                f"{request.max_tokens} for the completion).", param="max_tokens")
+        return min(request.max_tokens or window, window - n)
+
+    def info(self) -> EngineInfo:
+        config = self.config
+        return EngineInfo(self.model_id, config.context_per_sequence or 0,
+                          config.sequences or 1, self.kind)
+
+    def stats(self) -> EngineStats:
+        batcher = self._batcher
+        if batcher is None:
+            return EngineStats(0, 0, 0.0, 0, 0)
+        return EngineStats(
+            running=len(batcher.running),
+            waiting=len(batcher.queue),
+            tokens_per_second=round(batcher.meter.rate, 2),
+            kv_cells_used=batcher.slots.cells_used,
+            kv_cells_total=self.config.n_ctx,
+        )

@@ -1,0 +1,182 @@
+"""A GGUF model and one shared llama.cpp context, on llama-cpp-python's low-level API.
+
+Only the engine thread touches the context; tokenizing and detokenizing only read the
+vocabulary, which llama.cpp keeps immutable, so the event loop may call them too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import llama_cpp
+from llama_cpp import _logger as llama_logger
+
+from aicloud.engines.base import EngineError
+
+GGUF_MAGIC = b"GGUF"
+
+
+class ModelLoadError(EngineError):
+    code = "model_load_failed"
+
+
+@dataclass(slots=True, frozen=True)
+class ContextConfig:
+    """How one context is laid out: `sequences` slots sharing one unified KV cache.
+
+    `None` means "size it for this model and machine" (see `LlamaModel.resolve`)."""
+
+    sequences: int | None = None
+    context_per_sequence: int | None = None
+    threads: int | None = None
+    batch_tokens: int = 512
+    kv_budget_mb: int = 2048
+    flash_attention: bool = True
+
+    @property
+    def n_ctx(self) -> int:
+        return (self.sequences or 1) * (self.context_per_sequence or 0)
+
+
+MAX_AUTO_SEQUENCES = 32
+DEFAULT_CONTEXT = 4096
+
+
+def check_gguf_path(path: Path) -> Path:
+    """Refuse anything but a readable regular GGUF file before llama.cpp parses it."""
+    try:
+        resolved = path.resolve(strict=True)
+        mode = resolved.stat().st_mode
+    except (OSError, RuntimeError) as exc:
+        raise ModelLoadError(f"model file not found: {path}") from exc
+    if not stat.S_ISREG(mode):
+        raise ModelLoadError(f"model path is not a regular file: {path}")
+    with resolved.open("rb") as fh:
+        if fh.read(4) != GGUF_MAGIC:
+            raise ModelLoadError(f"not a GGUF file: {path}")
+    return resolved
+
+
+class LlamaModel:
+    """Owns the llama.cpp model, vocabulary and context; frees them on `close`."""
+
+    def __init__(self, path: Path, config: ContextConfig) -> None:
+        self.path = check_gguf_path(path)
+        llama_logger.set_verbose(False)
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self.model:
+            raise ModelLoadError(f"llama.cpp could not load {path.name}: truncated or unsupported")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.context_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        self.config = self.resolve(config)
+        self.ctx = self._new_context(self.config)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """f16 K and V for every layer: what one more token of context costs."""
+        m = self.model
+        head_dim = llama_cpp.llama_model_n_embd(m) // max(1, llama_cpp.llama_model_n_head(m))
+        return 2 * 2 * llama_cpp.llama_model_n_layer(m) * llama_cpp.llama_model_n_head_kv(m) * head_dim
+
+    def resolve(self, config: ContextConfig) -> ContextConfig:
+        """Fill in what was left to us: context from the model, sequences from the KV budget,
+        threads from the cores we may run on."""
+        context = min(config.context_per_sequence or DEFAULT_CONTEXT, self.context_train)
+        per_sequence = context * self.kv_bytes_per_token
+        fits = (config.kv_budget_mb << 20) // max(1, per_sequence)
+        sequences = config.sequences or max(1, min(MAX_AUTO_SEQUENCES, fits))
+        return replace(config, context_per_sequence=context, sequences=sequences,
+                       threads=config.threads or default_threads(),
+                       batch_tokens=max(config.batch_tokens, sequences))
+
+    def _new_context(self, config: ContextConfig) -> llama_cpp.llama_context_p:
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx
+        cparams.n_batch = config.batch_tokens
+        cparams.n_ubatch = config.batch_tokens
+        cparams.n_seq_max = config.sequences
+        cparams.n_threads = config.threads
+        cparams.n_threads_batch = config.threads
+        cparams.kv_unified = True  # lets sequences share prompt-prefix cells (seq_cp)
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if config.flash_attention
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise ModelLoadError("llama.cpp could not create a context (out of memory?)")
+        return ctx
+
+    @property
+    def memory(self) -> llama_cpp.llama_memory_t:
+        return llama_cpp.llama_get_memory(self.ctx)
+
+    def metadata(self, key: str) -> str | None:
+        size = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), None, 0)
+        if size < 0:
+            return None
+        buf = ctypes.create_string_buffer(size + 1)
+        llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, size + 1)
+        return buf.value.decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, special: bool) -> list[int]:
+        """`special=True` parses control tokens such as `<|im_start|>` (for rendered
+        templates); user text in plain completions is tokenized literally."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, True, special)
+        if n < 0:
+            capacity = -n
+            tokens = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), tokens, capacity, True,
+                                         special)
+        return list(tokens[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token; control tokens render as nothing."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def token_text(self, token: int) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+    @property
+    def bos_text(self) -> str:
+        return self.token_text(llama_cpp.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos_text(self) -> str:
+        return self.token_text(llama_cpp.llama_vocab_eos(self.vocab))
+
+    def close(self) -> None:
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else (os.cpu_count() or 1))

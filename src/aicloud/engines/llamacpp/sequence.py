@@ -1,0 +1,74 @@
+"""One request's life inside the batcher: prompt progress, sampled tokens, text, finish."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aicloud.engines.base import FinishReason, GenerationRequest, TokenEvent, Usage
+from aicloud.engines.llamacpp.text import StopMatcher, Utf8Stream
+
+class SeqState(enum.IntEnum):
+    WAITING = 0
+    PREFILL = 1
+    DECODE = 2
+    FINISHED = 3
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Mutated only by the engine thread, except `cancelled`, which any thread may set."""
+
+    request: GenerationRequest
+    loop: asyncio.AbstractEventLoop
+    on_event: Callable[[TokenEvent], None]  # runs on `loop`
+    max_tokens: int
+    state: SeqState = SeqState.WAITING
+    slot: int = -1
+    n_past: int = 0  # prompt tokens already in the KV cache
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    last_token: int = 0
+    sampler: object = None
+    cancelled: bool = False
+    enqueued_at: float = field(default_factory=time.monotonic)
+    decoder: Utf8Stream = field(default_factory=Utf8Stream)
+    stopper: StopMatcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stopper = StopMatcher(self.request.stop)
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompt_tokens
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.prompt) - self.n_past
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt), self.completion_tokens, self.cached_tokens)
+
+    def on_token(self, token: int, piece: bytes, eog: bool) -> TokenEvent:
+        """Account for one sampled token and return the event to send for it."""
+        self.completion_tokens += 1
+        self.last_token = token
+        if eog:
+            return self.finish(FinishReason.STOP)
+        text, hit = self.stopper.push(self.decoder.feed(piece))
+        if hit:
+            return self.finish(FinishReason.STOP, text, flush=False)
+        if self.completion_tokens >= self.max_tokens:
+            return self.finish(FinishReason.LENGTH, text)
+        return TokenEvent(text, self.completion_tokens)
+
+    def finish(self, reason: FinishReason, text: str = "", *, flush: bool = True) -> TokenEvent:
+        if flush:
+            tail, hit = self.stopper.push(self.decoder.flush())
+            text += tail if hit else tail + self.stopper.flush()
+        self.state = SeqState.FINISHED
+        return TokenEvent(text, self.completion_tokens, reason, self.usage)

@@ -1,0 +1,91 @@
+"""KV-cache slots: which tokens each sequence id holds, and prompt-prefix reuse.
+
+Each slot is a llama.cpp sequence id in one unified KV cache. An idle slot keeps the
+prompt of its last request (never the generated tokens, which are freed at once), so a
+later request with the same system prompt starts from there. Because the cache is
+unified, a prefix held by any slot, busy or idle, can be shared into another slot with
+`llama_memory_seq_cp`, which adds the sequence id to the same cells: no copy, no prefill.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import llama_cpp
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass(slots=True, eq=False)
+class Slot:
+    seq_id: int
+    busy: bool = False
+    tokens: list[int] = field(default_factory=list)  # token at each KV position
+    cells: list[int] = field(default_factory=list)  # identity of the cell at each position
+
+
+class SlotTable:
+    def __init__(self, memory: llama_cpp.llama_memory_t, count: int) -> None:
+        self._memory = memory
+        self.slots = [Slot(i) for i in range(count)]
+        self._cell_ids = itertools.count()
+
+    @property
+    def free(self) -> int:
+        return sum(not s.busy for s in self.slots)
+
+    @property
+    def cells_used(self) -> int:
+        return len(set().union(*(s.cells for s in self.slots)))
+
+    def acquire(self, prompt: list[int]) -> tuple[Slot, int]:
+        """Take the idle slot that best matches `prompt`; return it and how many prompt
+        tokens are already in its cache. At least one prompt token is left to decode, since
+        sampling needs the logits of the last one."""
+        idle = [s for s in self.slots if not s.busy]
+        slot = max(idle, key=lambda s: (common_prefix(s.tokens, prompt), -len(s.tokens)))
+        source = max(self.slots, key=lambda s: common_prefix(s.tokens, prompt))
+        reuse = min(common_prefix(source.tokens, prompt), len(prompt) - 1)
+        if reuse > common_prefix(slot.tokens, prompt):
+            self._share(source, slot, reuse)
+        else:
+            self.truncate(slot, reuse)
+        slot.busy = True
+        return slot, reuse
+
+    def _share(self, source: Slot, slot: Slot, n: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, slot.seq_id, 0, n)
+        slot.tokens = source.tokens[:n]
+        slot.cells = source.cells[:n]
+
+    def truncate(self, slot: Slot, n: int) -> None:
+        """Free every cell of `slot` at position `n` and beyond (including cells a failed
+        decode may have left past what we recorded)."""
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, n, -1)
+        del slot.tokens[n:]
+        del slot.cells[n:]
+
+    def append(self, slot: Slot, tokens: list[int]) -> None:
+        slot.tokens.extend(tokens)
+        slot.cells.extend(itertools.islice(self._cell_ids, len(tokens)))
+
+    def release(self, slot: Slot, keep: int) -> None:
+        self.truncate(slot, keep)
+        slot.busy = False
+
+    def drop_idle_caches(self) -> int:
+        """Free what idle slots keep; used when llama.cpp finds no room for a batch."""
+        freed = 0
+        for slot in self.slots:
+            if not slot.busy and slot.tokens:
+                freed += len(slot.tokens)
+                self.truncate(slot, 0)
+        return freed

@@ -1,0 +1,26 @@
+"""Alembic environment: runs against the URL handed over by `aicloud.store.migrate`."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine
+
+from aicloud.store.db import sync_url, watch_sqlite
+from aicloud.store.tables import Base
+
+config = context.config
+url = sync_url(config.get_main_option("sqlalchemy.url") or "")
+
+if context.is_offline_mode():
+    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+else:
+    engine = create_engine(url)
+    watch_sqlite(engine)
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=Base.metadata,
+                          render_as_batch=connection.dialect.name == "sqlite")
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
