@@ -52,8 +52,8 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
 
 def validation_message(errors: list) -> tuple[str, str | None]:
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
-    param = ".".join(loc) or None
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = loc[0] if loc else None
     return f"{param or 'request'}: {first.get('msg', 'invalid value')}", param
 
 

@@ -1,0 +1,3 @@
+from aicloud.cli import app
+
+app()
