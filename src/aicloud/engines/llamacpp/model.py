@@ -36,6 +36,7 @@ class ContextConfig:
     batch_tokens: int = 512
     kv_budget_mb: int = 2048
     flash_attention: bool = True
+    unified_kv: bool = True
 
     @property
     def n_ctx(self) -> int:
@@ -104,7 +105,9 @@ class LlamaModel:
         cparams.n_seq_max = config.sequences
         cparams.n_threads = config.threads
         cparams.n_threads_batch = config.threads
-        cparams.kv_unified = True  # lets sequences share prompt-prefix cells (seq_cp)
+        # One shared cache lets slots share prompt-prefix cells; per-sequence streams place each
+        # sequence's cells identically under any load (steadier greedy output) but run slower.
+        cparams.kv_unified = config.unified_kv
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
             if config.flash_attention

@@ -62,7 +62,9 @@ class SlotTable:
 
     def _share(self, source: Slot, slot: Slot, n: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
-        llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, slot.seq_id, 0, n)
+        # whole-sequence copies are the form every KV layout supports; trim after
+        llama_cpp.llama_memory_seq_cp(self._memory, source.seq_id, slot.seq_id, -1, -1)
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, n, -1)
         slot.tokens = source.tokens[:n]
         slot.cells = source.cells[:n]
 

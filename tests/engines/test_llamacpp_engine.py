@@ -1,0 +1,187 @@
+"""The continuous-batching engine on the real bundled model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from aicloud.engines.base import (
+    ChatMessage,
+    ContextLengthExceeded,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
+from aicloud.engines.llamacpp.engine import LlamaCppEngine
+from aicloud.engines.llamacpp.model import ContextConfig
+from aicloud.engines.llamacpp.slots import common_prefix
+from aicloud.models.catalog import bundled_model
+from tests.conftest import LoopThread
+
+GREEDY = SamplingParams(temperature=0.0)
+SLOTS = 4
+
+
+@pytest.fixture(scope="module")
+def engine(loop_thread: LoopThread) -> Iterator[LlamaCppEngine]:
+    spec = bundled_model()
+    eng = LlamaCppEngine(spec.model_id, spec.path,
+                         ContextConfig(sequences=SLOTS, context_per_sequence=1024))
+    loop_thread.run(eng.start())
+    yield eng
+    loop_thread.run(eng.close())
+
+
+async def run(engine: LlamaCppEngine, prompt: str, max_tokens: int = 32, *,
+              stop: tuple[str, ...] = (), chat: bool = True,
+              sampling: SamplingParams = GREEDY) -> tuple[list[TokenEvent], str]:
+    tokens = await (engine.encode_chat([ChatMessage("user", prompt)]) if chat
+                    else engine.encode_text(prompt))
+    stream = await engine.generate(GenerationRequest("t", tokens, sampling, max_tokens, stop))
+    events = [e async for e in stream]
+    return events, "".join(e.text for e in events)
+
+
+PROMPTS = [
+    "Hi",
+    "What is the capital of France? Answer briefly.",
+    "List three colours of the rainbow and explain, in a few sentences, why the sky is blue "
+    "during the day but red and orange at sunset. Mention scattering of light by air.",
+    "Name a fruit.",
+    "Translate 'good morning' into Spanish, French and German, one per line.",
+    "Why do cats purr? " * 12,
+]
+
+
+def test_concurrent_requests_all_finish_with_their_own_text(engine: LlamaCppEngine,
+                                                            loop_thread: LoopThread) -> None:
+    async def together() -> list[tuple[list[TokenEvent], str]]:
+        return await asyncio.gather(*(run(engine, p) for p in PROMPTS))
+
+    results = loop_thread.run(together())
+    assert len(results) == len(PROMPTS) > SLOTS
+    for events, text in results:
+        assert text and events[-1].finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+    usage = [events[-1].usage for events, _ in results]
+    assert len({u.prompt_tokens for u in usage}) == len(set(PROMPTS))
+
+
+def test_usage_and_finish_reasons_are_truthful(engine: LlamaCppEngine,
+                                               loop_thread: LoopThread) -> None:
+    events, _ = loop_thread.run(run(engine, "Write a long story about the sea.", 7))
+    final = events[-1]
+    assert final.finish_reason is FinishReason.LENGTH
+    assert final.usage is not None and final.usage.completion_tokens == 7
+    assert all(e.finish_reason is None for e in events[:-1])
+    events, _ = loop_thread.run(run(engine, "Say yes.", 200))
+    assert events[-1].finish_reason is FinishReason.STOP
+    assert events[-1].usage.completion_tokens < 200
+
+
+def test_stop_string_split_across_tokens(engine: LlamaCppEngine,
+                                         loop_thread: LoopThread) -> None:
+    prompt = "Count from one to ten in words separated by commas."
+    _, full = loop_thread.run(run(engine, prompt, 40))
+    # a stop string that starts inside one token and ends inside a later one
+    idx = full.index(",") if "," in full else 3
+    stop = full[idx - 2 : idx + 3]
+    events, text = loop_thread.run(run(engine, prompt, 40, stop=(stop,)))
+    assert text == full[: full.index(stop)]
+    assert events[-1].finish_reason is FinishReason.STOP
+
+
+@pytest.mark.parametrize("prompt", [
+    "한국어로 자기소개를 해 주세요.",
+    "请用中文写一首关于月亮的短诗。",
+    "Reply with many emoji: 🎉🐍🚀🌊🔥",
+])
+def test_multibyte_output_is_always_valid_utf8(engine: LlamaCppEngine, loop_thread: LoopThread,
+                                              prompt: str) -> None:
+    sampling = SamplingParams(temperature=1.0, seed=7)
+    events, text = loop_thread.run(run(engine, prompt, 60, sampling=sampling))
+    for event in events:
+        event.text.encode("utf-8")  # raises on lone surrogates
+        assert "\ufffd" not in event.text
+    assert text
+
+
+def test_prefix_reuse_reports_cached_tokens(engine: LlamaCppEngine,
+                                            loop_thread: LoopThread) -> None:
+    system = "You are a meticulous assistant for a shipping company. " * 8
+
+    async def ask(question: str) -> tuple[list[int], TokenEvent]:
+        tokens = await engine.encode_chat([ChatMessage("system", system),
+                                           ChatMessage("user", question)])
+        stream = await engine.generate(GenerationRequest("p", tokens, GREEDY, 4))
+        return tokens, [e async for e in stream][-1]
+
+    first_tokens, first = loop_thread.run(ask("Where is my parcel?"))
+    tokens, second = loop_thread.run(ask("How much does shipping cost?"))
+    shared = common_prefix(first_tokens, tokens)
+    assert shared > 80
+    assert second.usage.cached_tokens == shared
+    assert second.usage.prompt_tokens == len(tokens)
+
+
+def test_cancel_frees_capacity(engine: LlamaCppEngine, loop_thread: LoopThread) -> None:
+    async def scenario() -> tuple[TokenEvent, TokenEvent, int]:
+        tokens = await engine.encode_text("Once upon a time, in a land far away,")
+        streams = [await engine.generate(GenerationRequest(f"c{i}", tokens,
+                                                           SamplingParams(seed=i), 900))
+                   for i in range(SLOTS)]
+        await asyncio.sleep(0.5)
+        waiting = await engine.generate(GenerationRequest("late", tokens, GREEDY, 3))
+        await asyncio.sleep(0.3)
+        queued = engine.stats().waiting
+        streams[0].cancel()
+        late = await asyncio.wait_for(waiting.final(), 30)
+        cancelled = await streams[0].final()
+        for s in streams[1:]:
+            s.cancel()
+        await asyncio.gather(*(s.final() for s in streams[1:]))
+        return late, cancelled, queued
+
+    late, cancelled, queued = loop_thread.run(scenario())
+    assert queued == 1, "the late request should have waited for a free slot"
+    assert late.finish_reason is FinishReason.LENGTH and late.usage.completion_tokens == 3
+    assert cancelled.finish_reason is FinishReason.CANCELLED
+    assert 0 < cancelled.usage.completion_tokens < 900
+    assert engine.stats().running == 0
+
+
+def test_cancel_while_queued_never_runs(engine: LlamaCppEngine, loop_thread: LoopThread) -> None:
+    async def scenario() -> TokenEvent:
+        tokens = await engine.encode_text("Tell me a story.")
+        busy = [await engine.generate(GenerationRequest(f"b{i}", tokens, SamplingParams(seed=i),
+                                                        400)) for i in range(SLOTS)]
+        queued = await engine.generate(GenerationRequest("q", tokens, GREEDY, 50))
+        queued.cancel()
+        final = await asyncio.wait_for(queued.final(), 5)
+        for s in busy:
+            s.cancel()
+        await asyncio.gather(*(s.final() for s in busy))
+        return final
+
+    final = loop_thread.run(scenario())
+    assert final.finish_reason is FinishReason.CANCELLED
+    assert final.usage.completion_tokens == 0
+
+
+def test_prompt_beyond_context_is_refused(engine: LlamaCppEngine,
+                                          loop_thread: LoopThread) -> None:
+    async def scenario() -> None:
+        tokens = await engine.encode_text("word " * 2000)
+        await engine.generate(GenerationRequest("x", tokens, GREEDY, 1))
+
+    with pytest.raises(ContextLengthExceeded):
+        loop_thread.run(scenario())
+
+
+def test_stats_report_kv_and_slots(engine: LlamaCppEngine) -> None:
+    stats = engine.stats()
+    assert stats.kv_cells_total == SLOTS * 1024
+    assert 0 < stats.kv_cells_used <= stats.kv_cells_total
+    assert engine.info().max_sequences == SLOTS
