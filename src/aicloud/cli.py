@@ -12,7 +12,7 @@ import typer
 from aicloud.accounts.keys import AccountError, KeyService
 from aicloud.config import Settings
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
-from aicloud.engines.llamacpp.model import ContextConfig
+from aicloud.engines.llamacpp.model import ContextConfig, ModelLoadError, check_gguf_path
 from aicloud.models.catalog import CatalogError, resolve_models
 from aicloud.models.pool import ModelPool
 from aicloud.store import db, migrate
@@ -31,6 +31,8 @@ def build_pool(settings: Settings) -> ModelPool:
         kv_budget_mb=settings.kv_budget_mb,
     )
     specs = resolve_models(settings.models)
+    for spec in specs:
+        check_gguf_path(spec.path)
     return ModelPool({s.model_id: LlamaCppEngine(s.model_id, s.path, config) for s in specs})
 
 
@@ -65,7 +67,7 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         pool = build_pool(settings)
-    except CatalogError as exc:
+    except (CatalogError, ModelLoadError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from None
     uvicorn.run(create_app(settings, pool), host=settings.host, port=settings.port,
                 log_level=settings.log_level, loop="auto", http="auto")

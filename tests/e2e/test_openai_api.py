@@ -167,11 +167,9 @@ def test_client_disconnect_cancels_and_bills(client: openai.OpenAI, server: Serv
     stream = client.chat.completions.create(
         model=MODEL, stream=True, max_tokens=500, temperature=0.8, seed=1,
         messages=[{"role": "user", "content": "Write a very long essay about the ocean."}])
-    seen = 0
     request_id = None
-    for chunk in stream:
+    for seen, chunk in enumerate(stream, start=1):
         request_id = chunk.id
-        seen += 1
         if seen == 4:
             break
     stream.close()

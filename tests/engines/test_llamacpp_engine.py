@@ -118,7 +118,7 @@ def test_prefix_reuse_reports_cached_tokens(engine: LlamaCppEngine,
         stream = await engine.generate(GenerationRequest("p", tokens, GREEDY, 4))
         return tokens, [e async for e in stream][-1]
 
-    first_tokens, first = loop_thread.run(ask("Where is my parcel?"))
+    first_tokens, _ = loop_thread.run(ask("Where is my parcel?"))
     tokens, second = loop_thread.run(ask("How much does shipping cost?"))
     shared = common_prefix(first_tokens, tokens)
     assert shared > 80

@@ -8,6 +8,7 @@ join at the next step when a slot is free; finished or cancelled ones leave at o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ import llama_cpp
 from aicloud.engines.base import FinishReason, TokenEvent
 from aicloud.engines.llamacpp.model import LlamaModel
 from aicloud.engines.llamacpp.sampling import build_sampler, free_sampler
-from aicloud.engines.llamacpp.sequence import Sequence, SeqState
+from aicloud.engines.llamacpp.sequence import SeqState, Sequence
 from aicloud.engines.llamacpp.slots import SlotTable
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ class Batcher:
             self._retire(seq, event)
         return seq, event
 
-    def _slot(self, seq: Sequence):  # noqa: ANN202 - Slot, kept internal
+    def _slot(self, seq: Sequence):
         return self.slots.slots[seq.slot]
 
     def _retire(self, seq: Sequence, event: TokenEvent) -> TokenEvent:
@@ -222,10 +223,8 @@ class Batcher:
         for seq, event in out:
             by_loop.setdefault(seq.loop, []).append((seq.on_event, event))
         for loop, items in by_loop.items():
-            try:
+            with contextlib.suppress(RuntimeError):  # a closed loop has nobody listening
                 loop.call_soon_threadsafe(_run_all, items)
-            except RuntimeError:  # that loop is closed: nobody is listening any more
-                pass
 
     def _drain(self) -> None:
         with self._wake:

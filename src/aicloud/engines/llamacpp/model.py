@@ -84,7 +84,8 @@ class LlamaModel:
         """f16 K and V for every layer: what one more token of context costs."""
         m = self.model
         head_dim = llama_cpp.llama_model_n_embd(m) // max(1, llama_cpp.llama_model_n_head(m))
-        return 2 * 2 * llama_cpp.llama_model_n_layer(m) * llama_cpp.llama_model_n_head_kv(m) * head_dim
+        layers, kv_heads = llama_cpp.llama_model_n_layer(m), llama_cpp.llama_model_n_head_kv(m)
+        return 2 * 2 * layers * kv_heads * head_dim
 
     def resolve(self, config: ContextConfig) -> ContextConfig:
         """Fill in what was left to us: context from the model, sequences from the KV budget,

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from aicloud.engines.base import FinishReason, GenerationRequest, TokenEvent, Usage
 from aicloud.engines.llamacpp.text import StopMatcher, Utf8Stream
 
+
 class SeqState(enum.IntEnum):
     WAITING = 0
     PREFILL = 1
