@@ -53,7 +53,7 @@ def serve(
         help="sequences decoded together per model (default: as many as the KV budget "
              "holds, up to 32)")] = None,
     context: Annotated[int | None, typer.Option(
-        help="context tokens per sequence (default: the model's, up to 4096)")] = None,
+        help="context tokens per sequence (default: the model's, up to 2048)")] = None,
     threads: Annotated[int | None, typer.Option(
         help="decoding threads (default: the cores this process may use)")] = None,
     kv_budget_mb: Annotated[int | None, typer.Option(

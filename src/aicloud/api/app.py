@@ -25,14 +25,14 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.prepare_home()
-        await asyncio.to_thread(migrate.upgrade, settings.db_url)
+        # the schema and the weights are independent: get both ready at once
+        await asyncio.gather(asyncio.to_thread(migrate.upgrade, settings.db_url), pool.start())
         engine = db.create_engine_async(settings.db_url)
         sessions = db.session_factory(engine)
         app.state.keys = KeyService(sessions)
         app.state.ledger = UsageLedger(sessions)
         app.state.pool = pool
         app.state.background = set()
-        await pool.start()
         log.info("serving models: %s", ", ".join(c.id for c in pool.cards()))
         try:
             yield

@@ -45,7 +45,7 @@ class ContextConfig:
 
 
 MAX_AUTO_SEQUENCES = 32
-DEFAULT_CONTEXT = 4096
+DEFAULT_CONTEXT = 2048
 
 
 def check_gguf_path(path: Path) -> Path:
