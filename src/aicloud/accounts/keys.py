@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aicloud.store.tables import ApiKey, Organization, Project
@@ -127,5 +126,3 @@ class KeyService:
         key, proj = row
         return Principal(proj.organization_id, proj.id, proj.name, key.id)
 
-
-__all__ = ["AccountError", "IntegrityError", "KeyService", "KeyView", "Principal"]

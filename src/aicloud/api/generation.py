@@ -131,8 +131,6 @@ class Format(Protocol):
 
     def whole(self, run: Run, text: str, finish: str, usage: Usage) -> dict[str, Any]: ...
 
-    object_chunk: str
-
 
 def sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)

@@ -41,10 +41,6 @@ class ContextLengthExceeded(EngineError):
     code = "context_length_exceeded"
 
 
-class EngineOverloaded(EngineError):
-    code = "engine_overloaded"
-
-
 @dataclass(slots=True, frozen=True)
 class ChatMessage:
     role: str

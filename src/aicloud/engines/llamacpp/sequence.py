@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -35,7 +34,6 @@ class Sequence:
     last_token: int = 0
     sampler: object = None
     cancelled: bool = False
-    enqueued_at: float = field(default_factory=time.monotonic)
     decoder: Utf8Stream = field(default_factory=Utf8Stream)
     stopper: StopMatcher = field(init=False)
 
