@@ -13,7 +13,7 @@ from aicloud.accounts.keys import AccountError, KeyService
 from aicloud.config import Settings
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig, ModelLoadError, check_gguf_path
-from aicloud.engines.llamacpp.weights import FORMATS, NATIVE
+from aicloud.engines.llamacpp.weights import check_format
 from aicloud.models.catalog import CatalogError, resolve_models
 from aicloud.models.pool import ModelPool
 from aicloud.store import db, migrate
@@ -34,8 +34,7 @@ def build_pool(settings: Settings) -> ModelPool:
     specs = resolve_models(settings.models)
     for spec in specs:
         check_gguf_path(spec.path)
-    if settings.weights != NATIVE and settings.weights not in FORMATS:
-        raise ModelLoadError(f"unknown weight format {settings.weights!r}")
+    check_format(settings.weights)
     cache = settings.home_dir / "weights"
     return ModelPool({s.model_id: LlamaCppEngine(s.model_id, s.path, config,
                                                  weights=settings.weights, weights_cache=cache)

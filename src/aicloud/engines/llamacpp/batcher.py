@@ -21,7 +21,7 @@ from aicloud.engines.base import FinishReason, TokenEvent
 from aicloud.engines.llamacpp.model import LlamaModel
 from aicloud.engines.llamacpp.sampling import build_sampler, free_sampler
 from aicloud.engines.llamacpp.sequence import SeqState, Sequence
-from aicloud.engines.llamacpp.slots import SlotTable
+from aicloud.engines.llamacpp.slots import Slot, SlotTable
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class Batcher:
             self._retire(seq, event)
         return seq, event
 
-    def _slot(self, seq: Sequence):
+    def _slot(self, seq: Sequence) -> Slot:
         return self.slots.slots[seq.slot]
 
     def _retire(self, seq: Sequence, event: TokenEvent) -> TokenEvent:

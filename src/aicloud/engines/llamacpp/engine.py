@@ -19,7 +19,7 @@ from aicloud.engines.llamacpp.batcher import Batcher
 from aicloud.engines.llamacpp.chat import ChatTemplate
 from aicloud.engines.llamacpp.model import ContextConfig, LlamaModel
 from aicloud.engines.llamacpp.sequence import Sequence
-from aicloud.engines.llamacpp.weights import NATIVE, ensure_weights
+from aicloud.engines.llamacpp.weights import DEFAULT_CACHE, NATIVE, ensure_weights
 
 # Tokenizing more text than this goes to a worker thread so the loop stays responsive.
 INLINE_TOKENIZE_CHARS = 16_384
@@ -62,7 +62,7 @@ class LlamaCppEngine:
         self.model_id = model_id
         self.path = path
         self.weights = weights
-        self._weights_cache = weights_cache or path.parent
+        self._weights_cache = (weights_cache or DEFAULT_CACHE).expanduser()
         self._requested = config or ContextConfig()
         self._model: LlamaModel | None = None
         self._batcher: Batcher | None = None

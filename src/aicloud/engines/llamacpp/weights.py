@@ -24,6 +24,13 @@ FORMATS = {
     "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
 }
 NATIVE = "native"
+DEFAULT_CACHE = Path("~/.aicloud/weights")
+
+
+def check_format(fmt: str) -> str:
+    if fmt != NATIVE and fmt not in FORMATS:
+        raise ModelLoadError(f"unknown weight format {fmt!r}: use native or one of {list(FORMATS)}")
+    return fmt
 
 
 def retyped_path(source: Path, fmt: str, cache: Path) -> Path:
@@ -34,10 +41,8 @@ def retyped_path(source: Path, fmt: str, cache: Path) -> Path:
 
 def ensure_weights(source: Path, fmt: str, cache: Path) -> Path:
     """Return a GGUF of `source` in `fmt`, re-typing it into `cache` the first time."""
-    if fmt == NATIVE:
+    if check_format(fmt) == NATIVE:
         return source
-    if fmt not in FORMATS:
-        raise ModelLoadError(f"unknown weight format {fmt!r}: use native or one of {list(FORMATS)}")
     target = retyped_path(source, fmt, cache)
     if target.is_file():
         return target
