@@ -143,3 +143,34 @@ def pg_url() -> Iterator[str]:
     yield f"{base}/{name}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated-from-nothing database of each kind, empty for every test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'aicloud.db'}"
+        return
+    import psycopg
+
+    base = request.getfixturevalue("pg_url")
+    name = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"{base.rsplit('/', 1)[0]}/{name}"
+    yield url
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The Redis every test shares; each test namespaces its keys."""
+    import redis
+
+    url = os.environ.get("AICLOUD_TEST_REDIS", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=3).ping()
+    except redis.RedisError as exc:
+        need_service("Redis", exc)
+    return url

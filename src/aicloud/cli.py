@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import typer
 
-from aicloud.accounts.keys import AccountError, KeyService
+from aicloud import admin_cli
 from aicloud.config import Settings
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig, ModelLoadError, check_gguf_path
 from aicloud.engines.llamacpp.weights import check_format
 from aicloud.models.catalog import CatalogError, resolve_models
 from aicloud.models.pool import ModelPool
-from aicloud.store import db, migrate
 
 app = typer.Typer(help="aicloud: your own AI cloud.", no_args_is_help=True)
-keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
-app.add_typer(keys_app, name="keys")
-
-T = TypeVar("T")
+app.add_typer(admin_cli.orgs, name="orgs")
+app.add_typer(admin_cli.projects, name="projects")
+app.add_typer(admin_cli.keys, name="keys")
+app.add_typer(admin_cli.admin_keys, name="admin-keys")
+app.add_typer(admin_cli.prices, name="prices")
+app.add_typer(admin_cli.billing, name="billing")
 
 
 def build_pool(settings: Settings) -> ModelPool:
@@ -79,54 +78,3 @@ def serve(
         raise typer.BadParameter(str(exc), param_hint="--model") from None
     uvicorn.run(create_app(settings, pool), host=settings.host, port=settings.port,
                 log_level=settings.log_level, loop="auto", http="auto")
-
-
-def _with_keys(action: Callable[[KeyService], Awaitable[T]]) -> T:
-    """Run one key operation directly against the database; no server needed."""
-    settings = Settings()
-    settings.prepare_home()
-    migrate.upgrade(settings.db_url)
-
-    async def run() -> T:
-        engine = db.create_engine_async(settings.db_url)
-        try:
-            return await action(KeyService(db.session_factory(engine)))
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
-
-
-@keys_app.command("create")
-def keys_create(
-    project: Annotated[str, typer.Option(help="project the key belongs to (created if new)")],
-    name: Annotated[str, typer.Option(help="a label for the key")] = "",
-) -> None:
-    """Create a key. The secret is printed once, as the last line."""
-    try:
-        view, secret = _with_keys(lambda keys: keys.create_key(project, name))
-    except AccountError as exc:
-        raise typer.BadParameter(str(exc)) from None
-    typer.echo(f"created key {view.id} for project {view.project}")
-    typer.echo("store this secret now; it cannot be shown again:")
-    typer.echo(secret)
-
-
-@keys_app.command("list")
-def keys_list() -> None:
-    """List keys (prefixes only; secrets are never stored)."""
-    views = _with_keys(lambda keys: keys.list_keys())
-    typer.echo(f"{'ID':<29} {'PROJECT':<20} {'PREFIX':<12} {'CREATED':<20} STATUS")
-    for v in views:
-        status = "revoked" if v.revoked_at else "active"
-        typer.echo(f"{v.id:<29} {v.project:<20} {v.prefix:<12} "
-                   f"{v.created_at:%Y-%m-%d %H:%M:%S}  {status}")
-
-
-@keys_app.command("revoke")
-def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key's id")]) -> None:
-    """Revoke a key; requests with it fail from now on."""
-    if not _with_keys(lambda keys: keys.revoke(key_id)):
-        typer.echo(f"no key with id {key_id}", err=True)
-        raise typer.Exit(1)
-    typer.echo(f"revoked {key_id}")

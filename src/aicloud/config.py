@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     kv_budget_mb: int = Field(default=2048, ge=16)
     weights: str = Field(default="native", description="native, q4_0, q8_0, bf16 or f16")
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
+    redis_url: str | None = Field(default=None, description="share rate limits through Redis")
+    hold_seconds: float = Field(default=3600, ge=10,
+                                description="how long a budget hold outlives a crashed server")
     log_level: str = "info"
 
     @property

@@ -57,12 +57,12 @@ def test_revoked_key_is_refused(server: Server) -> None:
     key = server.new_key("revocable")
     auth = {"Authorization": f"Bearer {key}"}
     assert httpx.get(server.base_url + "/v1/models", headers=auth).status_code == 200
-    key_id = next(line.split()[0] for line in server.cli("keys", "list").splitlines()
-                  if "revocable" in line)
+    listed = json.loads(server.cli("keys", "list"))["data"]
+    key_id = next(k["id"] for k in listed if key.startswith(k["prefix"]))
     assert "revoked" in server.cli("keys", "revoke", key_id)
     assert_error(httpx.get(server.base_url + "/v1/models", headers=auth), 401, "invalid_api_key")
-    assert "revoked" in next(line for line in server.cli("keys", "list").splitlines()
-                             if key_id in line)
+    after = json.loads(server.cli("keys", "list"))["data"]
+    assert next(k["status"] for k in after if k["id"] == key_id) == "revoked"
 
 
 def test_unknown_model_is_404(http: httpx.Client) -> None:

@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, func, inspect, select
 
-from aicloud.accounts.keys import AccountError, KeyService
+from aicloud.accounts.base import AccountError, AdminScope, NotFound
+from aicloud.accounts.keys import KeyService
+from aicloud.accounts.orgs import OrgService
 from aicloud.billing.usage import UsageEntry, UsageLedger
 from aicloud.store import db, migrate
 from aicloud.store.tables import UsageRecord
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield db.default_url(tmp_path)
-        return
-    pg = request.getfixturevalue("pg_url")
-    yield pg
-    engine = create_engine(db.sync_url(pg))
-    with engine.begin() as conn:
-        for table in ("usage", "api_keys", "projects", "organizations", "alembic_version"):
-            conn.exec_driver_sql(f"DROP TABLE IF EXISTS {table} CASCADE")
-    engine.dispose()
+@pytest.fixture
+def url(db_url: str) -> str:
+    return db_url
 
 
 def run(coro):
@@ -48,26 +39,28 @@ def test_migrations_create_the_schema_idempotently(url: str) -> None:
     engine = create_engine(db.sync_url(url))
     tables = set(inspect(engine).get_table_names())
     engine.dispose()
-    assert {"organizations", "projects", "api_keys", "usage", "alembic_version"} <= tables
+    assert {"organizations", "projects", "api_keys", "usage", "alembic_version", "admin_keys",
+            "prices", "reservations", "credits"} <= tables
 
 
 def test_keys_store_only_hashes_and_authenticate(url: str) -> None:
     migrate.upgrade(url)
 
     async def scenario(sessions):
-        keys = KeyService(sessions)
-        view, secret = await keys.create_key("team-a", "ci")
+        keys = KeyService(sessions, OrgService(sessions))
+        view, secret = await keys.create_for_project_name("team-a", "ci")
         principal = await keys.authenticate(secret)
         assert principal is not None and principal.project_name == "team-a"
         assert principal.api_key_id == view.id
         assert await keys.authenticate(secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None
         assert await keys.authenticate("' OR 1=1 --") is None
         assert await keys.authenticate("sk-aic-\x00" + "a" * 42) is None
-        _, other = await keys.create_key("team-a")
+        _, other = await keys.create_for_project_name("team-a")
         assert (await keys.authenticate(other)).project_id == principal.project_id
-        assert await keys.revoke(view.id)
+        await keys.revoke(AdminScope.installation(), view.id)
         assert await keys.authenticate(secret) is None
-        assert not await keys.revoke("key_missing")
+        with pytest.raises(NotFound):
+            await keys.revoke(AdminScope.installation(), "key_missing")
         return secret
 
     secret = run(with_sessions(url, scenario))
@@ -82,19 +75,21 @@ def test_keys_store_only_hashes_and_authenticate(url: str) -> None:
 def test_bad_project_names_are_refused(url: str, name: str) -> None:
     migrate.upgrade(url)
     with pytest.raises(AccountError):
-        run(with_sessions(url, lambda s: KeyService(s).create_key(name)))
+        run(with_sessions(url, lambda s: KeyService(s, OrgService(s)).create_for_project_name(
+            name)))
 
 
 def test_usage_rows_are_idempotent_by_request_id(url: str) -> None:
     migrate.upgrade(url)
     now = datetime.now(UTC)
-    entry = UsageEntry("req-1", "key_1", "proj_1", "m", 10, 2, 5, "completed", now, now)
+    entry = UsageEntry("req-1", "org_1", "key_1", "proj_1", "m", 10, 2, 5, 7, "completed",
+                       now, now)
 
     async def scenario(sessions):
         ledger = UsageLedger(sessions)
         await asyncio.gather(*(ledger.record(entry) for _ in range(5)))
-        await ledger.record(UsageEntry("req-2", "key_1", "proj_1", "m", 1, 0, 1, "cancelled",
-                                       now, now))
+        await ledger.record(UsageEntry("req-2", "org_1", "key_1", "proj_1", "m", 1, 0, 1, 0,
+                                       "cancelled", now, now))
         async with sessions() as session:
             count = await session.scalar(select(func.count()).select_from(UsageRecord))
             row = await session.scalar(select(UsageRecord).where(

@@ -1,115 +1,183 @@
-"""Projects and their API keys. Only a SHA-256 of each secret is stored: the secrets are
-random 256-bit strings, so a fast hash is as strong as a slow one and keeps auth cheap."""
+"""API keys: scoped to one project, with an optional model allow-list, expiry and limits.
+
+Only a SHA-256 of each secret is stored: the secrets are random 256-bit strings, so a fast
+hash is as strong as a slow one and keeps authentication to one indexed lookup.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import re
-import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from aicloud.accounts.base import (
+    AccountError,
+    AdminScope,
+    NotFound,
+    Role,
+    aware,
+    check_limit,
+    check_name,
+    hash_secret,
+    new_id,
+    new_secret,
+    now,
+)
+from aicloud.accounts.orgs import OrgService
 from aicloud.store.tables import ApiKey, Organization, Project
 
 KEY_PREFIX = "sk-aic-"
 KEY_SHAPE = re.compile(r"^sk-aic-[A-Za-z0-9_-]{43}$")
-NAME_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
-DEFAULT_ORG = "default"
-
-
-class AccountError(ValueError):
-    pass
+MODEL_ID_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
 @dataclass(slots=True, frozen=True)
 class Principal:
-    """Who is calling: what every later layer (limits, scheduling, billing) keys on."""
+    """Who is calling, and everything later layers (limits, budgets, scheduling, billing)
+    need to know about them, read in the same lookup that checks the key."""
 
     organization_id: str
     project_id: str
     project_name: str
     api_key_id: str
+    allowed_models: tuple[str, ...] | None = None
+    key_rpm: int | None = None
+    key_tpm: int | None = None
+    project_rpm: int | None = None
+    project_tpm: int | None = None
+    project_budget_pico: int | None = None
+    org_budget_pico: int | None = None
+    weight: float = 1.0
+
+    def may_use(self, model: str) -> bool:
+        return self.allowed_models is None or model in self.allowed_models
+
+    @property
+    def has_budget(self) -> bool:
+        return self.project_budget_pico is not None or self.org_budget_pico is not None
 
 
 @dataclass(slots=True, frozen=True)
 class KeyView:
     id: str
+    project_id: str
     project: str
     name: str
     prefix: str
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None = None
+    allowed_models: tuple[str, ...] | None = None
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+
+    @classmethod
+    def of(cls, key: ApiKey, project: str) -> KeyView:
+        models = tuple(key.allowed_models) if key.allowed_models is not None else None
+        return cls(key.id, key.project_id, project, key.name, key.prefix,
+                   aware(key.created_at), aware(key.revoked_at), aware(key.expires_at),
+                   models, key.rpm_limit, key.tpm_limit)
+
+    @property
+    def status(self) -> str:
+        if self.revoked_at:
+            return "revoked"
+        if self.expires_at and self.expires_at <= now():
+            return "expired"
+        return "active"
 
 
-def new_id(kind: str) -> str:
-    return f"{kind}_{secrets.token_hex(12)}"
+def _check_models(models: list[str] | tuple[str, ...] | None) -> list[str] | None:
+    if models is None:
+        return None
+    if not isinstance(models, list | tuple) or len(models) > 256 or not all(
+            isinstance(m, str) and MODEL_ID_SHAPE.match(m) for m in models):
+        raise AccountError("allowed_models must be a list of up to 256 model ids or null",
+                           "allowed_models")
+    return sorted(set(models))
 
 
-def hash_secret(secret: str) -> str:
-    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+def _check_expiry(moment: datetime | None) -> datetime | None:
+    if moment is not None and aware(moment) <= now():
+        raise AccountError("expires_at must be in the future", "expires_at")
+    return aware(moment)
 
 
-def check_name(name: str, what: str) -> str:
-    if not NAME_SHAPE.match(name):
-        raise AccountError(
-            f"invalid {what} name {name!r}: 1-100 letters, digits, spaces, '.', '_' or '-'"
-        )
-    return name
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
+KEY_FIELDS = {
+    "name": lambda v: check_name(v, "key") if v else "",
+    "allowed_models": _check_models,
+    "expires_at": _check_expiry,
+    "rpm_limit": lambda v: check_limit(v, "rpm_limit"),
+    "tpm_limit": lambda v: check_limit(v, "tpm_limit"),
+}
 
 
 class KeyService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], orgs: OrgService) -> None:
         self._sessions = sessions
+        self._orgs = orgs
 
-    async def create_key(self, project: str, name: str = "") -> tuple[KeyView, str]:
-        """Create the project if needed and a key for it; the secret is returned only here."""
-        check_name(project, "project")
-        if name:
-            check_name(name, "key")
-        secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    async def create_key(self, scope: AdminScope, project_id: str,
+                         settings: dict[str, Any] | None = None) -> tuple[KeyView, str]:
+        """The secret is returned only here (and by `rotate`)."""
+        scope.require(Role.ADMIN)
+        secret, prefix, digest = new_secret(KEY_PREFIX)
         async with self._sessions.begin() as session:
-            proj = await self._project(session, project)
-            key = ApiKey(id=new_id("key"), project_id=proj.id, name=name,
-                         prefix=secret[: len(KEY_PREFIX) + 4], secret_hash=hash_secret(secret),
-                         created_at=now())
+            project = await self._orgs.project(session, scope, project_id)
+            key = ApiKey(id=new_id("key"), project_id=project.id, name="", prefix=prefix,
+                         secret_hash=digest, created_at=now())
+            self._apply(key, settings or {})
             session.add(key)
-        return KeyView(key.id, project, name, key.prefix, key.created_at, None), secret
+        return KeyView.of(key, project.name), secret
 
-    async def _project(self, session: AsyncSession, name: str) -> Project:
-        found = await session.scalar(select(Project).where(Project.name == name))
-        if found:
-            return found
-        org = await session.scalar(select(Organization).where(Organization.name == DEFAULT_ORG))
-        if org is None:
-            org = Organization(id=new_id("org"), name=DEFAULT_ORG, created_at=now())
-            session.add(org)
-        proj = Project(id=new_id("proj"), organization_id=org.id, name=name, created_at=now())
-        session.add(proj)
-        await session.flush()
-        return proj
+    async def create_for_project_name(self, project: str, name: str = "") -> tuple[KeyView, str]:
+        proj = await self._orgs.project_by_name(project)
+        return await self.create_key(AdminScope.installation(), proj.id, {"name": name})
 
-    async def list_keys(self) -> list[KeyView]:
+    async def list_keys(self, scope: AdminScope, project_id: str | None = None) -> list[KeyView]:
+        query = select(ApiKey, Project.name).join(Project).order_by(ApiKey.created_at)
+        if project_id is not None:
+            query = query.where(ApiKey.project_id == project_id)
+        if not scope.installation_wide:
+            query = query.where(Project.organization_id == scope.organization_id)
         async with self._sessions() as session:
-            rows = await session.execute(
-                select(ApiKey, Project.name).join(Project).order_by(ApiKey.created_at)
-            )
-            return [KeyView(k.id, p, k.name, k.prefix, k.created_at, k.revoked_at)
-                    for k, p in rows]
+            return [KeyView.of(k, p) for k, p in await session.execute(query)]
 
-    async def revoke(self, key_id: str) -> bool:
+    async def get_key(self, scope: AdminScope, key_id: str) -> KeyView:
+        async with self._sessions() as session:
+            key, project = await self._key(session, scope, key_id)
+            return KeyView.of(key, project.name)
+
+    async def update_key(self, scope: AdminScope, key_id: str,
+                         changes: dict[str, Any]) -> KeyView:
+        scope.require(Role.ADMIN)
         async with self._sessions.begin() as session:
-            key = await session.get(ApiKey, key_id)
-            if key is None:
-                return False
+            key, project = await self._key(session, scope, key_id)
+            self._apply(key, changes)
+            return KeyView.of(key, project.name)
+
+    async def revoke(self, scope: AdminScope, key_id: str) -> KeyView:
+        scope.require(Role.ADMIN)
+        async with self._sessions.begin() as session:
+            key, project = await self._key(session, scope, key_id)
             key.revoked_at = key.revoked_at or now()
-            return True
+            return KeyView.of(key, project.name)
+
+    async def rotate(self, scope: AdminScope, key_id: str) -> tuple[KeyView, str]:
+        """A new secret for the same key (same id, limits and usage history); the old
+        secret stops working at once."""
+        scope.require(Role.ADMIN)
+        secret, prefix, digest = new_secret(KEY_PREFIX)
+        async with self._sessions.begin() as session:
+            key, project = await self._key(session, scope, key_id)
+            if key.revoked_at:
+                raise AccountError("a revoked key cannot be rotated")
+            key.prefix, key.secret_hash = prefix, digest
+            return KeyView.of(key, project.name), secret
 
     async def authenticate(self, secret: str) -> Principal | None:
         """Malformed secrets never reach the database."""
@@ -117,12 +185,32 @@ class KeyService:
             return None
         async with self._sessions() as session:
             row = (await session.execute(
-                select(ApiKey, Project)
-                .join(Project)
+                select(ApiKey, Project, Organization.budget_pico)
+                .join(Project, ApiKey.project_id == Project.id)
+                .join(Organization, Project.organization_id == Organization.id)
                 .where(ApiKey.secret_hash == hash_secret(secret), ApiKey.revoked_at.is_(None))
             )).first()
         if row is None:
             return None
-        key, proj = row
-        return Principal(proj.organization_id, proj.id, proj.name, key.id)
+        key, proj, org_budget = row
+        if key.expires_at is not None and aware(key.expires_at) <= now():
+            return None
+        models = tuple(key.allowed_models) if key.allowed_models is not None else None
+        return Principal(proj.organization_id, proj.id, proj.name, key.id, models,
+                         key.rpm_limit, key.tpm_limit, proj.rpm_limit, proj.tpm_limit,
+                         proj.budget_pico, org_budget, proj.weight)
 
+    async def _key(self, session: AsyncSession, scope: AdminScope,
+                   key_id: str) -> tuple[ApiKey, Project]:
+        key = await session.get(ApiKey, key_id) if isinstance(key_id, str) else None
+        project = await session.get(Project, key.project_id) if key else None
+        if key is None or project is None or not scope.sees(project.organization_id):
+            raise NotFound("key", str(key_id))
+        return key, project
+
+    @staticmethod
+    def _apply(key: ApiKey, changes: dict[str, Any]) -> None:
+        for field, value in changes.items():
+            if field not in KEY_FIELDS:
+                raise AccountError(f"'{field}' cannot be changed", field)
+            setattr(key, field, KEY_FIELDS[field](value))

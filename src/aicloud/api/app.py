@@ -9,14 +9,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from aicloud.accounts.keys import KeyService
 from aicloud.api import errors
 from aicloud.api.body_limit import BodyLimit
-from aicloud.api.routes import health, openai
-from aicloud.billing.usage import UsageLedger
+from aicloud.api.routes import admin, health, openai
 from aicloud.config import Settings
 from aicloud.models.pool import ModelPool
-from aicloud.store import db, migrate
+from aicloud.services import open_cloud
+from aicloud.store import migrate
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +26,8 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         settings.prepare_home()
         # the schema and the weights are independent: get both ready at once
         await asyncio.gather(asyncio.to_thread(migrate.upgrade, settings.db_url), pool.start())
-        engine = db.create_engine_async(settings.db_url)
-        sessions = db.session_factory(engine)
-        app.state.keys = KeyService(sessions)
-        app.state.ledger = UsageLedger(sessions)
+        cloud = open_cloud(settings)
+        app.state.cloud = cloud
         app.state.pool = pool
         app.state.background = set()
         log.info("serving models: %s", ", ".join(c.id for c in pool.cards()))
@@ -41,11 +38,12 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
             if pending:
                 await asyncio.wait(pending, timeout=10)
             await pool.close()
-            await engine.dispose()
+            await cloud.close()
 
     app = FastAPI(title="aicloud", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     errors.install(app)
     app.include_router(openai.router)
+    app.include_router(admin.router)
     app.include_router(health.router)
     return app

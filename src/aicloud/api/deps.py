@@ -8,10 +8,11 @@ from typing import Annotated, TypeVar
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
 
-from aicloud.accounts.keys import KeyService, Principal
+from aicloud.accounts.base import AdminScope
+from aicloud.accounts.keys import Principal
 from aicloud.api.errors import APIError, invalid, validation_message
-from aicloud.billing.usage import UsageLedger
 from aicloud.models.pool import ModelPool
+from aicloud.services import Cloud
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -25,25 +26,33 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
+def cloud(request: Request) -> Cloud:
+    return request.app.state.cloud
+
+
 async def current_principal(request: Request) -> Principal:
-    keys: KeyService = request.app.state.keys
-    principal = await keys.authenticate(_bearer(request))
+    principal = await cloud(request).keys.authenticate(_bearer(request))
     if principal is None:
-        raise APIError(401, "Incorrect or revoked API key.", code="invalid_api_key")
+        raise APIError(401, "Incorrect, expired or revoked API key.", code="invalid_api_key")
     return principal
+
+
+async def current_admin(request: Request) -> AdminScope:
+    """Admin keys only; network origin (X-Forwarded-For and the like) never grants anything."""
+    scope = await cloud(request).admin_keys.authenticate(_bearer(request))
+    if scope is None:
+        raise APIError(401, "Incorrect or revoked admin key.", code="invalid_api_key")
+    return scope
 
 
 def model_pool(request: Request) -> ModelPool:
     return request.app.state.pool
 
 
-def usage_ledger(request: Request) -> UsageLedger:
-    return request.app.state.ledger
-
-
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+CurrentAdmin = Annotated[AdminScope, Depends(current_admin)]
+CloudDep = Annotated[Cloud, Depends(cloud)]
 PoolDep = Annotated[ModelPool, Depends(model_pool)]
-LedgerDep = Annotated[UsageLedger, Depends(usage_ledger)]
 
 
 async def parse_body(request: Request, schema: type[Body]) -> Body:

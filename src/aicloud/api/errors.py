@@ -12,6 +12,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from aicloud.accounts.base import AccountError, Forbidden, NotFound
+from aicloud.billing.money import MoneyError
+
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {
@@ -28,21 +31,24 @@ ERROR_TYPES = {
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None,
+                 kind: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers = headers
+        self.headers, self.kind = headers, kind
 
 
 def error_body(status: int, message: str, param: str | None = None,
-               code: str | None = None) -> dict:
-    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+               code: str | None = None, kind: str | None = None) -> dict:
+    kind = kind or ERROR_TYPES.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status,
+                   headers: dict[str, str] | None = None,
+                   kind: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code, kind), status_code=status,
                         headers=headers)
 
 
@@ -60,7 +66,24 @@ def validation_message(errors: list) -> tuple[str, str | None]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers,
+                              exc.kind)
+
+    @app.exception_handler(AccountError)
+    async def _account(_: Request, exc: AccountError) -> JSONResponse:
+        return error_response(400, str(exc), exc.param)
+
+    @app.exception_handler(MoneyError)
+    async def _money(_: Request, exc: MoneyError) -> JSONResponse:
+        return error_response(400, str(exc))
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return error_response(404, str(exc), code="not_found")
+
+    @app.exception_handler(Forbidden)
+    async def _forbidden(_: Request, exc: Forbidden) -> JSONResponse:
+        return error_response(403, str(exc), code="insufficient_permissions")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

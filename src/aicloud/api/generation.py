@@ -20,9 +20,10 @@ from typing import Any, Protocol
 from starlette.requests import Request
 
 from aicloud.accounts.keys import Principal
+from aicloud.api.admission import Admission, admit, withdraw
 from aicloud.api.errors import APIError, error_body, invalid
 from aicloud.api.schemas import SamplingFields
-from aicloud.billing.usage import UsageEntry, UsageLedger
+from aicloud.billing.usage import UsageEntry
 from aicloud.engines.base import (
     Engine,
     EngineError,
@@ -33,6 +34,7 @@ from aicloud.engines.base import (
     TokenEvent,
     Usage,
 )
+from aicloud.services import Cloud
 
 log = logging.getLogger(__name__)
 
@@ -72,25 +74,29 @@ def usage_json(usage: Usage) -> dict[str, Any]:
 class Run:
     request_id: str
     model: str
-    principal: Principal
+    admission: Admission
     stream: GenerationStream
-    ledger: UsageLedger
+    cloud: Cloud
     background: set[asyncio.Task[None]]
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     created: int = field(default_factory=lambda: int(time.time()))
     recorded: bool = False
 
     async def record(self, final: TokenEvent) -> None:
+        """Write the usage row and settle the hold in one transaction, then return the
+        rate-limit tokens the request did not use."""
         usage = final.usage or Usage(0, final.completion_tokens)
-        await self.ledger.record(UsageEntry(
-            request_id=self.request_id, api_key_id=self.principal.api_key_id,
-            project_id=self.principal.project_id, model=self.model,
+        principal = self.admission.principal
+        await self.cloud.ledger.record(UsageEntry(
+            request_id=self.request_id, organization_id=principal.organization_id,
+            api_key_id=principal.api_key_id, project_id=principal.project_id, model=self.model,
             prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
-            completion_tokens=usage.completion_tokens,
+            completion_tokens=usage.completion_tokens, cost_pico=self.admission.cost(usage),
             status=STATUS[final.finish_reason or FinishReason.ERROR],
             started_at=self.started_at, finished_at=datetime.now(UTC),
-        ))
+        ), self.admission.hold)
         self.recorded = True
+        await self.cloud.limits.settle(self.admission.ticket, usage.total_tokens)
 
     def abandon(self) -> None:
         """The client left: stop the sequence and bill what it produced, off this task."""
@@ -111,17 +117,27 @@ class Run:
 async def open_run(request: Request, engine: Engine, principal: Principal, model: str,
                    prompt_tokens: list[int], body: SamplingFields, max_tokens: int | None,
                    prefix: str) -> Run:
+    cloud: Cloud = request.app.state.cloud
+    sampling = sampling_from(body)
+    request_id = f"{prefix}-{secrets.token_hex(12)}"
+    most = max_tokens if max_tokens is not None else (
+        engine.info().context_length - len(prompt_tokens))
+    admission = await admit(cloud, principal, model, request_id, len(prompt_tokens),
+                            max(most, 0))
     gen = GenerationRequest(
-        request_id=f"{prefix}-{secrets.token_hex(12)}", prompt_tokens=prompt_tokens,
-        sampling=sampling_from(body), max_tokens=max_tokens, stop=body.stops,
+        request_id=request_id, prompt_tokens=prompt_tokens,
+        sampling=sampling, max_tokens=max_tokens, stop=body.stops,
         tenant=principal.project_id,
     )
     try:
         stream = await engine.generate(gen)
     except EngineError as exc:
+        await withdraw(cloud, admission)
         raise invalid(exc.message, exc.param, exc.code) from None
-    return Run(gen.request_id, model, principal, stream, request.app.state.ledger,
-               request.app.state.background)
+    except BaseException:
+        await withdraw(cloud, admission)
+        raise
+    return Run(request_id, model, admission, stream, cloud, request.app.state.background)
 
 
 class Format(Protocol):

@@ -33,18 +33,21 @@ def sync_url(url: str) -> str:
     return _with_driver(url, SYNC_DRIVERS)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
+def _sqlite_pragmas(foreign_keys: bool):
+    def apply(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+        cursor.close()
+    return apply
 
 
-def watch_sqlite(engine: Engine) -> None:
+def watch_sqlite(engine: Engine, *, foreign_keys: bool = True) -> None:
+    """Migrations turn foreign keys off: SQLite rebuilds a table by dropping the old one."""
     if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(foreign_keys))
 
 
 def create_engine_async(url: str) -> AsyncEngine:

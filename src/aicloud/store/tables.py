@@ -1,11 +1,28 @@
-"""The schema. Alembic migrations in `migrations/` create exactly these tables."""
+"""The schema. Alembic migrations in `migrations/` create exactly these tables.
+
+Money is stored as integer picodollars (1e-12 USD): a price in micro-USD per million tokens
+times a token count is then exact, so bills never drift by rounding.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, String
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+TS = DateTime(timezone=True)
+BIGINT_ID = BigInteger().with_variant(Integer, "sqlite")
 
 
 class Base(DeclarativeBase):
@@ -17,16 +34,22 @@ class Organization(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(TS)
+    budget_pico: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # per month
 
 
 class Project(Base):
     __tablename__ = "projects"
+    __table_args__ = (UniqueConstraint("organization_id", "name", name="uq_projects_org_name"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(TS)
+    rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    budget_pico: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # per month
+    weight: Mapped[float] = mapped_column(Float, default=1.0)  # share under contention
 
 
 class ApiKey(Base):
@@ -37,25 +60,87 @@ class ApiKey(Base):
     name: Mapped[str] = mapped_column(String(200), default="")
     prefix: Mapped[str] = mapped_column(String(24))  # shown in listings, never enough to use
     secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    revoked_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    allowed_models: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class AdminKey(Base):
+    """A key for the admin API. No organization means the whole installation."""
+
+    __tablename__ = "admin_keys"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    organization_id: Mapped[str | None] = mapped_column(
+        ForeignKey("organizations.id"), nullable=True, index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    prefix: Mapped[str] = mapped_column(String(24))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    revoked_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+
+
+class Price(Base):
+    """Append-only price history per model; the newest row in effect is the price."""
+
+    __tablename__ = "prices"
+
+    id: Mapped[int] = mapped_column(BIGINT_ID, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(128), index=True)
+    input_micro: Mapped[int] = mapped_column(BigInteger)  # micro-USD per million tokens
+    cached_input_micro: Mapped[int] = mapped_column(BigInteger)
+    output_micro: Mapped[int] = mapped_column(BigInteger)
+    effective_at: Mapped[datetime] = mapped_column(TS)
 
 
 class UsageRecord(Base):
     """One row per finished request; the request id makes a replayed write a no-op."""
 
     __tablename__ = "usage"
-
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    __table_args__ = (
+        Index("ix_usage_project_finished", "project_id", "finished_at"),
+        Index("ix_usage_org_finished", "organization_id", "finished_at"),
     )
+
+    id: Mapped[int] = mapped_column(BIGINT_ID, primary_key=True, autoincrement=True)
     request_id: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(String(40), default="")
     api_key_id: Mapped[str] = mapped_column(String(40), index=True)
     project_id: Mapped[str] = mapped_column(String(40), index=True)
     model: Mapped[str] = mapped_column(String(128))
     prompt_tokens: Mapped[int] = mapped_column(Integer)
     cached_tokens: Mapped[int] = mapped_column(Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(Integer)
+    cost_pico: Mapped[int] = mapped_column(BigInteger, default=0)
     status: Mapped[str] = mapped_column(String(16))
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    started_at: Mapped[datetime] = mapped_column(TS)
+    finished_at: Mapped[datetime] = mapped_column(TS, index=True)
+
+
+class Reservation(Base):
+    """Budget held by a running request: its maximum possible cost, until it settles."""
+
+    __tablename__ = "reservations"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(String(40), index=True)
+    project_id: Mapped[str] = mapped_column(String(40), index=True)
+    amount_pico: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime] = mapped_column(TS)
+
+
+class Credit(Base):
+    """Money granted to an organization (top-up, refund); keyed so a retry adds it once."""
+
+    __tablename__ = "credits"
+
+    id: Mapped[int] = mapped_column(BIGINT_ID, primary_key=True, autoincrement=True)
+    reference: Mapped[str] = mapped_column(String(64), unique=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    amount_pico: Mapped[int] = mapped_column(BigInteger)
+    note: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(TS, index=True)

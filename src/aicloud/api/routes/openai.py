@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from aicloud.accounts.keys import Principal
 from aicloud.api.deps import CurrentPrincipal, PoolDep, parse_body
 from aicloud.api.errors import APIError, invalid
 from aicloud.api.generation import Run, collect, open_run, stream_events, usage_json
@@ -19,19 +20,22 @@ router = APIRouter(prefix="/v1")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _engine(pool: ModelPool, model: str) -> Engine:
+def _engine(pool: ModelPool, model: str, principal: Principal) -> Engine:
+    """A model outside the key's allow-list looks exactly like one that does not exist."""
     try:
+        if not principal.may_use(model):
+            raise UnknownModel(model)
         return pool.get(model)
     except UnknownModel:
-        raise APIError(404, f"The model '{model[:128]}' does not exist.", param="model",
-                       code="model_not_found") from None
+        raise APIError(404, f"The model '{model[:128]}' does not exist or you do not have "
+                       "access to it.", param="model", code="model_not_found") from None
 
 
 @router.get("/models")
-async def list_models(_: CurrentPrincipal, pool: PoolDep) -> dict[str, Any]:
+async def list_models(principal: CurrentPrincipal, pool: PoolDep) -> dict[str, Any]:
     return {"object": "list", "data": [
         {"id": c.id, "object": "model", "created": c.created, "owned_by": c.owned_by}
-        for c in pool.cards()
+        for c in pool.cards() if principal.may_use(c.id)
     ]}
 
 
@@ -71,9 +75,10 @@ async def _respond(request: Request, run: Run, fmt: ChatFormat | TextFormat,
                    stream: bool, include_usage: bool) -> StreamingResponse | JSONResponse:
     if stream:
         return StreamingResponse(stream_events(run, fmt, include_usage),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+                                 media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **run.admission.headers})
     text, finish, usage = await collect(run, request)
-    return JSONResponse(fmt.whole(run, text, finish, usage))
+    return JSONResponse(fmt.whole(run, text, finish, usage), headers=run.admission.headers)
 
 
 def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -84,7 +89,7 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
 async def chat_completions(request: Request, principal: CurrentPrincipal,
                            pool: PoolDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, ChatCompletionRequest)
-    engine = _engine(pool, body.model)
+    engine = _engine(pool, body.model, principal)
     messages = [ChatMessage(m.role, m.text, m.name) for m in body.messages]
     try:
         tokens = await engine.encode_chat(messages)
@@ -99,7 +104,7 @@ async def chat_completions(request: Request, principal: CurrentPrincipal,
 async def completions(request: Request, principal: CurrentPrincipal,
                       pool: PoolDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, CompletionRequest)
-    engine = _engine(pool, body.model)
+    engine = _engine(pool, body.model, principal)
     prompt = body.prompt
     tokens = await engine.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
     run = await open_run(request, engine, principal, body.model, tokens, body,

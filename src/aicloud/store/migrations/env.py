@@ -17,7 +17,7 @@ if context.is_offline_mode():
         context.run_migrations()
 else:
     engine = create_engine(url)
-    watch_sqlite(engine)
+    watch_sqlite(engine, foreign_keys=False)
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=Base.metadata,
                           render_as_batch=connection.dialect.name == "sqlite")

@@ -1,0 +1,1 @@
+"""Rate limits: requests and tokens per minute, per key and per project."""

@@ -1,0 +1,54 @@
+"""The cloud layer's services over one database (and Redis when configured): built once
+by the server's lifespan or by a CLI command, so both run the very same code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from aicloud.accounts.admin_keys import AdminKeyService
+from aicloud.accounts.keys import KeyService
+from aicloud.accounts.orgs import OrgService
+from aicloud.billing.budgets import Budgets
+from aicloud.billing.prices import PriceBook
+from aicloud.billing.reports import Reports
+from aicloud.billing.usage import UsageLedger
+from aicloud.config import Settings
+from aicloud.limits.buckets import Limiter, MemoryLimiter
+from aicloud.limits.policy import RateLimits
+from aicloud.store import db
+
+
+@dataclass(slots=True)
+class Cloud:
+    database: AsyncEngine
+    orgs: OrgService
+    keys: KeyService
+    admin_keys: AdminKeyService
+    prices: PriceBook
+    budgets: Budgets
+    ledger: UsageLedger
+    reports: Reports
+    limits: RateLimits
+
+    async def close(self) -> None:
+        await self.limits.limiter.close()
+        await self.database.dispose()
+
+
+def open_cloud(settings: Settings) -> Cloud:
+    """The database must already be migrated (`store.migrate.upgrade`)."""
+    database = db.create_engine_async(settings.db_url)
+    sessions = db.session_factory(database)
+    orgs = OrgService(sessions)
+    limiter: Limiter
+    if settings.redis_url:
+        from aicloud.limits.redis import RedisLimiter
+
+        limiter = RedisLimiter(settings.redis_url)
+    else:
+        limiter = MemoryLimiter()
+    return Cloud(database, orgs, KeyService(sessions, orgs), AdminKeyService(sessions),
+                 PriceBook(sessions), Budgets(sessions, settings.hold_seconds),
+                 UsageLedger(sessions), Reports(sessions, orgs), RateLimits(limiter))
