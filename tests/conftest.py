@@ -60,6 +60,16 @@ class Server:
     def new_key(self, project: str) -> str:
         return self.cli("keys", "create", "--project", project).strip().splitlines()[-1]
 
+    def admin_key(self, role: str = "owner", org: str | None = None) -> str:
+        args = ["admin-keys", "create", "--role", role, *(["--org", org] if org else [])]
+        return self.cli(*args).strip().splitlines()[-1]
+
+    def admin(self, secret: str | None = None) -> httpx.Client:
+        """A client for /admin/v1 with an installation owner key (or the one given)."""
+        key = secret or self.keys.setdefault("admin", self.admin_key())
+        return httpx.Client(base_url=self.base_url + "/admin/v1", timeout=60,
+                            headers={"Authorization": f"Bearer {key}"})
+
     def stop(self) -> None:
         self.process.terminate()
         try:

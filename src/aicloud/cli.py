@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import typer
 
-from aicloud import admin_cli
+from aicloud import admin_cli, logs
 from aicloud.config import Settings
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig, ModelLoadError, check_gguf_path
@@ -70,11 +69,10 @@ def serve(
                                        context=context, threads=threads,
                                        kv_budget_mb=kv_budget_mb, weights=weights).items() if v}
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_config = logs.setup(settings.log_level)
     try:
         pool = build_pool(settings)
     except (CatalogError, ModelLoadError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from None
     uvicorn.run(create_app(settings, pool), host=settings.host, port=settings.port,
-                log_level=settings.log_level, loop="auto", http="auto")
+                log_level=settings.log_level, log_config=log_config, loop="auto", http="auto")

@@ -25,7 +25,9 @@ class NotFound(LookupError):
     """Missing, or belongs to another organization: callers cannot tell which (→ 404)."""
 
     def __init__(self, kind: str, ident: str) -> None:
-        super().__init__(f"no {kind} with id '{ident[:64]}'")
+        # echo only well-formed ids: a secret pasted into a path must not come back
+        shown = f" with id '{ident}'" if ID_SHAPE.match(ident) else ""
+        super().__init__(f"no {kind}{shown}")
 
 
 class Forbidden(PermissionError):

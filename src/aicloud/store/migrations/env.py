@@ -22,5 +22,8 @@ else:
         context.configure(connection=connection, target_metadata=Base.metadata,
                           render_as_batch=connection.dialect.name == "sqlite")
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # one migrator at a time; the others then find the schema current
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(4242001)")
             context.run_migrations()
     engine.dispose()
