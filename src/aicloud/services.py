@@ -51,4 +51,5 @@ def open_cloud(settings: Settings) -> Cloud:
         limiter = MemoryLimiter()
     return Cloud(database, orgs, KeyService(sessions, orgs), AdminKeyService(sessions),
                  PriceBook(sessions), Budgets(sessions, settings.hold_seconds),
-                 UsageLedger(sessions), Reports(sessions, orgs), RateLimits(limiter))
+                 UsageLedger(sessions, settings.home_dir), Reports(sessions, orgs),
+                 RateLimits(limiter))

@@ -150,6 +150,17 @@ def test_roles_and_who_may_call_admin(server: Server, root: httpx.Client) -> Non
     assert chat(server, server.keys["admin"]).status_code == 401
 
 
+def test_admin_api_is_in_the_openapi_document(server: Server) -> None:
+    spec = httpx.get(server.base_url + "/openapi.json").json()
+    admin = {path for path in spec["paths"] if path.startswith("/admin/v1/")}
+    assert {"/admin/v1/organizations", "/admin/v1/projects/{project_id}", "/admin/v1/keys",
+            "/admin/v1/usage/export", "/admin/v1/prices/{model}",
+            "/admin/v1/organizations/{org_id}/invoices/{month}"} <= admin
+    create_key = spec["paths"]["/admin/v1/keys"]["post"]["requestBody"]
+    schema = create_key["content"]["application/json"]["schema"]
+    assert {"project_id", "allowed_models", "expires_at", "rpm_limit"} <= set(schema["properties"])
+
+
 @pytest.mark.parametrize("body", [
     {"name": "a'; DROP TABLE organizations; --"},
     {"name": "nul\x00byte"},

@@ -1,17 +1,27 @@
 """The usage ledger: one append-only row per request, with the engine's own token counts
-and the exact cost; writing it settles the request's budget hold in the same transaction."""
+and the exact cost; writing it settles the request's budget hold in the same transaction.
+
+If the database stays away longer than the retries, the entry goes to a spool file in
+the server's home (appended and fsynced before the response finishes) and is written
+later by a background task. Rows are keyed by request id, so replaying twice is harmless.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aicloud.billing.budgets import Hold, lock_organization
@@ -19,7 +29,8 @@ from aicloud.store.tables import Reservation, UsageRecord
 
 log = logging.getLogger(__name__)
 
-RETRY_DELAYS = (0.05, 0.2, 1.0, 2.0, 5.0)
+RETRY_DELAYS = (0.05, 0.2, 1.0)
+SPOOL_GLOB = "usage-spool-*.jsonl"
 
 
 @dataclass(slots=True, frozen=True)
@@ -38,21 +49,114 @@ class UsageEntry:
     finished_at: datetime
 
 
+def _encode(entry: UsageEntry, hold: Hold | None) -> str:
+    data: dict[str, Any] = asdict(entry)
+    data["started_at"] = entry.started_at.isoformat()
+    data["finished_at"] = entry.finished_at.isoformat()
+    return json.dumps({"entry": data, "hold": asdict(hold) if hold else None}) + "\n"
+
+
+def _decode(line: str) -> tuple[UsageEntry, Hold | None]:
+    data = json.loads(line)
+    entry = data["entry"]
+    for field in ("started_at", "finished_at"):
+        entry[field] = datetime.fromisoformat(entry[field])
+    return UsageEntry(**entry), Hold(**data["hold"]) if data["hold"] else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class UsageLedger:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession],
+                 spool_dir: Path | None = None) -> None:
         self._sessions = sessions
+        self._spool_dir = spool_dir
+        self._spool = spool_dir / f"usage-spool-{os.getpid()}.jsonl" if spool_dir else None
+        self._lock = asyncio.Lock()
 
     async def record(self, entry: UsageEntry, hold: Hold | None = None) -> None:
-        """Idempotent by request id; retried while the database is busy or briefly away."""
+        """Idempotent by request id. Retried briefly; then spooled, so a caller can send
+        its response knowing the usage will land."""
         for delay in (*RETRY_DELAYS, None):
             try:
                 await self._insert(entry, hold)
                 return
-            except OperationalError:
-                if delay is None:
+            except DBAPIError as exc:
+                if delay is not None:
+                    await asyncio.sleep(delay)
+                    continue
+                if self._spool is None:
                     log.error("usage for request %s could not be written", entry.request_id)
                     raise
-                await asyncio.sleep(delay)
+                log.warning("database unavailable (%s); usage of %s spooled to disk",
+                            type(exc.orig).__name__, entry.request_id)
+                await self._append(_encode(entry, hold))
+
+    async def _append(self, line: str) -> None:
+        async with self._lock:
+            await asyncio.to_thread(self._append_sync, line)
+
+    def _append_sync(self, line: str) -> None:
+        assert self._spool is not None
+        fd = os.open(self._spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def replay(self) -> int:
+        """Write spooled entries: this process's, and those of processes that died.
+        Returns how many were written; stops at the first failure and keeps the rest."""
+        if self._spool_dir is None:
+            return 0
+        written = 0
+        for path in sorted(self._spool_dir.glob(SPOOL_GLOB)):
+            pid = int(path.stem.rsplit("-", 1)[1])
+            if path != self._spool and _pid_alive(pid):
+                continue
+            written += await self._replay_file(path)
+        return written
+
+    async def _replay_file(self, path: Path) -> int:
+        async with self._lock:
+            lines = await asyncio.to_thread(path.read_text)
+            entries = [_decode(line) for line in lines.splitlines() if line.strip()]
+            done = 0
+            try:
+                for entry, hold in entries:
+                    await self._insert(entry, hold)
+                    done += 1
+            finally:
+                rest = lines.splitlines(keepends=True)[done:]
+                await asyncio.to_thread(self._rewrite, path, rest)
+            if done:
+                log.info("wrote %d spooled usage rows from %s", done, path.name)
+            return done
+
+    @staticmethod
+    def _rewrite(path: Path, rest: list[str]) -> None:
+        if not rest:
+            path.unlink(missing_ok=True)
+            return
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(rest))
+        os.replace(tmp, path)
+
+    async def replay_forever(self, every: float = 5.0) -> None:
+        """The server's background task: keep trying until the database is back."""
+        while True:
+            with contextlib.suppress(DBAPIError):
+                await self.replay()
+            await asyncio.sleep(every)
 
     async def _insert(self, entry: UsageEntry, hold: Hold | None) -> None:
         async with self._sessions.begin() as session:

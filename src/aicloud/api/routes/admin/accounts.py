@@ -16,6 +16,7 @@ from aicloud.api.routes.admin.schemas import (
     ProjectCreate,
     ProjectUpdate,
     admin_key_json,
+    documented,
     key_json,
     listing,
     org_json,
@@ -33,7 +34,7 @@ async def me(scope: CurrentAdmin) -> dict[str, Any]:
 
 # -- organizations ------------------------------------------------------------------------
 
-@router.post("/organizations", status_code=201)
+@router.post("/organizations", status_code=201, **documented(OrgCreate))
 async def create_org(request: Request, scope: CurrentAdmin, cloud: CloudDep) -> dict[str, Any]:
     body = await parse_body(request, OrgCreate)
     changes = body.changes()
@@ -50,7 +51,7 @@ async def get_org(org_id: str, scope: CurrentAdmin, cloud: CloudDep) -> dict[str
     return org_json(await cloud.orgs.get_org(scope, org_id))
 
 
-@router.patch("/organizations/{org_id}")
+@router.patch("/organizations/{org_id}", **documented(OrgUpdate))
 async def update_org(org_id: str, request: Request, scope: CurrentAdmin,
                      cloud: CloudDep) -> dict[str, Any]:
     body = await parse_body(request, OrgUpdate)
@@ -59,7 +60,7 @@ async def update_org(org_id: str, request: Request, scope: CurrentAdmin,
 
 # -- projects -----------------------------------------------------------------------------
 
-@router.post("/projects", status_code=201)
+@router.post("/projects", status_code=201, **documented(ProjectCreate))
 async def create_project(request: Request, scope: CurrentAdmin,
                          cloud: CloudDep) -> dict[str, Any]:
     body = await parse_body(request, ProjectCreate)
@@ -84,7 +85,7 @@ async def get_project(project_id: str, scope: CurrentAdmin, cloud: CloudDep) -> 
     return project_json(await cloud.orgs.get_project(scope, project_id))
 
 
-@router.patch("/projects/{project_id}")
+@router.patch("/projects/{project_id}", **documented(ProjectUpdate))
 async def update_project(project_id: str, request: Request, scope: CurrentAdmin,
                          cloud: CloudDep) -> dict[str, Any]:
     body = await parse_body(request, ProjectUpdate)
@@ -93,7 +94,7 @@ async def update_project(project_id: str, request: Request, scope: CurrentAdmin,
 
 # -- API keys -----------------------------------------------------------------------------
 
-@router.post("/keys", status_code=201)
+@router.post("/keys", status_code=201, **documented(KeyCreate))
 async def create_key(request: Request, scope: CurrentAdmin, cloud: CloudDep) -> dict[str, Any]:
     body = await parse_body(request, KeyCreate)
     view, secret = await cloud.keys.create_key(scope, body.project_id, body.changes())
@@ -113,7 +114,7 @@ async def get_key(key_id: str, scope: CurrentAdmin, cloud: CloudDep) -> dict[str
     return key_json(await cloud.keys.get_key(scope, key_id))
 
 
-@router.patch("/keys/{key_id}")
+@router.patch("/keys/{key_id}", **documented(KeyUpdate))
 async def update_key(key_id: str, request: Request, scope: CurrentAdmin,
                      cloud: CloudDep) -> dict[str, Any]:
     body = await parse_body(request, KeyUpdate)
@@ -133,7 +134,7 @@ async def rotate_key(key_id: str, scope: CurrentAdmin, cloud: CloudDep) -> dict[
 
 # -- admin keys ---------------------------------------------------------------------------
 
-@router.post("/admin-keys", status_code=201)
+@router.post("/admin-keys", status_code=201, **documented(AdminKeyCreate))
 async def create_admin_key(request: Request, scope: CurrentAdmin,
                            cloud: CloudDep) -> dict[str, Any]:
     body = await parse_body(request, AdminKeyCreate)

@@ -11,7 +11,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from aicloud.accounts.base import AccountError, Role
 from aicloud.api.deps import CloudDep, CurrentAdmin, parse_body
-from aicloud.api.routes.admin.schemas import CreditCreate, PriceSet, listing, price_json
+from aicloud.api.routes.admin.schemas import CreditCreate, PriceSet, documented, listing, price_json
 from aicloud.billing.money import Rates, pico_to_usd, price_to_micro, usd_to_pico
 from aicloud.billing.reports import UsageFilter, invoice_csv, invoice_json
 
@@ -25,7 +25,7 @@ async def list_prices(_: CurrentAdmin, cloud: CloudDep) -> dict[str, Any]:
     return listing([price_json(p) for p in await cloud.prices.current()])
 
 
-@router.put(f"/prices/{MODEL_PATH}")
+@router.put(f"/prices/{MODEL_PATH}", **documented(PriceSet))
 async def set_price(model: str, request: Request, scope: CurrentAdmin,
                     cloud: CloudDep) -> dict[str, Any]:
     body = await parse_body(request, PriceSet)
@@ -75,7 +75,7 @@ async def export_usage(scope: CurrentAdmin, cloud: CloudDep, organization_id: st
         "content-disposition": 'attachment; filename="usage.csv"'})
 
 
-@router.post("/credits", status_code=201)
+@router.post("/credits", status_code=201, **documented(CreditCreate))
 async def add_credit(request: Request, scope: CurrentAdmin, cloud: CloudDep) -> dict[str, Any]:
     body = await parse_body(request, CreditCreate)
     created, amount = await cloud.reports.add_credit(

@@ -144,5 +144,12 @@ def price_json(p: PriceView) -> dict[str, Any]:
             "effective_at": iso(p.effective_at)}
 
 
+def documented(model: type[BaseModel]) -> dict[str, Any]:
+    """Bodies are parsed by `parse_body` (strict JSON, clean 400s), so FastAPI does not see
+    them; this puts their schema into the OpenAPI document all the same."""
+    return {"openapi_extra": {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()}}}}}
+
+
 def listing(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"object": "list", "data": items}
