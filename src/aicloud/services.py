@@ -3,8 +3,11 @@ by the server's lifespan or by a CLI command, so both run the very same code."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from dataclasses import dataclass
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from aicloud.accounts.admin_keys import AdminKeyService
@@ -31,6 +34,15 @@ class Cloud:
     ledger: UsageLedger
     reports: Reports
     limits: RateLimits
+
+    async def maintain(self, every: float = 5.0) -> None:
+        """The server's housekeeping task: write spooled usage once the database is back,
+        and drop budget holds that outlived their (crashed) request."""
+        while True:
+            with contextlib.suppress(DBAPIError):
+                await self.ledger.replay()
+                await self.budgets.purge_expired()
+            await asyncio.sleep(every)
 
     async def close(self) -> None:
         await self.limits.limiter.close()

@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, text
 
 from aicloud.accounts.base import AccountError, AdminScope, NotFound, Role
 from aicloud.accounts.keys import Principal
-from aicloud.billing.budgets import BudgetExceeded
+from aicloud.billing.budgets import BudgetExceeded, Budgets
 from aicloud.billing.money import Rates, pico_to_usd, usd_to_pico
 from aicloud.billing.reports import UsageFilter, invoice_csv, invoice_json
 from aicloud.billing.usage import UsageEntry
@@ -96,6 +96,7 @@ def test_settled_spend_frees_the_rest_of_the_budget(db_url: str) -> None:
         await cloud.ledger.record(entry(p, "r1", 1 * USD), hold)
         second = await cloud.budgets.reserve(p, "r2", 9 * USD)
         await cloud.budgets.release(second)
+        assert await cloud.budgets.purge_expired() == 0
         assert await cloud.budgets.spend("project_id", p.project_id) == 1 * USD
         # replaying the settle of r1 changes nothing
         await cloud.ledger.record(entry(p, "r1", 1 * USD), hold)
@@ -221,3 +222,17 @@ def test_money_parsing_refuses_inexact_or_absurd_amounts() -> None:
     for bad in ("0.0000000000001", "-1", "NaN", "Infinity", "1e9", "abc"):
         with pytest.raises(ValueError):
             usd_to_pico(bad)
+
+
+def test_holds_of_crashed_requests_expire(db_url: str) -> None:
+    async def scenario(cloud: Cloud) -> None:
+        p = await tenant(cloud, project_budget=10 * USD)
+        short = Budgets(db.session_factory(cloud.database), hold_seconds=0.05)
+        await short.reserve(p, "crashed", 9 * USD)  # its server dies: never settled
+        with pytest.raises(BudgetExceeded):
+            await cloud.budgets.reserve(p, "r1", 9 * USD)
+        await asyncio.sleep(0.1)
+        assert await cloud.budgets.purge_expired() == 1
+        assert await cloud.budgets.reserve(p, "r1", 9 * USD) is not None
+
+    with_clouds(db_url, scenario)

@@ -30,7 +30,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         app.state.cloud = cloud
         app.state.pool = pool
         app.state.background = set()
-        replayer = asyncio.create_task(cloud.ledger.replay_forever())
+        housekeeping = asyncio.create_task(cloud.maintain())
         log.info("serving models: %s", ", ".join(c.id for c in pool.cards()))
         try:
             yield
@@ -38,7 +38,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
             pending = list(app.state.background)
             if pending:
                 await asyncio.wait(pending, timeout=10)
-            replayer.cancel()
+            housekeeping.cancel()
             await pool.close()
             await cloud.close()
 

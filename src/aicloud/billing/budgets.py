@@ -98,6 +98,13 @@ class Budgets:
             await session.execute(delete(Reservation).where(
                 Reservation.request_id == hold.request_id))
 
+    async def purge_expired(self) -> int:
+        """Holds of requests whose server died; already ignored by the sums."""
+        async with self._sessions.begin() as session:
+            result = await session.execute(delete(Reservation).where(
+                Reservation.expires_at <= now()))
+            return result.rowcount or 0
+
     async def spend(self, column: str, ident: str) -> int:
         async with self._sessions() as session:
             return await committed(session, column, ident, now())

@@ -9,7 +9,6 @@ later by a background task. Rows are keyed by request id, so replaying twice is 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -150,13 +149,6 @@ class UsageLedger:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(rest))
         os.replace(tmp, path)
-
-    async def replay_forever(self, every: float = 5.0) -> None:
-        """The server's background task: keep trying until the database is back."""
-        while True:
-            with contextlib.suppress(DBAPIError):
-                await self.replay()
-            await asyncio.sleep(every)
 
     async def _insert(self, entry: UsageEntry, hold: Hold | None) -> None:
         async with self._sessions.begin() as session:
