@@ -250,6 +250,11 @@ def test_budget_refuses_with_insufficient_quota(server: Server, root: httpx.Clie
         spent = ok(root.get("/usage", params={"project_id": t["project"]["id"],
                                               "group_by": ""}))["data"][0]["cost_usd"]
         assert 0 < float(spent) <= 4
+        mtd = ok(root.get(f"/projects/{t['project']['id']}"))["month_to_date"]
+        assert mtd["spent_usd"] == spent and mtd["held_usd"] == "0"
+        assert float(mtd["remaining_usd"]) == 10 - float(spent)
+        assert ok(root.get(f"/organizations/{t['org']['id']}"))["month_to_date"][
+            "spent_usd"] == spent
     finally:
         ok(root.put(f"/prices/{MODEL}", json={"input_per_million": 0, "output_per_million": 0}))
 

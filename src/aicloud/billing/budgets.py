@@ -49,15 +49,22 @@ async def lock_organization(session: AsyncSession, organization_id: str) -> None
                           .values(budget_pico=Organization.budget_pico))
 
 
-async def committed(session: AsyncSession, column: str, ident: str, at: datetime) -> int:
-    """Settled spend this month plus live holds, for a project or an organization."""
+async def month_to_date(session: AsyncSession, column: str, ident: str,
+                        at: datetime) -> tuple[int, int]:
+    """(settled spend this month, live holds) for a project or an organization, read in
+    one statement so both come from the same snapshot."""
     spent = (select(func.coalesce(func.sum(UsageRecord.cost_pico), 0))
              .where(getattr(UsageRecord, column) == ident,
                     UsageRecord.finished_at >= month_start(at)).scalar_subquery())
     held = (select(func.coalesce(func.sum(Reservation.amount_pico), 0))
             .where(getattr(Reservation, column) == ident, Reservation.expires_at > at)
             .scalar_subquery())
-    return int(await session.scalar(select(spent + held)) or 0)
+    row = (await session.execute(select(spent, held))).one()
+    return int(row[0] or 0), int(row[1] or 0)
+
+
+async def committed(session: AsyncSession, column: str, ident: str, at: datetime) -> int:
+    return sum(await month_to_date(session, column, ident, at))
 
 
 class Budgets:
@@ -106,5 +113,9 @@ class Budgets:
             return result.rowcount or 0
 
     async def spend(self, column: str, ident: str) -> int:
+        """Settled spend this month plus live holds."""
+        return sum(await self.month_to_date(column, ident))
+
+    async def month_to_date(self, column: str, ident: str) -> tuple[int, int]:
         async with self._sessions() as session:
-            return await committed(session, column, ident, now())
+            return await month_to_date(session, column, ident, now())

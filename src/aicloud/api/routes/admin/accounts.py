@@ -21,6 +21,7 @@ from aicloud.api.routes.admin.schemas import (
     listing,
     org_json,
     project_json,
+    spend_json,
 )
 
 router = APIRouter()
@@ -48,7 +49,10 @@ async def list_orgs(scope: CurrentAdmin, cloud: CloudDep) -> dict[str, Any]:
 
 @router.get("/organizations/{org_id}")
 async def get_org(org_id: str, scope: CurrentAdmin, cloud: CloudDep) -> dict[str, Any]:
-    return org_json(await cloud.orgs.get_org(scope, org_id))
+    """The organization, with this month's spend, live holds and what is left."""
+    org = await cloud.orgs.get_org(scope, org_id)
+    spent, held = await cloud.budgets.month_to_date("organization_id", org.id)
+    return {**org_json(org), "month_to_date": spend_json(spent, held, org.budget_pico)}
 
 
 @router.patch("/organizations/{org_id}", **documented(OrgUpdate))
@@ -82,7 +86,11 @@ async def list_projects(scope: CurrentAdmin, cloud: CloudDep,
 
 @router.get("/projects/{project_id}")
 async def get_project(project_id: str, scope: CurrentAdmin, cloud: CloudDep) -> dict[str, Any]:
-    return project_json(await cloud.orgs.get_project(scope, project_id))
+    """The project, with this month's spend, live holds and what is left."""
+    project = await cloud.orgs.get_project(scope, project_id)
+    spent, held = await cloud.budgets.month_to_date("project_id", project.id)
+    return {**project_json(project),
+            "month_to_date": spend_json(spent, held, project.budget_pico)}
 
 
 @router.patch("/projects/{project_id}", **documented(ProjectUpdate))

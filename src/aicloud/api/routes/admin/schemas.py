@@ -144,6 +144,12 @@ def price_json(p: PriceView) -> dict[str, Any]:
             "effective_at": iso(p.effective_at)}
 
 
+def spend_json(spent: int, held: int, budget: int | None) -> dict[str, Any]:
+    left = None if budget is None else pico_to_usd(max(budget - spent - held, 0))
+    return {"spent_usd": pico_to_usd(spent), "held_usd": pico_to_usd(held),
+            "budget_usd": _usd(budget), "remaining_usd": left}
+
+
 def documented(model: type[BaseModel]) -> dict[str, Any]:
     """Bodies are parsed by `parse_body` (strict JSON, clean 400s), so FastAPI does not see
     them; this puts their schema into the OpenAPI document all the same."""
