@@ -47,7 +47,12 @@ def two_servers(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[tuple[S
     with ThreadPoolExecutor(2) as pool:
         started = [pool.submit(start_server, tmp_path / name, *SMALL, extra_env=env)
                    for name in ("a", "b")]
-        servers = [f.result() for f in started]
+        failures = [f.exception() for f in started]
+    servers = [f.result() for f in started if f.exception() is None]
+    if any(failures):
+        for srv in servers:
+            srv.stop()
+        raise next(e for e in failures if e is not None)
     yield servers[0], servers[1]
     for srv in servers:
         srv.stop()
