@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 import typer
 
 from aicloud import admin_cli, logs
+from aicloud.cluster.replica import EngineFactory, ReplicaSpec
 from aicloud.config import Settings
+from aicloud.engines.base import Engine
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig, ModelLoadError, check_gguf_path
 from aicloud.engines.llamacpp.weights import check_format
@@ -34,9 +37,21 @@ def build_pool(settings: Settings) -> ModelPool:
         check_gguf_path(spec.path)
     check_format(settings.weights)
     cache = settings.home_dir / "weights"
-    return ModelPool({s.model_id: LlamaCppEngine(s.model_id, s.path, config,
-                                                 weights=settings.weights, weights_cache=cache)
-                      for s in specs})
+    makers = {s.model_id: partial(LlamaCppEngine, s.model_id, s.path, config,
+                                  weights=settings.weights, weights_cache=cache) for s in specs}
+    if settings.ray_address:
+        return ModelPool({mid: on_ray(settings, mid, make) for mid, make in makers.items()})
+    return ModelPool({mid: make() for mid, make in makers.items()})
+
+
+def on_ray(settings: Settings, model_id: str, make: EngineFactory) -> Engine:
+    """The model as replicas on a Ray cluster, each placed with `replica_cpus` CPUs."""
+    from aicloud.cluster.replica_set import ReplicaSet, Scaling
+
+    spec = ReplicaSpec(model_id, make, num_cpus=settings.replica_cpus or settings.threads or 1)
+    scaling = Scaling(settings.replicas, settings.min_replicas or settings.replicas,
+                      settings.max_replicas or settings.replicas)
+    return ReplicaSet(spec, scaling, address=settings.ray_address or "auto")
 
 
 @app.command()
@@ -59,6 +74,16 @@ def serve(
     weights: Annotated[str | None, typer.Option(
         help="serve the weights as they are (native) or re-typed once into q4_0, q8_0, "
              "bf16 or f16 (on AVX2 CPUs q4_0 decodes batches fastest)")] = None,
+    ray: Annotated[str | None, typer.Option(
+        help="run engine replicas on a Ray cluster: auto (the cluster of this machine), "
+             "local (start one here) or HOST:PORT")] = None,
+    replicas: Annotated[int | None, typer.Option(help="replicas per model on Ray")] = None,
+    min_replicas: Annotated[int | None, typer.Option(
+        help="autoscaling floor (default: --replicas)")] = None,
+    max_replicas: Annotated[int | None, typer.Option(
+        help="autoscaling ceiling (default: --replicas)")] = None,
+    replica_cpus: Annotated[float | None, typer.Option(
+        help="CPUs Ray reserves for each replica (default: --threads, or 1)")] = None,
 ) -> None:
     """Start the OpenAI-compatible server."""
     import uvicorn
@@ -67,7 +92,10 @@ def serve(
 
     overrides = {k: v for k, v in dict(host=host, port=port, models=model, sequences=sequences,
                                        context=context, threads=threads,
-                                       kv_budget_mb=kv_budget_mb, weights=weights).items() if v}
+                                       kv_budget_mb=kv_budget_mb, weights=weights,
+                                       ray_address=ray, replicas=replicas,
+                                       min_replicas=min_replicas, max_replicas=max_replicas,
+                                       replica_cpus=replica_cpus).items() if v}
     settings = Settings(**overrides)
     log_config = logs.setup(settings.log_level)
     try:
@@ -76,3 +104,26 @@ def serve(
         raise typer.BadParameter(str(exc), param_hint="--model") from None
     uvicorn.run(create_app(settings, pool), host=settings.host, port=settings.port,
                 log_level=settings.log_level, log_config=log_config, loop="auto", http="auto")
+
+
+@app.command()
+def status(url: Annotated[str | None, typer.Option(
+        help="the server (default: http://AICLOUD_HOST:AICLOUD_PORT)")] = None) -> None:
+    """Models, their load and, on Ray, where every replica runs."""
+    import httpx
+
+    settings = Settings()
+    base = url or f"http://{settings.host}:{settings.port}"
+    try:
+        health = httpx.get(f"{base}/healthz", timeout=10).json()
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: {base} is not answering ({type(exc).__name__})", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{base}: {health['status']}")
+    for model, view in health["models"].items():
+        typer.echo(f"{model}: {view['running']} running, {view['waiting']} waiting, "
+                   f"{view['tokens_per_second']} tok/s")
+        for r in view.get("placement", {}).get("replicas", []):
+            typer.echo(f"  replica {r['index']}: {r['state']:<9} node {r['node_ip']} "
+                       f"pid {r['pid']}  {r['running']}/{r['capacity']} running, "
+                       f"{r['served']} served")

@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     kv_budget_mb: int = Field(default=2048, ge=16)
     weights: str = Field(default="native", description="native, q4_0, q8_0, bf16 or f16")
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
+    ray_address: str | None = Field(default=None, description="auto, local or HOST:PORT")
+    replicas: int = Field(default=1, ge=1, le=256)
+    min_replicas: int | None = Field(default=None, ge=1, le=256)
+    max_replicas: int | None = Field(default=None, ge=1, le=256)
+    replica_cpus: float | None = Field(default=None, gt=0)
     redis_url: str | None = Field(default=None, description="share rate limits through Redis")
     hold_seconds: float = Field(default=3600, ge=10,
                                 description="how long a budget hold outlives a crashed server")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from aicloud.api.routes.admin import accounts, billing
+from aicloud.api.routes.admin import accounts, billing, models
 
 router = APIRouter(prefix="/admin/v1", tags=["admin"])
 router.include_router(accounts.router)
 router.include_router(billing.router)
+router.include_router(models.router)

@@ -1,0 +1,53 @@
+"""Admin routes for the models this server runs: load, placement, replica counts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import Field
+
+from aicloud.accounts.base import AccountError, Role
+from aicloud.api.deps import CurrentAdmin, PoolDep, parse_body
+from aicloud.api.routes.admin.schemas import Strict, documented, listing
+from aicloud.api.routes.health import engine_view
+from aicloud.cluster.replica_set import ReplicaSet
+from aicloud.engines.base import EngineError
+from aicloud.models.pool import UnknownModel
+
+router = APIRouter()
+
+Count = int | None
+
+
+class ReplicaUpdate(Strict):
+    replicas: Count = Field(default=None, ge=1, le=256)
+    min_replicas: Count = Field(default=None, ge=1, le=256)
+    max_replicas: Count = Field(default=None, ge=1, le=256)
+
+
+@router.get("/models")
+async def list_models(_: CurrentAdmin, pool: PoolDep) -> dict[str, Any]:
+    return listing([{"object": "model", "id": mid, "engine": engine.info().kind,
+                     **engine_view(engine)} for mid, engine in pool.items()])
+
+
+@router.patch("/models/{model:path}", **documented(ReplicaUpdate))
+async def scale_model(model: str, request: Request, scope: CurrentAdmin,
+                      pool: PoolDep) -> dict[str, Any]:
+    """Set `replicas` now, and the autoscaling bounds; returns once the new replicas serve
+    (or the removed ones have finished what they were running)."""
+    scope.require(Role.ADMIN, installation=True)
+    body = await parse_body(request, ReplicaUpdate)
+    try:
+        engine = pool.get(model)
+    except UnknownModel:
+        raise AccountError(f"no model '{model[:128]}'", "model") from None
+    if not isinstance(engine, ReplicaSet):
+        raise AccountError("replicas can only be changed for models served on Ray "
+                           "(aicloud serve --ray ...)", "replicas")
+    try:
+        await engine.scale_to(body.replicas, body.min_replicas, body.max_replicas)
+    except EngineError as exc:
+        raise AccountError(exc.message, exc.param) from None
+    return {"object": "model", "id": model, "engine": engine.kind, **engine_view(engine)}

@@ -1,0 +1,66 @@
+"""A request's life in the cluster, as the API sees it: waiting in the model's queue,
+running on a replica, or done. It is the GenerationStream the API iterates."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import AsyncIterator, Callable
+
+from aicloud.engines.base import FinishReason, GenerationRequest, TokenEvent, Usage
+
+
+class Phase(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    DONE = 2
+
+
+class ClusterStream:
+    def __init__(self, request: GenerationRequest,
+                 on_cancel: Callable[[ClusterStream], None]) -> None:
+        self.request = request
+        self.phase = Phase.WAITING
+        self.enqueued_at = time.monotonic()
+        self.replica: int | None = None
+        self.delivered = 0  # events handed to the API; 0 means it may still move replicas
+        self.completion_tokens = 0
+        self._on_cancel = on_cancel
+        self._events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._final: asyncio.Future[TokenEvent] = asyncio.get_running_loop().create_future()
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def deliver(self, event: TokenEvent) -> None:
+        if self.phase is Phase.DONE:
+            return
+        self.delivered += 1
+        self.completion_tokens = event.completion_tokens
+        self._events.put_nowait(event)
+        if event.finish_reason is not None:
+            self.phase = Phase.DONE
+            self._final.set_result(event)
+
+    def end(self, reason: FinishReason, text: str = "") -> None:
+        """Finish from this side (cancelled while waiting, replica lost mid-stream): the
+        usage is what the API saw produced."""
+        prompt = len(self.request.prompt_tokens) if self.delivered else 0
+        usage = Usage(prompt, self.completion_tokens)
+        self.deliver(TokenEvent(text, self.completion_tokens, reason, usage))
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        while True:
+            event = await self._events.get()
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        if self.phase is not Phase.DONE:
+            self._on_cancel(self)
+
+    async def final(self) -> TokenEvent:
+        return await asyncio.shield(self._final)
