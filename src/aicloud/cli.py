@@ -50,7 +50,8 @@ def on_ray(settings: Settings, model_id: str, make: EngineFactory) -> Engine:
 
     spec = ReplicaSpec(model_id, make, num_cpus=settings.replica_cpus or settings.threads or 1)
     scaling = Scaling(settings.replicas, settings.min_replicas or settings.replicas,
-                      settings.max_replicas or settings.replicas)
+                      settings.max_replicas or settings.replicas, settings.scale_up_after,
+                      settings.scale_down_after)
     return ReplicaSet(spec, scaling, address=settings.ray_address or "auto")
 
 

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     min_replicas: int | None = Field(default=None, ge=1, le=256)
     max_replicas: int | None = Field(default=None, ge=1, le=256)
     replica_cpus: float | None = Field(default=None, gt=0)
+    scale_up_after: float = Field(default=2.0, gt=0, description="queue wait that adds one")
+    scale_down_after: float = Field(default=60.0, gt=0, description="idle time that removes one")
     redis_url: str | None = Field(default=None, description="share rate limits through Redis")
     hold_seconds: float = Field(default=3600, ge=10,
                                 description="how long a budget hold outlives a crashed server")

@@ -24,12 +24,12 @@ MODEL = "smollm2-135m-instruct"
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """A head node with 2 CPUs and a worker node with 1, as separate raylets."""
+    """A head node and a worker node with 2 (logical) CPUs each, as separate raylets."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True,
                       head_node_args={"num_cpus": 2, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
+    cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     yield cluster.address
     cluster.shutdown()
@@ -143,3 +143,24 @@ def test_scaling_through_the_admin_api(cluster_server: Server, tmp_path: Path) -
         assert listed[0]["engine"] == "ray"
     status = cluster_server.cli("status", "--url", cluster_server.base_url)
     assert "replica 0: ready" in status
+
+
+def test_autoscaling_follows_the_queue(ray_address: str, tmp_path: Path) -> None:
+    srv = start_server(tmp_path / "home", "--ray", ray_address, "--replicas", "1",
+                       "--max-replicas", "2", "--replica-cpus", "1", "--threads", "1",
+                       "--context", "512", "--sequences", "2",
+                       extra_env={"AICLOUD_SCALE_UP_AFTER": "1",
+                                  "AICLOUD_SCALE_DOWN_AFTER": "3"})
+    try:
+        srv.keys["ray"] = srv.new_key("scale")
+        assert len(placement(srv)["replicas"]) == 1
+        with ThreadPoolExecutor(10) as pool:
+            futures = [pool.submit(chat, srv, 64, False) for _ in range(10)]
+            wait_for(lambda: [r["state"] for r in placement(srv)["replicas"]] ==
+                     ["ready", "ready"], 60)
+            statuses = [f.result()[0] for f in futures]
+        assert statuses == [200] * 10
+        assert all(r["served"] > 0 for r in placement(srv)["replicas"])
+        assert wait_for(lambda: len(placement(srv)["replicas"]) == 1, 30)
+    finally:
+        srv.stop()

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -106,6 +107,7 @@ class ReplicaSet:
         self._tick = tick
         self._idle_since = time.monotonic()
         self._actor: Any = None
+        self._instance = secrets.token_hex(3)  # several API servers may share a cluster
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -134,7 +136,7 @@ class ReplicaSet:
     async def _add_replica(self) -> Replica:
         index = next(self._numbers)
         handle = self._actor.options(
-            name=f"aicloud:{self.model_id}:{index}", namespace="aicloud",
+            name=f"aicloud:{self.model_id}:{self._instance}:{index}", namespace="aicloud",
             num_cpus=self.spec.num_cpus, num_gpus=self.spec.num_gpus,
             max_restarts=-1, max_task_retries=0, max_concurrency=1000,
         ).remote(self.spec.make_engine)
