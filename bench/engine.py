@@ -15,6 +15,7 @@ from aicloud.engines.base import ChatMessage, GenerationRequest, SamplingParams
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig
 from aicloud.models.catalog import bundled_model
+from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 
 PROMPT = "Write a long story about a lighthouse keeper."
 
@@ -23,6 +24,7 @@ async def measure(weights: str, levels: list[int], tokens: int, cache: Path) -> 
     spec = bundled_model()
     engine = LlamaCppEngine(spec.model_id, spec.path,
                             ContextConfig(sequences=max(levels), context_per_sequence=2048),
+                            queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)),
                             weights=weights, weights_cache=cache)
     await engine.start()
     prompt = await engine.encode_chat([ChatMessage("user", PROMPT)])

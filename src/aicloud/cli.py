@@ -16,6 +16,9 @@ from aicloud.engines.llamacpp.model import ContextConfig, ModelLoadError, check_
 from aicloud.engines.llamacpp.weights import check_format
 from aicloud.models.catalog import CatalogError, resolve_models
 from aicloud.models.pool import ModelPool
+from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
+
+FCFS = SchedulingConfig(mode=Mode.FCFS)
 
 app = typer.Typer(help="aicloud: your own AI cloud.", no_args_is_help=True)
 app.add_typer(admin_cli.orgs, name="orgs")
@@ -37,11 +40,20 @@ def build_pool(settings: Settings) -> ModelPool:
         check_gguf_path(spec.path)
     check_format(settings.weights)
     cache = settings.home_dir / "weights"
+    # on Ray the replica set keeps the fair line; each replica then simply runs what it gets
+    inner = FCFS if settings.ray_address else scheduling_config(settings)
     makers = {s.model_id: partial(LlamaCppEngine, s.model_id, s.path, config,
-                                  weights=settings.weights, weights_cache=cache) for s in specs}
+                                  queue=FairQueue(inner), weights=settings.weights,
+                                  weights_cache=cache) for s in specs}
     if settings.ray_address:
         return ModelPool({mid: on_ray(settings, mid, make) for mid, make in makers.items()})
     return ModelPool({mid: make() for mid, make in makers.items()})
+
+
+def scheduling_config(settings: Settings) -> SchedulingConfig:
+    return SchedulingConfig(Mode(settings.scheduling), settings.input_token_weight,
+                            settings.output_token_weight, settings.max_queue,
+                            settings.max_queue_wait)
 
 
 def on_ray(settings: Settings, model_id: str, make: EngineFactory) -> Engine:
@@ -52,7 +64,8 @@ def on_ray(settings: Settings, model_id: str, make: EngineFactory) -> Engine:
     scaling = Scaling(settings.replicas, settings.min_replicas or settings.replicas,
                       settings.max_replicas or settings.replicas, settings.scale_up_after,
                       settings.scale_down_after)
-    return ReplicaSet(spec, scaling, address=settings.ray_address or "auto")
+    return ReplicaSet(spec, scaling, FairQueue(scheduling_config(settings)),
+                      address=settings.ray_address or "auto")
 
 
 @app.command()

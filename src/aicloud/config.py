@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,14 @@ class Settings(BaseSettings):
     kv_budget_mb: int = Field(default=2048, ge=16)
     weights: str = Field(default="native", description="native, q4_0, q8_0, bf16 or f16")
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
+    scheduling: Literal["vtc", "fcfs"] = Field(default="vtc",
+                                               description="vtc (tenant-fair) or fcfs")
+    fair_share_by: Literal["project", "key", "organization"] = "project"
+    max_queue: int = Field(default=1024, ge=1, description="waiting requests per model")
+    max_queue_wait: float = Field(default=60.0, gt=0, description="seconds before a 429/503")
+    input_token_weight: float = Field(default=1.0, ge=0)
+    output_token_weight: float = Field(default=2.0, ge=0)
+    metrics_public: bool = Field(default=False, description="serve /metrics without a key")
     ray_address: str | None = Field(default=None, description="auto, local or HOST:PORT")
     replicas: int = Field(default=1, ge=1, le=256)
     min_replicas: int | None = Field(default=None, ge=1, le=256)

@@ -164,3 +164,32 @@ def test_autoscaling_follows_the_queue(ray_address: str, tmp_path: Path) -> None
         assert wait_for(lambda: len(placement(srv)["replicas"]) == 1, 30)
     finally:
         srv.stop()
+
+
+def test_fairness_holds_across_replicas(cluster_server: Server) -> None:
+    """One waiting line for both replicas: a light tenant overtakes a heavy one's backlog."""
+    heavy, light = cluster_server.new_key("heavy"), cluster_server.new_key("light")
+
+    def first_token(key: str, max_tokens: int) -> float:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a story."}],
+                "max_tokens": max_tokens, "stream": True}
+        start = time.perf_counter()
+        with httpx.stream("POST", cluster_server.base_url + "/v1/chat/completions",
+                          json=body, timeout=300,
+                          headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.status_code == 200
+            elapsed = None
+            for line in resp.iter_lines():
+                if elapsed is None and line.startswith("data: "):
+                    elapsed = time.perf_counter() - start
+        assert elapsed is not None
+        return elapsed
+
+    with ThreadPoolExecutor(24) as pool:
+        flood = [pool.submit(first_token, heavy, 48) for _ in range(24)]
+        wait_for(lambda: placement(cluster_server)["waiting"] >= 8, 60)
+        light_ttft = [first_token(light, 4) for _ in range(3)]
+        still_waiting = placement(cluster_server)["waiting"]
+        heavy_ttft = sorted(f.result() for f in flood)
+    assert still_waiting > 0
+    assert max(light_ttft) < heavy_ttft[len(heavy_ttft) // 2] / 3, (light_ttft, heavy_ttft)

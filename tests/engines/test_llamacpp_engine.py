@@ -19,6 +19,7 @@ from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig
 from aicloud.engines.llamacpp.slots import common_prefix
 from aicloud.models.catalog import bundled_model
+from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 from tests.conftest import LoopThread
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -29,7 +30,8 @@ SLOTS = 4
 def engine(loop_thread: LoopThread) -> Iterator[LlamaCppEngine]:
     spec = bundled_model()
     eng = LlamaCppEngine(spec.model_id, spec.path,
-                         ContextConfig(sequences=SLOTS, context_per_sequence=1024))
+                         ContextConfig(sequences=SLOTS, context_per_sequence=1024),
+                         queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)))
     loop_thread.run(eng.start())
     yield eng
     loop_thread.run(eng.close())

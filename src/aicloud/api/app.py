@@ -11,7 +11,8 @@ from fastapi import FastAPI
 
 from aicloud.api import errors
 from aicloud.api.body_limit import BodyLimit
-from aicloud.api.routes import admin, health, openai
+from aicloud.api.routes import admin, health, metrics, openai
+from aicloud.api.telemetry import Telemetry
 from aicloud.config import Settings
 from aicloud.models.pool import ModelPool
 from aicloud.services import open_cloud
@@ -30,6 +31,9 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         app.state.cloud = cloud
         app.state.pool = pool
         app.state.background = set()
+        app.state.telemetry = Telemetry()
+        app.state.fair_share_by = settings.fair_share_by
+        app.state.metrics_public = settings.metrics_public
         housekeeping = asyncio.create_task(cloud.maintain())
         log.info("serving models: %s", ", ".join(c.id for c in pool.cards()))
         try:
@@ -48,4 +52,5 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     return app

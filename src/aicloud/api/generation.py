@@ -12,10 +12,10 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from starlette.requests import Request
 
@@ -23,10 +23,12 @@ from aicloud.accounts.keys import Principal
 from aicloud.api.admission import Admission, admit, withdraw
 from aicloud.api.errors import APIError, error_body, invalid
 from aicloud.api.schemas import SamplingFields
+from aicloud.api.telemetry import Telemetry
 from aicloud.billing.usage import UsageEntry
 from aicloud.engines.base import (
     Engine,
     EngineError,
+    EngineOverloaded,
     FinishReason,
     GenerationRequest,
     GenerationStream,
@@ -37,13 +39,33 @@ from aicloud.engines.base import (
 from aicloud.services import Cloud
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STATUS = {
     FinishReason.STOP: "completed",
     FinishReason.LENGTH: "length",
     FinishReason.CANCELLED: "cancelled",
     FinishReason.ERROR: "error",
+    FinishReason.OVERLOADED: "overloaded",
+    FinishReason.THROTTLED: "throttled",
 }
+
+
+def refusal(reason: FinishReason, retry_after: float = 1.0) -> APIError:
+    """A request the scheduler shed before it ran: 429 if its tenant floods the model,
+    503 if the model is saturated for everyone."""
+    seconds = str(max(1, round(retry_after)))
+    if reason is FinishReason.THROTTLED or reason is None:
+        return APIError(429, "Too many of your requests are waiting for this model; "
+                        "retry later or send fewer at once.", code="rate_limit_exceeded",
+                        headers={"retry-after": seconds})
+    return APIError(503, "The model is overloaded; retry shortly.", code="model_overloaded",
+                    headers={"retry-after": seconds})
+
+
+def tenant_of(principal: Principal, share_by: str) -> str:
+    return {"key": principal.api_key_id,
+            "organization": principal.organization_id}.get(share_by, principal.project_id)
 
 
 def sampling_from(body: SamplingFields) -> SamplingParams:
@@ -78,9 +100,25 @@ class Run:
     stream: GenerationStream
     cloud: Cloud
     background: set[asyncio.Task[None]]
+    telemetry: Telemetry
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     created: int = field(default_factory=lambda: int(time.time()))
     recorded: bool = False
+    _clock: float = field(default_factory=time.perf_counter)
+    _tokens: int = 0
+
+    def observe(self, event: TokenEvent) -> None:
+        """Feed the latency histograms: the first token, then the gaps between tokens."""
+        made = event.completion_tokens - self._tokens
+        if made <= 0:
+            return
+        now = time.perf_counter()
+        elapsed = now - self._clock
+        if self._tokens == 0:  # any others that came with the first token took no time
+            self.telemetry.first_token(self.model, elapsed)
+            made, elapsed = made - 1, 0.0
+        self.telemetry.next_tokens(self.model, elapsed, made)
+        self._clock, self._tokens = now, event.completion_tokens
 
     async def record(self, final: TokenEvent) -> None:
         """Write the usage row and settle the hold in one transaction, then return the
@@ -127,17 +165,23 @@ async def open_run(request: Request, engine: Engine, principal: Principal, model
     gen = GenerationRequest(
         request_id=request_id, prompt_tokens=prompt_tokens,
         sampling=sampling, max_tokens=max_tokens, stop=body.stops,
-        tenant=principal.project_id,
+        tenant=tenant_of(principal, request.app.state.fair_share_by),
+        priority=body.priority, weight=principal.weight,
     )
     try:
         stream = await engine.generate(gen)
+    except EngineOverloaded as exc:
+        await withdraw(cloud, admission)
+        raise refusal(FinishReason.OVERLOADED if exc.everyone else FinishReason.THROTTLED,
+                      exc.retry_after) from None
     except EngineError as exc:
         await withdraw(cloud, admission)
         raise invalid(exc.message, exc.param, exc.code) from None
     except BaseException:
         await withdraw(cloud, admission)
         raise
-    return Run(request_id, model, admission, stream, cloud, request.app.state.background)
+    return Run(request_id, model, admission, stream, cloud, request.app.state.background,
+               request.app.state.telemetry)
 
 
 class Format(Protocol):
@@ -153,11 +197,53 @@ def sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def stream_events(run: Run, fmt: Format, include_usage: bool) -> AsyncIterator[bytes]:
+async def until_disconnect(run: Run, request: Request, work: Awaitable[T]) -> T:
+    """Await `work` unless the client goes first: then stop the sequence, bill what it
+    made, and answer 499."""
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        run.abandon()
+        raise APIError(499, "client closed the request")
+    return task.result()
+
+
+async def refused(run: Run, event: TokenEvent) -> APIError:
+    """The scheduler shed the request before it ran: bill nothing, answer 429 or 503."""
+    await run.record(event)
+    reason = event.finish_reason or FinishReason.THROTTLED
+    run.telemetry.refused[(run.model, reason.value)] += 1
+    return refusal(reason)
+
+
+async def first_event(run: Run, request: Request) -> tuple[AsyncIterator[TokenEvent],
+                                                          TokenEvent]:
+    """Wait for the first event before sending any header, so a request shed from the
+    queue still gets a real 429/503 instead of a 200 with an error inside."""
+    events = aiter(run.stream)
+    first = await until_disconnect(run, request, anext(events))
+    if first.finish_reason is not None and first.finish_reason.refused:
+        raise await refused(run, first)
+    return events, first
+
+
+async def stream_events(run: Run, fmt: Format, include_usage: bool,
+                        events: AsyncIterator[TokenEvent],
+                        first_event: TokenEvent) -> AsyncIterator[bytes]:
     """SSE body. If this generator is cancelled (client gone), the run is abandoned."""
     first = True
     try:
-        async for event in run.stream:
+        async for event in _chain(first_event, events):
+            run.observe(event)
             if event.finish_reason is None:
                 if event.text or first:
                     yield sse(fmt.chunk(run, event.text, None, first))
@@ -178,33 +264,30 @@ async def stream_events(run: Run, fmt: Format, include_usage: bool) -> AsyncIter
         run.abandon()
 
 
+async def _chain(first: TokenEvent, rest: AsyncIterator[TokenEvent]
+                 ) -> AsyncIterator[TokenEvent]:
+    yield first
+    if first.finish_reason is None:
+        async for event in rest:
+            yield event
+
+
 async def collect(run: Run, request: Request) -> tuple[str, str, Usage]:
     """Gather the whole text, cancelling the sequence if the client disconnects first."""
     async def gather() -> tuple[str, TokenEvent]:
         parts: list[str] = []
         async for event in run.stream:
+            run.observe(event)
             parts.append(event.text)
             if event.finish_reason is not None:
                 return "".join(parts), event
         raise RuntimeError("stream ended without a final event")
 
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    work = asyncio.ensure_future(gather())
-    watch = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-    if not work.done():
-        work.cancel()
-        run.abandon()
-        raise APIError(499, "client closed the request")
-    text, final = work.result()
-    await run.record(final)
+    text, final = await until_disconnect(run, request, gather())
     reason = final.finish_reason or FinishReason.ERROR
+    if reason.refused:
+        raise await refused(run, final)
+    await run.record(final)
     if reason is FinishReason.ERROR:
         raise APIError(500, "the engine failed while generating")
     return text, reason.openai, final.usage or Usage(0, final.completion_tokens)

@@ -59,6 +59,8 @@ class SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     logprobs: Any = None
+    # OpenAI's tiers: "flex" is slower and cheaper, so it runs in the batch class here
+    service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -78,6 +80,11 @@ class SamplingFields(BaseModel):
     @property
     def stops(self) -> tuple[str, ...]:
         return tuple(self.stop or ())
+
+    @property
+    def priority(self) -> int:
+        """0 interactive, 1 batch (the scheduler's classes)."""
+        return 1 if self.service_tier == "flex" else 0
 
 
 class ChatCompletionRequest(SamplingFields):

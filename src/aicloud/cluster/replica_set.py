@@ -15,8 +15,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aicloud.cluster.connect import connect
@@ -24,6 +23,7 @@ from aicloud.cluster.replica import EngineReplica, ReplicaSpec, Whereabouts
 from aicloud.cluster.router import Router, Slotted
 from aicloud.cluster.stream import ClusterStream, Phase
 from aicloud.engines.base import (
+    AdmissionQueue,
     ChatMessage,
     ContextLengthExceeded,
     EngineError,
@@ -31,6 +31,7 @@ from aicloud.engines.base import (
     EngineStats,
     FinishReason,
     GenerationRequest,
+    TenantLoad,
 )
 
 log = logging.getLogger(__name__)
@@ -61,43 +62,18 @@ class Replica(Slotted):
     stats: EngineStats | None = None
 
 
-@dataclass(slots=True)
-class WaitingLine:
-    """First come, first served; a tenant-fair queue can stand in with the same methods."""
-
-    items: deque[ClusterStream] = field(default_factory=deque)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def push(self, stream: ClusterStream) -> None:
-        self.items.append(stream)
-
-    def pop(self) -> ClusterStream | None:
-        return self.items.popleft() if self.items else None
-
-    def remove(self, stream: ClusterStream) -> bool:
-        try:
-            self.items.remove(stream)
-        except ValueError:
-            return False
-        return True
-
-    def oldest_wait(self, now: float) -> float:
-        return max((now - s.enqueued_at for s in self.items), default=0.0)
-
-
 class ReplicaSet:
     kind = "ray"
 
-    def __init__(self, spec: ReplicaSpec, scaling: Scaling, *, address: str = "auto",
-                 tick: float = 1.0) -> None:
+    def __init__(self, spec: ReplicaSpec, scaling: Scaling, queue: AdmissionQueue, *,
+                 address: str = "auto", tick: float = 1.0) -> None:
         self.model_id = spec.model_id
         self.address = address
         self.spec = spec
         self.scaling = scaling
         self.replicas: list[Replica] = []
-        self.queue = WaitingLine()
+        self.queue = queue
+        self._waiting: set[ClusterStream] = set()
         self._router = Router()
         self._info: EngineInfo | None = None
         self._numbers = itertools.count()
@@ -196,9 +172,24 @@ class ReplicaSet:
     async def generate(self, request: GenerationRequest) -> ClusterStream:
         self._check(request)
         stream = ClusterStream(request, self._cancel)
-        self.queue.push(stream)
-        self._wake.set()
+        self._enqueue(stream)
         return stream
+
+    def _enqueue(self, stream: ClusterStream) -> None:
+        """Raises EngineOverloaded; a request evicted to make room is refused (429)."""
+        request = stream.request
+        evicted = self.queue.push(stream, request.tenant, request.priority, request.weight)
+        self._waiting.add(stream)
+        for other in evicted:
+            self._refuse(other, everyone=False)
+        self._wake.set()
+
+    def _refuse(self, stream: Any, *, everyone: bool) -> None:
+        self._waiting.discard(stream)
+        stream.end(FinishReason.OVERLOADED if everyone else FinishReason.THROTTLED)
+
+    def tenants(self) -> list[TenantLoad]:
+        return self.queue.metrics()
 
     def _check(self, request: GenerationRequest) -> None:
         """What can be refused before queueing: the replica checks the rest."""
@@ -236,22 +227,33 @@ class ReplicaSet:
 
     # -- dispatching ------------------------------------------------------------------------
 
+    def _may_run(self, tenant: str) -> bool:
+        capacity = sum(r.capacity for r in self.replicas if r.alive)
+        return self.queue.running(tenant) < self.queue.tenant_cap(max(capacity, 1))
+
     async def _dispatch_forever(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             while len(self.queue) and any(r.has_room for r in self.replicas):
-                stream = self.queue.pop()
-                if stream is None:
-                    break
+                stream = self.queue.pop(self._may_run)
+                if not isinstance(stream, ClusterStream):
+                    break  # whoever waits is at their share of the slots
+                self._waiting.discard(stream)
                 replica = self._router.pick(self.replicas, stream.request.prompt_tokens)
                 if replica is None:  # raced with a death: put it back and wait
-                    self.queue.push(stream)
+                    self._enqueue(stream)
                     break
-                tokens = len(stream.request.prompt_tokens) + (stream.request.max_tokens or 0)
-                replica.outstanding[stream.request_id] = tokens
-                stream.phase, stream.replica = Phase.RUNNING, replica.index
-                self._spawn(self._run(stream, replica))
+                self._start(stream, replica)
+
+    def _start(self, stream: ClusterStream, replica: Replica) -> None:
+        request = stream.request
+        tokens = len(request.prompt_tokens) + (request.max_tokens or 0)
+        replica.outstanding[stream.request_id] = tokens
+        stream.phase, stream.replica = Phase.RUNNING, replica.index
+        self.queue.started(request.tenant)
+        self.queue.charge(request.tenant, input_tokens=len(request.prompt_tokens))
+        self._spawn(self._run(stream, replica))
 
     async def _run(self, stream: ClusterStream, replica: Replica) -> None:
         from ray.exceptions import RayError, RayTaskError
@@ -261,6 +263,8 @@ class ReplicaSet:
                 stream.request)
             async for ref in refs:
                 for event in await ref:
+                    made = event.completion_tokens - stream.completion_tokens
+                    self.queue.charge(stream.request.tenant, output_tokens=max(made, 0))
                     stream.deliver(event)
             replica.served += 1
         except RayTaskError as exc:
@@ -270,17 +274,25 @@ class ReplicaSet:
             self._lost(replica)
             if stream.delivered == 0 and stream.phase is not Phase.DONE:
                 stream.phase, stream.replica = Phase.WAITING, None
-                self.queue.push(stream)  # nothing was produced: another replica takes it
+                self._requeue(stream)  # nothing was produced: another replica takes it
             else:
                 stream.end(FinishReason.ERROR)
         finally:
+            self.queue.finished(stream.request.tenant)
             replica.outstanding.pop(stream.request_id, None)
             self._wake.set()
             async with self._finished:
                 self._finished.notify_all()
 
+    def _requeue(self, stream: ClusterStream) -> None:
+        try:
+            self._enqueue(stream)
+        except EngineError:
+            stream.end(FinishReason.ERROR)
+
     def _cancel(self, stream: ClusterStream) -> None:
         if self.queue.remove(stream):
+            self._waiting.discard(stream)
             stream.end(FinishReason.CANCELLED)
             return
         replica = next((r for r in self.replicas if r.index == stream.replica), None)
@@ -332,7 +344,9 @@ class ReplicaSet:
 
     async def _maintain_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._tick)
+            await asyncio.sleep(min(self._tick, self.queue.next_expiry() or self._tick))
+            for stream, everyone in self.queue.expired():
+                self._refuse(stream, everyone=everyone)
             with contextlib.suppress(Exception):
                 await self._refresh_stats()
             self._autoscale(time.monotonic())
@@ -351,10 +365,9 @@ class ReplicaSet:
         if busy:
             self._idle_since = now
         starting = any(r.state == "starting" for r in self.replicas)
-        if (len(serving) < s.maximum and not starting
-                and self.queue.oldest_wait(now) >= s.up_after):
-            log.info("scaling %s up: requests waited %.1fs", self.model_id,
-                     self.queue.oldest_wait(now))
+        waited = max((now - w.enqueued_at for w in self._waiting), default=0.0)
+        if len(serving) < s.maximum and not starting and waited >= s.up_after:
+            log.info("scaling %s up: a request waited %.1fs", self.model_id, waited)
             self._spawn(self._add_replica())
         elif len(serving) > s.minimum and now - self._idle_since >= s.down_after:
             log.info("scaling %s down after %.0fs idle", self.model_id, now - self._idle_since)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -20,6 +20,13 @@ class FinishReason(enum.StrEnum):
     LENGTH = "length"
     CANCELLED = "cancelled"
     ERROR = "error"
+    OVERLOADED = "overloaded"  # shed from the queue, nobody's fault in particular (503)
+    THROTTLED = "throttled"  # shed from the queue, its tenant floods it (429)
+
+    @property
+    def refused(self) -> bool:
+        """Never ran: the API answers with an error instead of a completion."""
+        return self in (FinishReason.OVERLOADED, FinishReason.THROTTLED)
 
     @property
     def openai(self) -> str:
@@ -39,6 +46,18 @@ class EngineError(Exception):
 
 class ContextLengthExceeded(EngineError):
     code = "context_length_exceeded"
+
+
+class EngineOverloaded(EngineError):
+    """Refused at the door by back-pressure. `everyone`: the model is saturated by many
+    tenants (503); otherwise the caller's tenant is the one flooding it (429)."""
+
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float, everyone: bool) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.everyone = everyone
 
 
 @dataclass(slots=True, frozen=True)
@@ -93,8 +112,9 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
-    tenant: str = ""
-    priority: int = 0
+    tenant: str = ""  # whose share this is (opaque to engines)
+    priority: int = 0  # 0 interactive, 1 batch: lower runs first
+    weight: float = 1.0  # the tenant's share relative to others
 
 
 @dataclass(slots=True, frozen=True)
@@ -146,6 +166,52 @@ class GenerationStream(Protocol):
 
     async def final(self) -> TokenEvent:
         """Wait for the final event (after a cancel, or to drain)."""
+
+
+@dataclass(slots=True, frozen=True)
+class TenantLoad:
+    tenant: str
+    waiting: int
+    running: int
+    served_input_tokens: int
+    served_output_tokens: int
+    counter: float
+    weight: float
+
+
+class AdmissionQueue(Protocol):
+    """The waiting line an engine admits from, handed in by whoever builds the engine
+    (the scheduler); the engine calls it under its own lock, from its own thread."""
+
+    def __len__(self) -> int: ...
+
+    def push(self, item: Hashable, tenant: str, priority: int = 0,
+             weight: float = 1.0) -> list[Hashable]:
+        """Queue `item`; return items evicted to make room, or raise EngineOverloaded."""
+
+    def pop(self, can_run: Callable[[str], bool] = ...) -> Hashable | None:
+        """The next item to start, among tenants `can_run` allows."""
+
+    def remove(self, item: Hashable) -> bool: ...
+
+    def expired(self) -> list[tuple[Hashable, bool]]:
+        """Items that waited too long, with whether the model is saturated for everyone."""
+
+    def next_expiry(self) -> float | None: ...
+
+    def tenant_cap(self, slots: int) -> int:
+        """How many of `slots` a single tenant may hold at once."""
+
+    def started(self, tenant: str) -> None: ...
+
+    def finished(self, tenant: str) -> None: ...
+
+    def running(self, tenant: str) -> int: ...
+
+    def charge(self, tenant: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        """Service as it is delivered: prompt tokens when prefilled, each token made."""
+
+    def metrics(self) -> list[TenantLoad]: ...
 
 
 @runtime_checkable

@@ -10,7 +10,14 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from aicloud.accounts.keys import Principal
 from aicloud.api.deps import CurrentPrincipal, PoolDep, parse_body
 from aicloud.api.errors import APIError, invalid
-from aicloud.api.generation import Run, collect, open_run, stream_events, usage_json
+from aicloud.api.generation import (
+    Run,
+    collect,
+    first_event,
+    open_run,
+    stream_events,
+    usage_json,
+)
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest
 from aicloud.engines.base import ChatMessage, Engine, EngineError, Usage
 from aicloud.models.pool import ModelPool, UnknownModel
@@ -74,7 +81,8 @@ class TextFormat:
 async def _respond(request: Request, run: Run, fmt: ChatFormat | TextFormat,
                    stream: bool, include_usage: bool) -> StreamingResponse | JSONResponse:
     if stream:
-        return StreamingResponse(stream_events(run, fmt, include_usage),
+        events, first = await first_event(run, request)
+        return StreamingResponse(stream_events(run, fmt, include_usage, events, first),
                                  media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **run.admission.headers})
     text, finish, usage = await collect(run, request)

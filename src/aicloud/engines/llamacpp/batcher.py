@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import llama_cpp
 
-from aicloud.engines.base import FinishReason, TokenEvent
+from aicloud.engines.base import AdmissionQueue, FinishReason, TokenEvent
 from aicloud.engines.llamacpp.model import LlamaModel
 from aicloud.engines.llamacpp.sampling import build_sampler, free_sampler
 from aicloud.engines.llamacpp.sequence import SeqState, Sequence
@@ -27,29 +27,6 @@ log = logging.getLogger(__name__)
 
 Delivery = tuple[Callable[[TokenEvent], None], TokenEvent]
 PlanItem = tuple[Sequence, list[int], bool]
-
-
-class FifoQueue:
-    """First come, first served; the tenant-fair queue replaces it with the same methods."""
-
-    def __init__(self) -> None:
-        self._items: deque[Sequence] = deque()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def push(self, seq: Sequence) -> None:
-        self._items.append(seq)
-
-    def pop(self) -> Sequence | None:
-        return self._items.popleft() if self._items else None
-
-    def remove(self, seq: Sequence) -> bool:
-        try:
-            self._items.remove(seq)
-        except ValueError:
-            return False
-        return True
 
 
 class RateMeter:
@@ -75,11 +52,15 @@ class RateMeter:
 
 
 class Batcher:
-    def __init__(self, model: LlamaModel, queue: FifoQueue | None = None) -> None:
+    """New sequences are admitted only through `queue` (the scheduler's), at every step
+    that has a free slot, and no tenant holds more than the queue's cap of the slots."""
+
+    def __init__(self, model: LlamaModel, queue: AdmissionQueue) -> None:
         self.model = model
         self.config = model.config
         self.slots = SlotTable(model.memory, self.config.sequences)
-        self.queue = queue or FifoQueue()
+        self.queue = queue
+        self.tenant_cap = queue.tenant_cap(self.config.sequences or 1)
         self.running: list[Sequence] = []
         self.meter = RateMeter()
         self._batch = llama_cpp.llama_batch_init(self.config.batch_tokens, 0, 1)
@@ -87,17 +68,26 @@ class Batcher:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="llamacpp-batcher", daemon=True)
 
+    @property
+    def lock(self) -> threading.Condition:
+        """Held while the engine thread touches the queue; readers take it too."""
+        return self._wake
+
     # -- called from the event loop -------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, seq: Sequence) -> None:
+        """Raises EngineOverloaded when the queue refuses it; a request the queue evicts
+        to make room for it is refused through its stream."""
+        request = seq.request
         with self._wake:
             if self._stopping:
                 raise RuntimeError("engine is shutting down")
-            self.queue.push(seq)
+            evicted = self.queue.push(seq, request.tenant, request.priority, request.weight)
             self._wake.notify()
+        self._deliver([(s, s.finish(FinishReason.THROTTLED)) for s in evicted])
 
     def cancel(self, seq: Sequence) -> None:
         """A queued sequence is dropped without running; a running one ends next step."""
@@ -120,10 +110,12 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self.running or len(self.queue)):
-                    self._wake.wait()
+                while not (self._stopping or self.running or self._admissible()):
+                    self._wake.wait(self.queue.next_expiry())
+                    self._expire()
                 if self._stopping:
                     break
+                self._expire()
                 self._admit()
             try:
                 self.step()
@@ -133,13 +125,27 @@ class Batcher:
                                for s in list(self.running)])
         self._drain()
 
+    def _may_run(self, tenant: str) -> bool:
+        return self.queue.running(tenant) < self.tenant_cap
+
+    def _admissible(self) -> bool:
+        return bool(len(self.queue)) and self.slots.free > 0
+
+    def _expire(self) -> None:
+        """Refuse what waited longer than the queue allows (the lock is held)."""
+        gone = self.queue.expired()
+        self._deliver([(s, s.finish(FinishReason.OVERLOADED if everyone
+                                    else FinishReason.THROTTLED)) for s, everyone in gone])
+
     def _admit(self) -> None:
-        while self.slots.free and (seq := self.queue.pop()) is not None:
+        while self.slots.free and (seq := self.queue.pop(self._may_run)) is not None:
             slot, reuse = self.slots.acquire(seq.prompt)
             seq.slot, seq.n_past, seq.cached_tokens = slot.seq_id, reuse, reuse
             seq.sampler = build_sampler(seq.request.sampling, self.model.n_vocab)
             seq.state = SeqState.PREFILL
             self.running.append(seq)
+            self.queue.started(seq.request.tenant)
+            self.queue.charge(seq.request.tenant, input_tokens=len(seq.prompt) - reuse)
 
     def step(self) -> None:
         cancelled = [s for s in self.running if s.cancelled]
@@ -201,6 +207,7 @@ class Batcher:
         seq.state = SeqState.DECODE
         event = seq.on_token(token, self.model.piece(token), self.model.is_eog(token))
         self.meter.add(1)
+        self.queue.charge(seq.request.tenant, output_tokens=1)
         if event.finish_reason is not None:
             self._retire(seq, event)
         return seq, event
@@ -211,6 +218,7 @@ class Batcher:
     def _retire(self, seq: Sequence, event: TokenEvent) -> TokenEvent:
         """Free the sequence's slot, keeping only its prompt for later prefix reuse."""
         self.running.remove(seq)
+        self.queue.finished(seq.request.tenant)
         self.slots.release(self._slot(seq), keep=min(seq.n_past, len(seq.prompt)))
         free_sampler(seq.sampler)
         seq.sampler = None

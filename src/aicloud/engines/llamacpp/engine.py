@@ -7,12 +7,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aicloud.engines.base import (
+    AdmissionQueue,
     ChatMessage,
     ContextLengthExceeded,
     EngineError,
     EngineInfo,
     EngineStats,
     GenerationRequest,
+    TenantLoad,
     TokenEvent,
 )
 from aicloud.engines.llamacpp.batcher import Batcher
@@ -58,8 +60,10 @@ class LlamaCppEngine:
     kind = "llama.cpp"
 
     def __init__(self, model_id: str, path: Path, config: ContextConfig | None = None, *,
-                 weights: str = NATIVE, weights_cache: Path | None = None) -> None:
+                 queue: AdmissionQueue, weights: str = NATIVE,
+                 weights_cache: Path | None = None) -> None:
         self.model_id = model_id
+        self.queue = queue
         self.path = path
         self.weights = weights
         self._weights_cache = (weights_cache or DEFAULT_CACHE).expanduser()
@@ -77,7 +81,7 @@ class LlamaCppEngine:
             model.metadata("tokenizer.chat_template"),
             bos_token=model.bos_text, eos_token=model.eos_text,
         )
-        self._batcher = Batcher(model)
+        self._batcher = Batcher(model, self.queue)
         self._batcher.start()
 
     async def close(self) -> None:
@@ -150,6 +154,13 @@ class LlamaCppEngine:
         config = self.config
         return EngineInfo(self.model_id, config.context_per_sequence or 0,
                           config.sequences or 1, self.kind)
+
+    def tenants(self) -> list[TenantLoad]:
+        batcher = self._batcher
+        if batcher is None:
+            return []
+        with batcher.lock:
+            return self.queue.metrics()
 
     def stats(self) -> EngineStats:
         batcher = self._batcher

@@ -50,7 +50,9 @@ class Sequence:
 
     @property
     def usage(self) -> Usage:
-        return Usage(len(self.prompt), self.completion_tokens, self.cached_tokens)
+        """A sequence that never got a slot processed nothing, so it costs nothing."""
+        prompt = len(self.prompt) if self.slot >= 0 else 0
+        return Usage(prompt, self.completion_tokens, self.cached_tokens)
 
     def on_token(self, token: int, piece: bytes, eog: bool) -> TokenEvent:
         """Account for one sampled token and return the event to send for it."""

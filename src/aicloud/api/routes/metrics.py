@@ -1,0 +1,93 @@
+"""Prometheus metrics: engine load, per-tenant scheduling state, latency histograms.
+
+Tenant ids are customer data, so `/metrics` wants an admin key (Prometheus sends it with
+`authorization: {credentials: ...}`) unless AICLOUD_METRICS_PUBLIC is set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+
+from aicloud.api.deps import PoolDep, current_admin
+from aicloud.api.telemetry import Histogram, Telemetry
+from aicloud.engines.base import Engine, TenantLoad
+
+router = APIRouter()
+
+GAUGES = (
+    ("aicloud_tenant_waiting", "Requests of the tenant waiting for a slot", "waiting"),
+    ("aicloud_tenant_running", "Sequences of the tenant being decoded", "running"),
+    ("aicloud_tenant_virtual_counter", "The tenant's virtual token counter (VTC)", "counter"),
+    ("aicloud_tenant_weight", "The tenant's fair-share weight", "weight"),
+)
+
+
+def _labels(**labels: str) -> str:
+    def escape(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
+
+
+def tenants_of(engine: Engine) -> list[TenantLoad]:
+    tenants = getattr(engine, "tenants", None)
+    return tenants() if tenants is not None else []
+
+
+def _tenant_lines(models: list[tuple[str, Engine]]) -> Iterator[str]:
+    loads = [(mid, t) for mid, engine in models for t in tenants_of(engine)]
+    for name, text, attr in GAUGES:
+        yield f"# HELP {name} {text}\n# TYPE {name} gauge"
+        for mid, t in loads:
+            yield f"{name}{_labels(model=mid, tenant=t.tenant)} {getattr(t, attr)}"
+    name = "aicloud_tenant_served_tokens_total"
+    yield f"# HELP {name} Tokens served to the tenant\n# TYPE {name} counter"
+    for mid, t in loads:
+        yield f"{name}{_labels(model=mid, tenant=t.tenant, kind='input')} " \
+              f"{t.served_input_tokens}"
+        yield f"{name}{_labels(model=mid, tenant=t.tenant, kind='output')} " \
+              f"{t.served_output_tokens}"
+
+
+def _engine_lines(models: list[tuple[str, Engine]]) -> Iterator[str]:
+    fields = (("running", "Sequences being decoded"), ("waiting", "Requests waiting"),
+              ("tokens_per_second", "Output tokens per second, recent"),
+              ("kv_cells_used", "KV cache cells in use"), ("kv_cells_total", "KV cache cells"))
+    stats = [(mid, engine.stats()) for mid, engine in models]
+    for attr, text in fields:
+        name = f"aicloud_engine_{attr}"
+        yield f"# HELP {name} {text}\n# TYPE {name} gauge"
+        for mid, s in stats:
+            yield f"{name}{_labels(model=mid)} {getattr(s, attr)}"
+
+
+def _histogram_lines(name: str, text: str, by_model: dict[str, Histogram]) -> Iterator[str]:
+    yield f"# HELP {name} {text}\n# TYPE {name} histogram"
+    for mid, h in sorted(by_model.items()):
+        for bound, count in h.cumulative():
+            yield f"{name}_bucket{_labels(model=mid, le=bound)} {count}"
+        yield f"{name}_sum{_labels(model=mid)} {h.total:.6f}"
+        yield f"{name}_count{_labels(model=mid)} {h.n}"
+
+
+def render(models: list[tuple[str, Engine]], telemetry: Telemetry) -> str:
+    lines = [*_engine_lines(models), *_tenant_lines(models)]
+    lines += _histogram_lines("aicloud_time_to_first_token_seconds",
+                              "Time from request to first token", telemetry.ttft)
+    lines += _histogram_lines("aicloud_inter_token_latency_seconds",
+                              "Time between output tokens", telemetry.itl)
+    name = "aicloud_requests_refused_total"
+    lines.append(f"# HELP {name} Requests shed by the scheduler\n# TYPE {name} counter")
+    lines += [f"{name}{_labels(model=m, reason=r)} {n}"
+              for (m, r), n in sorted(telemetry.refused.items())]
+    return "\n".join(lines) + "\n"
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request, pool: PoolDep) -> PlainTextResponse:
+    if not request.app.state.metrics_public:
+        await current_admin(request)
+    return PlainTextResponse(render(pool.items(), request.app.state.telemetry),
+                             media_type="text/plain; version=0.0.4")

@@ -1,0 +1,249 @@
+"""The Virtual Token Counter queue of "Fairness in Serving Large Language Models" (OSDI '24).
+
+Each tenant has a counter that grows by the weighted tokens it is served (input and output
+weighted separately, divided by the tenant's weight). The next admission goes to the
+waiting tenant with the smallest counter; a tenant that comes back from idle is lifted to
+the smallest counter among waiting tenants, so time away cannot be banked as credit.
+Priority classes apply first: any waiting `interactive` request runs before any `batch` one.
+
+Pure Python with an injectable clock: the engine thread drives it under its own lock, and
+tests drive it deterministically.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+
+from aicloud.engines.base import EngineError, EngineOverloaded, TenantLoad
+
+
+class Priority(enum.IntEnum):
+    """Classes, lowest first: any waiting interactive request starts before any batch one."""
+
+    INTERACTIVE = 0
+    BATCH = 1
+
+
+class Mode(enum.StrEnum):
+    """`fcfs` keeps the same interface in arrival order, for comparison and for a replica
+    that only runs what a fair line elsewhere already picked."""
+
+    VTC = "vtc"
+    FCFS = "fcfs"
+
+
+@dataclass(slots=True)
+class SchedulingConfig:
+    """`reserve` slots are kept from any single tenant, so a newcomer starts at the next
+    step instead of waiting for a flood's sequence to finish (None: an eighth of them)."""
+
+    mode: Mode = Mode.VTC
+    input_weight: float = 1.0
+    output_weight: float = 2.0
+    max_waiting: int = 1024
+    max_wait: float = 60.0
+    reserve: int | None = None
+
+    def __post_init__(self) -> None:
+        self.mode = Mode(self.mode)
+        if self.max_waiting < 1 or self.max_wait <= 0:
+            raise ValueError("max_waiting and max_wait must be positive")
+        if min(self.input_weight, self.output_weight) < 0:
+            raise ValueError("token weights cannot be negative")
+
+    def tenant_cap(self, slots: int) -> int:
+        """How many of `slots` one tenant may hold (FCFS: all of them)."""
+        if self.mode is Mode.FCFS:
+            return slots
+        reserve = self.reserve if self.reserve is not None else slots // 8
+        return max(1, slots - reserve)
+
+
+@dataclass(slots=True)
+class TenantState:
+    """One tenant's share: its counter is weighted service divided by its weight."""
+
+    counter: float = 0.0
+    weight: float = 1.0
+    running: int = 0
+    served_input: int = 0
+    served_output: int = 0
+    waiting: dict[Priority, deque[Entry]] = field(
+        default_factory=lambda: {p: deque() for p in Priority})
+
+    @property
+    def n_waiting(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """A waiting item; `order` breaks ties between equal counters by arrival."""
+
+    item: Hashable
+    tenant: str
+    priority: Priority
+    arrived: float
+    order: int
+
+
+class FairQueue:
+    """One model's waiting line. Not thread-safe: the engine calls it under its own lock."""
+
+    def __init__(self, config: SchedulingConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config or SchedulingConfig()
+        self._clock = clock
+        self._tenants: dict[str, TenantState] = {}
+        self._entries: dict[Hashable, Entry] = {}
+        self._arrivals = 0
+        self._last_left: str | None = None  # whose request left the line last
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- joining and leaving the line ---------------------------------------------------------
+
+    def push(self, item: Hashable, tenant: str, priority: int = Priority.INTERACTIVE,
+             weight: float = 1.0) -> list[Hashable]:
+        """Queue `item`; returns items evicted to make room (the caller refuses them with
+        a 429), or raises EngineOverloaded. Called when a request arrives."""
+        priority = _valid(priority, weight)
+        evicted = self._make_room(tenant) if len(self) >= self.config.max_waiting else []
+        state = self._tenants.setdefault(tenant, TenantState())
+        state.weight = weight
+        if state.n_waiting == 0:
+            self._lift(tenant, state)
+        self._arrivals += 1
+        entry = Entry(item, tenant, priority, self._clock(), self._arrivals)
+        state.waiting[entry.priority].append(entry)
+        self._entries[item] = entry
+        return evicted
+
+    def _lift(self, tenant: str, state: TenantState) -> None:
+        """No banking: a returning tenant starts level with the least-served waiting one
+        (or with whoever left the line last, when nobody waits)."""
+        others = [s.counter for t, s in self._tenants.items() if t != tenant and s.n_waiting]
+        if others:
+            state.counter = max(state.counter, min(others))
+        elif self._last_left and self._last_left != tenant:
+            state.counter = max(state.counter, self._tenants[self._last_left].counter)
+
+    def _make_room(self, tenant: str) -> list[Hashable]:
+        """The line is full. If another tenant holds more of it than the newcomer would,
+        its newest (batch first) request leaves to make room; otherwise refuse."""
+        waiting = {t: s.n_waiting for t, s in self._tenants.items() if s.n_waiting}
+        hog = max(waiting, key=lambda t: (waiting[t], t))
+        mine = waiting.get(tenant, 0)
+        if self.config.mode is Mode.VTC and hog != tenant and mine + 1 < waiting[hog]:
+            state = self._tenants[hog]
+            queue = state.waiting[Priority.BATCH] or state.waiting[Priority.INTERACTIVE]
+            victim = queue.pop()
+            del self._entries[victim.item]
+            return [victim.item]
+        everyone = self._below_share(tenant)
+        raise EngineOverloaded(
+            f"The model's queue is full ({len(self)} requests waiting)"
+            + ("." if everyone else "; most of them are yours."),
+            retry_after=self.retry_after(), everyone=everyone)
+
+    def pop(self, can_run: Callable[[str], bool] = lambda _: True) -> Hashable | None:
+        """The next item to admit among tenants `can_run` allows, or None."""
+        entry = self._choose(can_run)
+        if entry is None:
+            return None
+        self._tenants[entry.tenant].waiting[entry.priority].popleft()
+        del self._entries[entry.item]
+        self._last_left = entry.tenant
+        return entry.item
+
+    def _choose(self, can_run: Callable[[str], bool]) -> Entry | None:
+        heads = [q[0] for t, s in self._tenants.items() if can_run(t)
+                 for q in s.waiting.values() if q]
+        if not heads:
+            return None
+        if self.config.mode is Mode.FCFS:
+            return min(heads, key=lambda e: e.order)
+        return min(heads, key=lambda e: (e.priority, self._tenants[e.tenant].counter, e.order))
+
+    def remove(self, item: Hashable) -> bool:
+        entry = self._entries.pop(item, None)
+        if entry is None:
+            return False
+        self._tenants[entry.tenant].waiting[entry.priority].remove(entry)
+        return True
+
+    def expired(self) -> list[tuple[Hashable, bool]]:
+        """Take out what waited longer than `max_wait`: (item, everyone) pairs, where
+        `everyone` is False for tenants holding more than their share of the line.
+        `_entries` is in arrival order, so only the expired prefix is looked at (the
+        engine calls this every step)."""
+        limit = self._clock() - self.config.max_wait
+        old = list(itertools.takewhile(lambda e: e.arrived <= limit, self._entries.values()))
+        out = [(e.item, self._below_share(e.tenant)) for e in old]
+        for item, _ in out:
+            self.remove(item)
+        return out
+
+    def _below_share(self, tenant: str) -> bool:
+        """Whether `tenant` holds less than an even share of the model's load (running and
+        waiting): then the overload is everyone's (503), else it is this tenant's (429)."""
+        loads = {t: s.running + s.n_waiting for t, s in self._tenants.items()
+                 if s.running or s.n_waiting}
+        mine = loads.setdefault(tenant, 0)
+        return mine * len(loads) < sum(loads.values())
+
+    def next_expiry(self) -> float | None:
+        """Seconds until the oldest waiting item expires."""
+        oldest = next(iter(self._entries.values()), None)
+        if oldest is None:
+            return None
+        return max(oldest.arrived + self.config.max_wait - self._clock(), 0.0)
+
+    def retry_after(self) -> float:
+        return float(max(1, math.ceil(self.config.max_wait / 4)))
+
+    # -- service ------------------------------------------------------------------------------
+
+    def started(self, tenant: str) -> None:
+        self._tenants.setdefault(tenant, TenantState()).running += 1
+
+    def finished(self, tenant: str) -> None:
+        state = self._tenants.get(tenant)
+        if state is not None and state.running > 0:
+            state.running -= 1
+
+    def running(self, tenant: str) -> int:
+        state = self._tenants.get(tenant)
+        return state.running if state else 0
+
+    def charge(self, tenant: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
+        """Count service as it happens: prompt tokens when prefilled, each token made."""
+        state = self._tenants.setdefault(tenant, TenantState())
+        state.served_input += input_tokens
+        state.served_output += output_tokens
+        cost = self.config.input_weight * input_tokens + self.config.output_weight * output_tokens
+        state.counter += cost / state.weight
+
+    def tenant_cap(self, slots: int) -> int:
+        return self.config.tenant_cap(slots)
+
+    def metrics(self) -> list[TenantLoad]:
+        return [TenantLoad(t, s.n_waiting, s.running, s.served_input, s.served_output,
+                              round(s.counter, 3), s.weight)
+                for t, s in sorted(self._tenants.items())]
+
+
+def _valid(priority: int, weight: float) -> Priority:
+    """Refuse what would corrupt the counters (a zero weight divides by zero)."""
+    if priority not in tuple(Priority):
+        raise EngineError(f"unknown priority class {priority}", param="priority")
+    if not (weight > 0 and math.isfinite(weight)):
+        raise EngineError("a tenant's weight must be a positive number", param="weight")
+    return Priority(priority)

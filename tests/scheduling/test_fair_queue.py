@@ -1,0 +1,214 @@
+"""The VTC queue, deterministically: a fake clock and a fake engine that serves tokens."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from aicloud.engines.base import EngineError, EngineOverloaded
+from aicloud.scheduling.fair_queue import FairQueue, Mode, Priority, SchedulingConfig
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def drain(queue: FairQueue, tokens: int = 10) -> list[str]:
+    """Admit one at a time, each served `tokens` output tokens before the next pick."""
+    order = []
+    while (item := queue.pop()) is not None:
+        tenant = str(item).split("-")[0]
+        queue.charge(tenant, output_tokens=tokens)
+        order.append(tenant)
+    return order
+
+
+def test_fcfs_is_arrival_order() -> None:
+    q = FairQueue(SchedulingConfig(mode=Mode.FCFS))
+    for i, tenant in enumerate("aaab"):
+        q.push(f"{tenant}-{i}", tenant)
+    assert drain(q) == ["a", "a", "a", "b"]
+
+
+def test_vtc_interleaves_a_flood_with_a_light_tenant() -> None:
+    q = FairQueue()
+    for i in range(6):
+        q.push(f"heavy-{i}", "heavy")
+    q.push("light-0", "light")
+    q.push("light-1", "light")
+    order = drain(q)
+    assert order.index("light") <= 1 and order[:4].count("light") == 2
+
+
+def test_weights_share_service_in_proportion() -> None:
+    q = FairQueue()
+    for i in range(300):
+        q.push(f"paid-{i}", "paid", weight=3.0)
+        q.push(f"free-{i}", "free", weight=1.0)
+    first = Counter(drain(q)[:200])
+    assert first["paid"] == pytest.approx(150, abs=2)
+    assert first["free"] == pytest.approx(50, abs=2)
+
+
+def test_input_and_output_tokens_are_weighted_separately() -> None:
+    q = FairQueue(SchedulingConfig(input_weight=0.5, output_weight=4.0))
+    q.charge("reader", input_tokens=800)
+    q.charge("writer", output_tokens=100)
+    assert {t.tenant: t.counter for t in q.metrics()} == {"reader": 400.0, "writer": 400.0}
+    assert {(t.served_input_tokens, t.served_output_tokens) for t in q.metrics()} == {
+        (800, 0), (0, 100)}
+
+
+def test_priority_class_comes_before_fairness() -> None:
+    q = FairQueue()
+    q.charge("a", output_tokens=1000)  # a has had far more service than b
+    q.push("b-0", "b", priority=Priority.BATCH)
+    q.push("a-0", "a", priority=Priority.INTERACTIVE)
+    q.push("b-1", "b", priority=Priority.INTERACTIVE)
+    assert [q.pop(), q.pop(), q.pop()] == ["b-1", "a-0", "b-0"]
+
+
+def test_a_returning_tenant_is_lifted_and_cannot_bank_idle_time() -> None:
+    q = FairQueue()
+    for i in range(50):
+        q.push(f"busy-{i}", "busy")
+    for _ in range(20):
+        assert q.pop() is not None
+        q.charge("busy", output_tokens=10)
+    assert {t.tenant: t.counter for t in q.metrics()}["busy"] == 400.0
+    for i in range(10):
+        q.push(f"idle-{i}", "idle")  # back after sitting out 20 requests
+    assert {t.tenant: t.counter for t in q.metrics()}["idle"] == 400.0
+    order = drain(q)[:10]
+    # without the lift, "idle" would take all ten next slots to catch up
+    assert Counter(order) == {"idle": 5, "busy": 5}
+
+
+def test_lift_uses_who_left_last_when_nobody_waits() -> None:
+    q = FairQueue()
+    q.push("a-0", "a")
+    q.pop()
+    q.charge("a", output_tokens=50)
+    q.push("b-0", "b")
+    assert {t.tenant: t.counter for t in q.metrics()}["b"] == 100.0
+
+
+def test_a_full_queue_sheds_the_flooder_not_the_newcomer() -> None:
+    q = FairQueue(SchedulingConfig(max_waiting=4))
+    for i in range(4):
+        q.push(f"hog-{i}", "hog")
+    assert q.push("light-0", "light") == ["hog-3"]  # the hog's newest makes room
+    with pytest.raises(EngineOverloaded) as flood:
+        q.push("hog-9", "hog")
+    assert not flood.value.everyone and flood.value.retry_after >= 1
+    q2 = FairQueue(SchedulingConfig(max_waiting=2))
+    q2.push("a-0", "a")
+    q2.push("b-0", "b")
+    with pytest.raises(EngineOverloaded) as full:
+        q2.push("c-0", "c")
+    assert full.value.everyone  # nobody is over their share: the model is just full
+
+
+def test_waiting_too_long_expires_with_blame() -> None:
+    clock = Clock()
+    q = FairQueue(SchedulingConfig(max_wait=10.0), clock)
+    q.started("hog")
+    q.started("hog")  # the hog also holds two slots
+    for i in range(3):
+        q.push(f"hog-{i}", "hog")
+    clock.now = 5.0
+    q.push("light-0", "light")
+    assert q.next_expiry() == 5.0
+    clock.now = 10.0
+    expired = dict(q.expired())
+    assert expired == {"hog-0": False, "hog-1": False, "hog-2": False}
+    assert len(q) == 1
+    clock.now = 15.0
+    assert q.expired() == [("light-0", True)]
+
+
+def test_remove_and_running_counts() -> None:
+    q = FairQueue()
+    q.push("a-0", "a")
+    q.push("a-1", "a")
+    assert q.remove("a-0") and not q.remove("a-0")
+    q.started("a")
+    assert q.running("a") == 1 and q.pop(lambda t: q.running(t) < 1) is None
+    q.finished("a")
+    assert q.pop(lambda t: q.running(t) < 1) == "a-1"
+
+
+def test_tenant_cap_keeps_slots_for_newcomers() -> None:
+    assert SchedulingConfig().tenant_cap(32) == 28
+    assert SchedulingConfig(reserve=2).tenant_cap(8) == 6
+    assert SchedulingConfig(mode=Mode.FCFS).tenant_cap(32) == 32
+    assert SchedulingConfig().tenant_cap(1) == 1
+
+
+def test_backlogged_tenants_stay_within_the_vtc_bound() -> None:
+    """A fake engine with 4 slots serving random requests from three always-backlogged
+    tenants: weighted service never drifts apart by more than the paper's bound, twice the
+    largest request cost."""
+    rng = random.Random(5)
+    config = SchedulingConfig(input_weight=1.0, output_weight=2.0, max_waiting=10_000)
+    q = FairQueue(config)
+    weights = {"a": 1.0, "b": 2.0, "c": 1.0}
+    largest = 0.0
+    running: list[tuple[str, int]] = []  # tenant, output tokens left
+
+    def top_up() -> None:
+        nonlocal largest
+        for tenant, weight in weights.items():
+            while sum(1 for t in q.metrics() if t.tenant == tenant and t.waiting >= 3) == 0:
+                prompt, out = rng.randint(1, 200), rng.randint(1, 100)
+                largest = max(largest, config.input_weight * prompt
+                              + config.output_weight * out)
+                q.push((tenant, prompt, out, rng.random()), tenant, weight=weight)
+
+    for _ in range(3000):
+        top_up()
+        while len(running) < 4 and (item := q.pop()) is not None:
+            tenant, prompt, out, _ = item
+            q.charge(tenant, input_tokens=prompt)
+            running.append((tenant, out))
+        for i, (tenant, left) in enumerate(running):
+            q.charge(tenant, output_tokens=1)
+            running[i] = (tenant, left - 1)
+        running = [(t, left) for t, left in running if left > 0]
+        counters = [t.counter for t in q.metrics()]
+        assert max(counters) - min(counters) <= 2 * largest
+    served = {t.tenant: t.served_output_tokens for t in q.metrics()}
+    assert served["b"] > 1.6 * served["a"]
+
+
+def test_bad_weight_or_priority_is_refused_before_it_can_corrupt_counters() -> None:
+    q = FairQueue()
+    for weight in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(EngineError):
+            q.push("a-0", "a", weight=weight)
+    with pytest.raises(EngineError):
+        q.push("a-0", "a", priority=7)
+    assert len(q) == 0 and q.metrics() == []
+
+
+def test_expiry_follows_arrival_order_across_pops() -> None:
+    clock = Clock()
+    q = FairQueue(SchedulingConfig(max_wait=10.0), clock)
+    q.push("a-0", "a")
+    clock.now = 3.0
+    q.push("b-0", "b")
+    clock.now = 6.0
+    q.push("a-1", "a")
+    assert q.pop() == "a-0"  # equal counters: arrival order
+    assert q.next_expiry() == 7.0  # b-0 is the oldest left
+    clock.now = 15.0
+    assert [item for item, _ in q.expired()] == ["b-0"]
+    clock.now = 16.0
+    assert [item for item, _ in q.expired()] == ["a-1"]
+    assert q.next_expiry() is None
