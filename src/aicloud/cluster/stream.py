@@ -3,12 +3,12 @@ running on a replica, or done. It is the GenerationStream the API iterates."""
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from aicloud.engines.base import FinishReason, GenerationRequest, TokenEvent, Usage
+from aicloud.engines.events import EventQueue
 
 
 class Phase(enum.IntEnum):
@@ -17,9 +17,10 @@ class Phase(enum.IntEnum):
     DONE = 2
 
 
-class ClusterStream:
+class ClusterStream(EventQueue):
     def __init__(self, request: GenerationRequest,
                  on_cancel: Callable[[ClusterStream], None]) -> None:
+        super().__init__()
         self.request = request
         self.phase = Phase.WAITING
         self.enqueued_at = time.monotonic()
@@ -27,8 +28,6 @@ class ClusterStream:
         self.delivered = 0  # events handed to the API; 0 means it may still move replicas
         self.completion_tokens = 0
         self._on_cancel = on_cancel
-        self._events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._final: asyncio.Future[TokenEvent] = asyncio.get_running_loop().create_future()
 
     @property
     def request_id(self) -> str:
@@ -39,10 +38,9 @@ class ClusterStream:
             return
         self.delivered += 1
         self.completion_tokens = event.completion_tokens
-        self._events.put_nowait(event)
         if event.finish_reason is not None:
             self.phase = Phase.DONE
-            self._final.set_result(event)
+        self.put(event)
 
     def end(self, reason: FinishReason, text: str = "") -> None:
         """Finish from this side (cancelled while waiting, replica lost mid-stream): the
@@ -51,16 +49,6 @@ class ClusterStream:
         usage = Usage(prompt, self.completion_tokens)
         self.deliver(TokenEvent(text, self.completion_tokens, reason, usage))
 
-    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            event = await self._events.get()
-            yield event
-            if event.finish_reason is not None:
-                return
-
     def cancel(self) -> None:
         if self.phase is not Phase.DONE:
             self._on_cancel(self)
-
-    async def final(self) -> TokenEvent:
-        return await asyncio.shield(self._final)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aicloud.engines.base import (
@@ -17,6 +16,7 @@ from aicloud.engines.base import (
     TenantLoad,
     TokenEvent,
 )
+from aicloud.engines.events import EventQueue
 from aicloud.engines.llamacpp.batcher import Batcher
 from aicloud.engines.llamacpp.chat import ChatTemplate
 from aicloud.engines.llamacpp.model import ContextConfig, LlamaModel
@@ -27,33 +27,20 @@ from aicloud.engines.llamacpp.weights import DEFAULT_CACHE, NATIVE, ensure_weigh
 INLINE_TOKENIZE_CHARS = 16_384
 
 
-class LlamaCppStream:
+class LlamaCppStream(EventQueue):
     """The events of one sequence, delivered on the loop by the batcher thread."""
 
     def __init__(self, batcher: Batcher) -> None:
+        super().__init__()
         self._batcher = batcher
-        self._events: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        self._final: asyncio.Future[TokenEvent] = asyncio.get_running_loop().create_future()
         self.sequence: Sequence | None = None
 
     def on_event(self, event: TokenEvent) -> None:
-        self._events.put_nowait(event)
-        if event.finish_reason is not None and not self._final.done():
-            self._final.set_result(event)
-
-    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            event = await self._events.get()
-            yield event
-            if event.finish_reason is not None:
-                return
+        self.put(event)
 
     def cancel(self) -> None:
-        if self.sequence is not None and not self._final.done():
+        if self.sequence is not None and not self.done:
             self._batcher.cancel(self.sequence)
-
-    async def final(self) -> TokenEvent:
-        return await asyncio.shield(self._final)
 
 
 class LlamaCppEngine:
