@@ -151,6 +151,40 @@ def test_tenant_cap_keeps_slots_for_newcomers() -> None:
     assert SchedulingConfig().tenant_cap(1) == 1
 
 
+def busy(q: FairQueue, tenant: str, running: int, waiting: int = 1, weight: float = 1.0) -> None:
+    for _ in range(running):
+        q.started(tenant)
+    for i in range(waiting):
+        q.push(f"{tenant}-{i}", tenant, weight=weight)
+
+
+def test_the_reserve_is_kept_from_a_flood_for_tenants_below_their_share() -> None:
+    q = FairQueue()  # 32 slots: the last 4 free ones are reserved
+    busy(q, "heavy", running=28, waiting=20)
+    assert q.can_start("heavy", free=5, slots=32)
+    assert not q.can_start("heavy", free=4, slots=32)  # alone, it still leaves them
+    busy(q, "light", running=10)
+    assert q.can_start("light", free=4, slots=32)  # 10 < its share of 16
+    assert not q.can_start("heavy", free=4, slots=32)  # 28 > its share
+    assert not q.can_start("light", free=0, slots=32)
+    # heavy-0 came first with an equal counter, but only light may take a reserved slot
+    assert q.pop(lambda t: q.can_start(t, free=4, slots=32)) == "light-0"
+
+
+def test_the_share_that_opens_the_reserve_is_weighted() -> None:
+    q = FairQueue()
+    busy(q, "heavy", running=10)
+    busy(q, "paid", running=20, weight=3.0)
+    assert q.can_start("paid", free=2, slots=32)  # 20 < 32 * 3/4
+    assert not q.can_start("heavy", free=2, slots=32)  # 10 > 32 * 1/4
+
+
+def test_fcfs_takes_any_free_slot() -> None:
+    q = FairQueue(SchedulingConfig(mode=Mode.FCFS))
+    busy(q, "heavy", running=31)
+    assert q.can_start("heavy", free=1, slots=32) and not q.can_start("heavy", 0, 32)
+
+
 def test_backlogged_tenants_stay_within_the_vtc_bound() -> None:
     """A fake engine with 4 slots serving random requests from three always-backlogged
     tenants: weighted service never drifts apart by more than the paper's bound, twice the

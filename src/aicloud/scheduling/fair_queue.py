@@ -40,8 +40,10 @@ class Mode(enum.StrEnum):
 
 @dataclass(slots=True)
 class SchedulingConfig:
-    """`reserve` slots are kept from any single tenant, so a newcomer starts at the next
-    step instead of waiting for a flood's sequence to finish (None: an eighth of them)."""
+    """The last `reserve` free slots (None: an eighth of them) go only to tenants holding
+    less than their weighted share of the slots, so a light tenant's request starts at the
+    next step even while a flood keeps the rest busy: VTC alone picks who gets a slot when
+    one frees, but a flood's sequences may hold every slot for a whole generation."""
 
     mode: Mode = Mode.VTC
     input_weight: float = 1.0
@@ -57,12 +59,16 @@ class SchedulingConfig:
         if min(self.input_weight, self.output_weight) < 0:
             raise ValueError("token weights cannot be negative")
 
-    def tenant_cap(self, slots: int) -> int:
-        """How many of `slots` one tenant may hold (FCFS: all of them)."""
+    def reserved(self, slots: int) -> int:
+        """How many of `slots` are kept for tenants below their share (FCFS: none)."""
         if self.mode is Mode.FCFS:
-            return slots
+            return 0
         reserve = self.reserve if self.reserve is not None else slots // 8
-        return max(1, slots - reserve)
+        return min(reserve, slots - 1)
+
+    def tenant_cap(self, slots: int) -> int:
+        """How many of `slots` one tenant may hold whatever the others do."""
+        return slots - self.reserved(slots)
 
 
 @dataclass(slots=True)
@@ -222,6 +228,23 @@ class FairQueue:
     def running(self, tenant: str) -> int:
         state = self._tenants.get(tenant)
         return state.running if state else 0
+
+    def can_start(self, tenant: str, free: int, slots: int) -> bool:
+        """Whether `tenant` may take one of the `free` slots out of `slots` now. The engine
+        asks before each admission; the reserved slots go only to a tenant holding less
+        than its weighted share of the slots among the tenants with work (never to one
+        alone: the reserve is there for whoever comes next)."""
+        if free > self.config.reserved(slots):
+            return True
+        return free > 0 and self.running(tenant) < self._share(tenant, slots)
+
+    def _share(self, tenant: str, slots: int) -> float:
+        active = {t: s.weight for t, s in self._tenants.items()
+                  if (s.running or s.n_waiting) and t != tenant}
+        if not active:
+            return 0.0
+        mine = self._tenants[tenant].weight if tenant in self._tenants else 1.0
+        return slots * mine / (mine + sum(active.values()))
 
     def charge(self, tenant: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
         """Count service as it happens: prompt tokens when prefilled, each token made."""

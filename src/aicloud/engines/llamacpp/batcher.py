@@ -53,14 +53,13 @@ class RateMeter:
 
 class Batcher:
     """New sequences are admitted only through `queue` (the scheduler's), at every step
-    that has a free slot, and no tenant holds more than the queue's cap of the slots."""
+    that has a free slot, and only to tenants the queue lets take one (`can_start`)."""
 
     def __init__(self, model: LlamaModel, queue: AdmissionQueue) -> None:
         self.model = model
         self.config = model.config
         self.slots = SlotTable(model.memory, self.config.sequences)
         self.queue = queue
-        self.tenant_cap = queue.tenant_cap(self.config.sequences or 1)
         self.running: list[Sequence] = []
         self.meter = RateMeter()
         self._batch = llama_cpp.llama_batch_init(self.config.batch_tokens, 0, 1)
@@ -126,7 +125,7 @@ class Batcher:
         self._drain()
 
     def _may_run(self, tenant: str) -> bool:
-        return self.queue.running(tenant) < self.tenant_cap
+        return self.queue.can_start(tenant, self.slots.free, self.config.sequences or 1)
 
     def _admissible(self) -> bool:
         return bool(len(self.queue)) and self.slots.free > 0
