@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -14,7 +15,7 @@ from aicloud.engines.base import Engine
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig, ModelLoadError, check_gguf_path
 from aicloud.engines.llamacpp.weights import check_format
-from aicloud.models.catalog import CatalogError, resolve_models
+from aicloud.models.catalog import CatalogError, ModelSpec, resolve_models
 from aicloud.models.pool import ModelPool
 from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 
@@ -36,6 +37,8 @@ def build_pool(settings: Settings) -> ModelPool:
         kv_budget_mb=settings.kv_budget_mb,
     )
     specs = resolve_models(settings.models)
+    if settings.engine == "vllm":
+        return vllm_pool(settings, specs, config)
     for spec in specs:
         check_gguf_path(spec.path)
     check_format(settings.weights)
@@ -48,6 +51,22 @@ def build_pool(settings: Settings) -> ModelPool:
     if settings.ray_address:
         return ModelPool({mid: on_ray(settings, mid, make) for mid, make in makers.items()})
     return ModelPool({mid: make() for mid, make in makers.items()})
+
+
+def vllm_pool(settings: Settings, specs: list[ModelSpec], config: ContextConfig) -> ModelPool:
+    """Models on vLLM, which schedules by itself: priorities, but no tenant fairness."""
+    from aicloud.engines.vllm import VllmEngine
+    from aicloud.engines.vllm_convert import check_model_path
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ModelLoadError("--engine vllm needs the vllm extra: pip install 'aicloud[vllm]'")
+    if settings.ray_address:
+        raise ModelLoadError("--engine vllm does not run on Ray yet")
+    for spec in specs:
+        check_model_path(spec.path)
+    cache = settings.home_dir / "weights"
+    return ModelPool({s.model_id: VllmEngine(s.model_id, s.path, config, weights_cache=cache,
+                                             eager=settings.vllm_eager) for s in specs})
 
 
 def scheduling_config(settings: Settings) -> SchedulingConfig:
@@ -73,8 +92,10 @@ def serve(
     host: Annotated[str | None, typer.Option(help="address to listen on")] = None,
     port: Annotated[int | None, typer.Option(help="port to listen on")] = None,
     model: Annotated[list[str] | None, typer.Option(
-        help="GGUF file to serve, as PATH or ID=PATH; repeat for more. "
-             "Default: the bundled SmolLM2-135M-Instruct.")] = None,
+        help="GGUF file (or, for vLLM, Hugging Face folder) to serve, as PATH or ID=PATH; "
+             "repeat for more. Default: the bundled SmolLM2-135M-Instruct.")] = None,
+    engine: Annotated[Literal["llamacpp", "vllm"] | None, typer.Option(
+        help="llamacpp (default) or vllm (needs the vllm extra)")] = None,
     sequences: Annotated[int | None, typer.Option(
         help="sequences decoded together per model (default: as many as the KV budget "
              "holds, up to 32)")] = None,
@@ -104,8 +125,8 @@ def serve(
 
     from aicloud.api.app import create_app
 
-    overrides = {k: v for k, v in dict(host=host, port=port, models=model, sequences=sequences,
-                                       context=context, threads=threads,
+    overrides = {k: v for k, v in dict(host=host, port=port, models=model, engine=engine,
+                                       sequences=sequences, context=context, threads=threads,
                                        kv_budget_mb=kv_budget_mb, weights=weights,
                                        ray_address=ray, replicas=replicas,
                                        min_replicas=min_replicas, max_replicas=max_replicas,

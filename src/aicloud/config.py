@@ -19,6 +19,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     models: list[str] = Field(default_factory=list, description="ID=PATH or PATH of GGUF files")
+    engine: Literal["llamacpp", "vllm"] = Field(
+        default="llamacpp", description="llamacpp, or vllm (the vllm extra; Hugging Face "
+        "folders, or GGUF files converted to one)")
+    vllm_eager: bool = Field(default=False, description="vLLM without torch.compile: "
+                             "starts in about a minute instead of several on a small CPU")
     sequences: int | None = Field(default=None, ge=1, le=256)
     context: int | None = Field(default=None, ge=64)
     threads: int | None = Field(default=None, ge=1)
