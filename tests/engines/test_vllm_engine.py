@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -123,6 +123,15 @@ def test_cancel_ends_with_the_tokens_made(engine: VllmEngine, loop_thread: LoopT
     assert engine.stats().running == 0
 
 
+async def until(check: Callable[[], bool], polls: int = 1200) -> None:
+    """Poll `check` every 0.1 s: vLLM has no event for "this request got a slot"."""
+    for _ in range(polls):
+        if check():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
 def test_priority_goes_first_and_queued_cancel_makes_nothing(engine: VllmEngine,
                                                              loop_thread: LoopThread) -> None:
     """With every slot busy, a later interactive request (priority 0) is admitted before an
@@ -131,8 +140,7 @@ def test_priority_goes_first_and_queued_cancel_makes_nothing(engine: VllmEngine,
         fillers = [await submit(engine, "Tell me a long story.", 400, priority=1,
                                 sampling=SamplingParams(seed=i), request_id=f"f{i}")
                    for i in range(SLOTS)]
-        while not all(f.started for f in fillers):
-            await asyncio.sleep(0.1)
+        await until(lambda: all(f.started for f in fillers))
         batch = await submit(engine, "Name a fruit.", 3, priority=1, request_id="batch")
         gone = await submit(engine, "Name a tree.", 3, priority=1, request_id="gone")
         urgent = await submit(engine, "Name a colour.", 3, priority=0, request_id="urgent")
