@@ -25,13 +25,13 @@ from aicloud.cluster.stream import ClusterStream, Phase
 from aicloud.engines.base import (
     AdmissionQueue,
     ChatMessage,
-    ContextLengthExceeded,
     EngineError,
     EngineInfo,
     EngineStats,
     FinishReason,
     GenerationRequest,
     TenantLoad,
+    completion_limit,
 )
 
 log = logging.getLogger(__name__)
@@ -192,15 +192,8 @@ class ReplicaSet:
         return self.queue.metrics()
 
     def _check(self, request: GenerationRequest) -> None:
-        """What can be refused before queueing: the replica checks the rest."""
-        window = self.info().context_length
-        n = len(request.prompt_tokens)
-        if n == 0:
-            raise EngineError("the prompt is empty", param="prompt")
-        if n + (request.max_tokens or 1) > window:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {window} tokens; the request "
-                f"needs {n + (request.max_tokens or 1)}.", param="max_tokens")
+        """What can be refused before queueing: the replica checks the vocabulary."""
+        completion_limit(request, self.info().context_length)
 
     def stats(self) -> EngineStats:
         live = [r.stats for r in self.replicas if r.stats is not None and r.alive]

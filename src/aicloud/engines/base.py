@@ -60,6 +60,28 @@ class EngineOverloaded(EngineError):
         self.everyone = everyone
 
 
+def completion_limit(request: GenerationRequest, window: int, vocab: int | None = None) -> int:
+    """Every engine refuses the same requests the same way: an empty prompt, token ids the
+    model does not have (when `vocab` is known), or more tokens than a sequence holds.
+    Returns how many tokens the request may generate."""
+    n = len(request.prompt_tokens)
+    if n == 0:
+        raise EngineError("the prompt is empty", param="prompt")
+    if vocab is not None and any(not 0 <= t < vocab for t in request.prompt_tokens):
+        raise EngineError("the prompt contains token ids outside the vocabulary",
+                          param="prompt")
+    if n >= window:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {window} tokens, "
+            f"but the prompt has {n} tokens.", param="messages")
+    if request.max_tokens is not None and n + request.max_tokens > window:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {window} tokens. However, you "
+            f"requested {n + request.max_tokens} tokens ({n} in the prompt, "
+            f"{request.max_tokens} for the completion).", param="max_tokens")
+    return min(request.max_tokens or window, window - n)
+
+
 @dataclass(slots=True, frozen=True)
 class ChatMessage:
     role: str

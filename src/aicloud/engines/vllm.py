@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from aicloud.engines.base import (
     ChatMessage,
-    ContextLengthExceeded,
     EngineError,
     EngineInfo,
     EngineStats,
@@ -24,6 +23,7 @@ from aicloud.engines.base import (
     GenerationRequest,
     TokenEvent,
     Usage,
+    completion_limit,
 )
 from aicloud.engines.events import EventQueue
 from aicloud.engines.llamacpp.batcher import RateMeter
@@ -208,24 +208,8 @@ class VllmEngine:
 
     def _check(self, request: GenerationRequest) -> int:
         """Refuse what cannot run; return the effective completion limit."""
-        window = self.info().context_length
-        n = len(request.prompt_tokens)
-        if n == 0:
-            raise EngineError("the prompt is empty", param="prompt")
-        vocab = self.llm.model_config.get_vocab_size()
-        if any(not 0 <= t < vocab for t in request.prompt_tokens):
-            raise EngineError("the prompt contains token ids outside the vocabulary",
-                              param="prompt")
-        if n >= window:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {window} tokens, "
-                f"but the prompt has {n} tokens.", param="messages")
-        if request.max_tokens is not None and n + request.max_tokens > window:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {window} tokens. However, you "
-                f"requested {n + request.max_tokens} tokens ({n} in the prompt, "
-                f"{request.max_tokens} for the completion).", param="max_tokens")
-        return min(request.max_tokens or window, window - n)
+        return completion_limit(request, self.info().context_length,
+                                self.llm.model_config.get_vocab_size())
 
     def abort(self, request_id: str) -> None:
         task = asyncio.get_running_loop().create_task(self.llm.abort(request_id))

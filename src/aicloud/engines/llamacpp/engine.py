@@ -8,13 +8,13 @@ from pathlib import Path
 from aicloud.engines.base import (
     AdmissionQueue,
     ChatMessage,
-    ContextLengthExceeded,
     EngineError,
     EngineInfo,
     EngineStats,
     GenerationRequest,
     TenantLoad,
     TokenEvent,
+    completion_limit,
 )
 from aicloud.engines.events import EventQueue
 from aicloud.engines.llamacpp.batcher import Batcher
@@ -119,23 +119,8 @@ class LlamaCppEngine:
 
     def _check(self, request: GenerationRequest) -> int:
         """Refuse what cannot run; return the effective completion limit."""
-        window = self.config.context_per_sequence or 0
-        n = len(request.prompt_tokens)
-        if n == 0:
-            raise EngineError("the prompt is empty", param="prompt")
-        if any(not 0 <= t < self.model.n_vocab for t in request.prompt_tokens):
-            raise EngineError("the prompt contains token ids outside the vocabulary",
-                              param="prompt")
-        if n >= window:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {window} tokens, "
-                f"but the prompt has {n} tokens.", param="messages")
-        if request.max_tokens is not None and n + request.max_tokens > window:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {window} tokens. However, you "
-                f"requested {n + request.max_tokens} tokens ({n} in the prompt, "
-                f"{request.max_tokens} for the completion).", param="max_tokens")
-        return min(request.max_tokens or window, window - n)
+        return completion_limit(request, self.config.context_per_sequence or 0,
+                                self.model.n_vocab)
 
     def info(self) -> EngineInfo:
         config = self.config
