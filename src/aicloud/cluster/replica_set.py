@@ -221,8 +221,10 @@ class ReplicaSet:
     # -- dispatching ------------------------------------------------------------------------
 
     def _may_run(self, tenant: str) -> bool:
-        capacity = sum(r.capacity for r in self.replicas if r.alive)
-        return self.queue.running(tenant) < self.queue.tenant_cap(max(capacity, 1))
+        """The same rule as inside one engine, over the slots of every live replica."""
+        live = [r for r in self.replicas if r.alive]
+        free = sum(r.capacity - len(r.outstanding) for r in live)
+        return self.queue.can_start(tenant, free, max(sum(r.capacity for r in live), 1))
 
     async def _dispatch_forever(self) -> None:
         while True:

@@ -221,9 +221,6 @@ class AdmissionQueue(Protocol):
 
     def next_expiry(self) -> float | None: ...
 
-    def tenant_cap(self, slots: int) -> int:
-        """How many of `slots` a single tenant may hold at once."""
-
     def can_start(self, tenant: str, free: int, slots: int) -> bool:
         """Whether `tenant` may take one of `free` slots (of `slots`) now; asked before
         each admission, so a flood can be kept from the last few free slots."""

@@ -254,9 +254,6 @@ class FairQueue:
         cost = self.config.input_weight * input_tokens + self.config.output_weight * output_tokens
         state.counter += cost / state.weight
 
-    def tenant_cap(self, slots: int) -> int:
-        return self.config.tenant_cap(slots)
-
     def metrics(self) -> list[TenantLoad]:
         return [TenantLoad(t, s.n_waiting, s.running, s.served_input, s.served_output,
                               round(s.counter, 3), s.weight)
