@@ -131,6 +131,21 @@ def test_waiting_too_long_expires_with_blame() -> None:
     assert len(q) == 1
     clock.now = 15.0
     assert q.expired() == [("light-0", True)]
+    clock.now = 16.0
+    q.push("hog-3", "hog")
+    clock.now = 30.0
+    assert q.expired() == [("hog-3", False)]  # alone, the load is all its own
+
+
+def test_an_even_share_is_not_blamed() -> None:
+    """One running request against one waiting: the waiter holds an even share, so when
+    it expires the overload is the model's (503), not its own (429)."""
+    clock = Clock()
+    q = FairQueue(SchedulingConfig(max_wait=2.0), clock)
+    q.started("hog")
+    q.push("other-0", "other")
+    clock.now = 3.0
+    assert q.expired() == [("other-0", True)]
 
 
 def test_remove_and_running_counts() -> None:

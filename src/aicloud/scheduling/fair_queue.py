@@ -198,12 +198,13 @@ class FairQueue:
         return out
 
     def _below_share(self, tenant: str) -> bool:
-        """Whether `tenant` holds less than an even share of the model's load (running and
-        waiting): then the overload is everyone's (503), else it is this tenant's (429)."""
+        """Whether `tenant` holds no more than an even share of the model's load (running
+        and waiting) while others hold the rest: then the overload is everyone's (503), else
+        it is this tenant's (429). A tenant alone is the whole load, so it gets the 429."""
         loads = {t: s.running + s.n_waiting for t, s in self._tenants.items()
                  if s.running or s.n_waiting}
         mine = loads.setdefault(tenant, 0)
-        return mine * len(loads) < sum(loads.values())
+        return len(loads) > 1 and mine * len(loads) <= sum(loads.values())
 
     def next_expiry(self) -> float | None:
         """Seconds until the oldest waiting item expires."""
