@@ -1,6 +1,8 @@
-"""Engine-only throughput: the batcher driven directly, no HTTP, for each weight format.
+"""Engine-only throughput: the batcher driven directly, no HTTP, for each weight format
+and each step width (running sequences decoded per `llama_decode`).
 
     python bench/engine.py --weights native q4_0 q8_0 bf16 --concurrency 1 32
+    python bench/engine.py --weights native --concurrency 32 --step-sequences 4 8 16 32
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 PROMPT = "Write a long story about a lighthouse keeper."
 
 
-async def measure(weights: str, levels: list[int], tokens: int, cache: Path) -> list[float]:
+async def measure(weights: str, step: int | None, levels: list[int], tokens: int,
+                  cache: Path) -> list[float]:
     spec = bundled_model()
     engine = LlamaCppEngine(spec.model_id, spec.path,
-                            ContextConfig(sequences=max(levels), context_per_sequence=2048),
+                            ContextConfig(sequences=max(levels), context_per_sequence=2048,
+                                          step_sequences=step),
                             queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)),
                             weights=weights, weights_cache=cache)
     await engine.start()
@@ -52,13 +56,18 @@ def main() -> None:
     parser.add_argument("--weights", nargs="+", default=["native", "q4_0", "q8_0", "bf16"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--step-sequences", nargs="+", type=int, default=[0],
+                        help="sequences decoded per step (0: the engine's default)")
     args = parser.parse_args()
-    print("| weights | " + " | ".join(f"c={c} tok/s" for c in args.concurrency) + " |")
-    print("|---" * (len(args.concurrency) + 1) + "|")
+    print("| weights | step | " + " | ".join(f"c={c} tok/s" for c in args.concurrency) + " |")
+    print("|---" * (len(args.concurrency) + 2) + "|")
     with tempfile.TemporaryDirectory() as cache:
         for weights in args.weights:
-            rates = asyncio.run(measure(weights, args.concurrency, args.tokens, Path(cache)))
-            print(f"| {weights} | " + " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)
+            for step in args.step_sequences:
+                rates = asyncio.run(measure(weights, step or None, args.concurrency,
+                                            args.tokens, Path(cache)))
+                print(f"| {weights} | {step or 'default'} | "
+                      + " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ app.add_typer(admin_cli.billing, name="billing")
 def build_pool(settings: Settings) -> ModelPool:
     config = ContextConfig(
         sequences=settings.sequences, context_per_sequence=settings.context,
-        threads=settings.threads, batch_tokens=settings.batch_tokens,
+        threads=settings.threads, step_sequences=settings.step_sequences,
+        batch_tokens=settings.batch_tokens,
         kv_budget_mb=settings.kv_budget_mb,
     )
     specs = resolve_models(settings.models)
@@ -103,6 +104,9 @@ def serve(
         help="context tokens per sequence (default: the model's, up to 2048)")] = None,
     threads: Annotated[int | None, typer.Option(
         help="decoding threads (default: the cores this process may use)")] = None,
+    step_sequences: Annotated[int | None, typer.Option(
+        help="running sequences decoded per step, taking turns: fewer makes a newcomer's "
+             "first token come sooner under load (default: 8 per thread, at least 8)")] = None,
     kv_budget_mb: Annotated[int | None, typer.Option(
         help="memory for the KV cache of each model, used to size --sequences "
              "(default 2048)")] = None,
@@ -127,6 +131,7 @@ def serve(
 
     overrides = {k: v for k, v in dict(host=host, port=port, models=model, engine=engine,
                                        sequences=sequences, context=context, threads=threads,
+                                       step_sequences=step_sequences,
                                        kv_budget_mb=kv_budget_mb, weights=weights,
                                        ray_address=ray, replicas=replicas,
                                        min_replicas=min_replicas, max_replicas=max_replicas,

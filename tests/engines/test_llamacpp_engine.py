@@ -187,3 +187,30 @@ def test_stats_report_kv_and_slots(engine: LlamaCppEngine) -> None:
     assert stats.kv_cells_total == SLOTS * 1024
     assert 0 < stats.kv_cells_used <= stats.kv_cells_total
     assert engine.info().max_sequences == SLOTS
+
+
+def test_narrow_steps_let_sequences_take_turns(loop_thread: LoopThread) -> None:
+    """Four sequences, two decoded per step: every one still runs to its end, and no step
+    decoded more than two (prefill is not limited: it makes each first token at once)."""
+    spec = bundled_model()
+    eng = LlamaCppEngine(spec.model_id, spec.path,
+                         ContextConfig(sequences=4, context_per_sequence=512, step_sequences=2),
+                         queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)))
+
+    async def scenario() -> tuple[list[TokenEvent], int, int | None]:
+        await eng.start()
+        try:
+            tokens = await eng.encode_text("Count slowly: one, two, three,")
+            streams = [await eng.generate(GenerationRequest(
+                f"n{i}", tokens, SamplingParams(seed=i, temperature=0.7), 12, ()))
+                for i in range(4)]
+            finals = await asyncio.gather(*(s.final() for s in streams))
+            return finals, eng.batcher.steps, eng.config.step_sequences
+        finally:
+            await eng.close()
+
+    finals, steps, width = loop_thread.run(scenario())
+    made = sum(f.completion_tokens for f in finals)
+    assert all(f.finish_reason in (FinishReason.LENGTH, FinishReason.STOP) for f in finals)
+    assert width == 2 and made > 4
+    assert steps >= (made - len(finals)) / 2 + 1

@@ -32,6 +32,7 @@ class Sequence:
     cached_tokens: int = 0
     completion_tokens: int = 0
     last_token: int = 0
+    last_step: int = 0  # the batcher's step that last advanced it (decoding takes turns)
     sampler: object = None
     cancelled: bool = False
     decoder: Utf8Stream = field(default_factory=Utf8Stream)
