@@ -160,7 +160,7 @@ def test_remove_and_running_counts() -> None:
 
 
 def test_tenant_cap_keeps_slots_for_newcomers() -> None:
-    assert SchedulingConfig().tenant_cap(32) == 28
+    assert SchedulingConfig().tenant_cap(32) == 24
     assert SchedulingConfig(reserve=2).tenant_cap(8) == 6
     assert SchedulingConfig(mode=Mode.FCFS).tenant_cap(32) == 32
     assert SchedulingConfig().tenant_cap(1) == 1
@@ -174,16 +174,16 @@ def busy(q: FairQueue, tenant: str, running: int, waiting: int = 1, weight: floa
 
 
 def test_the_reserve_is_kept_from_a_flood_for_tenants_below_their_share() -> None:
-    q = FairQueue()  # 32 slots: the last 4 free ones are reserved
-    busy(q, "heavy", running=28, waiting=20)
-    assert q.can_start("heavy", free=5, slots=32)
-    assert not q.can_start("heavy", free=4, slots=32)  # alone, it still leaves them
+    q = FairQueue()  # 32 slots: the last 8 free ones are reserved
+    busy(q, "heavy", running=20, waiting=20)
+    assert q.can_start("heavy", free=9, slots=32)
+    assert not q.can_start("heavy", free=8, slots=32)  # alone, it still leaves them
     busy(q, "light", running=10)
-    assert q.can_start("light", free=4, slots=32)  # 10 < its share of 16
-    assert not q.can_start("heavy", free=4, slots=32)  # 28 > its share
+    assert q.can_start("light", free=2, slots=32)  # 10 < its share of 16
+    assert not q.can_start("heavy", free=2, slots=32)  # 20 > its share
     assert not q.can_start("light", free=0, slots=32)
     # heavy-0 came first with an equal counter, but only light may take a reserved slot
-    assert q.pop(lambda t: q.can_start(t, free=4, slots=32)) == "light-0"
+    assert q.pop(lambda t: q.can_start(t, free=2, slots=32)) == "light-0"
 
 
 def test_the_share_that_opens_the_reserve_is_weighted() -> None:

@@ -40,10 +40,12 @@ class Mode(enum.StrEnum):
 
 @dataclass(slots=True)
 class SchedulingConfig:
-    """The last `reserve` free slots (None: an eighth of them) go only to tenants holding
+    """The last `reserve` free slots (None: a quarter of them) go only to tenants holding
     less than their weighted share of the slots, so a light tenant's request starts at the
     next step even while a flood keeps the rest busy: VTC alone picks who gets a slot when
-    one frees, but a flood's sequences may hold every slot for a whole generation."""
+    one frees, but a flood's sequences may hold every slot for a whole generation. While
+    the slots a flood may fill are at least one decoding step's width, the reserve costs no
+    throughput, only concurrency."""
 
     mode: Mode = Mode.VTC
     input_weight: float = 1.0
@@ -63,7 +65,7 @@ class SchedulingConfig:
         """How many of `slots` are kept for tenants below their share (FCFS: none)."""
         if self.mode is Mode.FCFS:
             return 0
-        reserve = self.reserve if self.reserve is not None else slots // 8
+        reserve = self.reserve if self.reserve is not None else slots // 4
         return min(reserve, slots - 1)
 
     def tenant_cap(self, slots: int) -> int:

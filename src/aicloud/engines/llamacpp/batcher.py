@@ -6,8 +6,9 @@ being prefilled, up to `batch_tokens` in all. New requests join at the next step
 slot is free; finished or cancelled ones leave at once.
 
 Narrow steps are what let a newcomer start fast under load: on a CPU a step of 32
-sequences makes hardly more tokens per second than one of 8, but takes four times as long,
-and a request admitted now waits for the step in flight before its prefill can run.
+sequences makes hardly more tokens per second than one of 16, but takes twice as long, and
+a request admitted now waits for the step in flight before its prefill can run; the step
+that makes its first token is narrower still.
 """
 
 from __future__ import annotations
@@ -168,22 +169,25 @@ class Batcher:
 
     def _plan(self) -> list[PlanItem]:
         """The decoding sequences that waited longest get their next token; prompts fill
-        what is left of the batch."""
-        budget = self.config.batch_tokens
+        what is left of the batch. A step that ends a prompt (and so makes its first token)
+        decodes only a quarter as many others, so that first token is not held up by a full
+        step; the ones left out go first next step."""
         width = self.config.step_sequences or len(self.running)
         decoding = [s for s in self.running if s.state is SeqState.DECODE]
-        if len(decoding) > width:
-            decoding = heapq.nsmallest(width, decoding, key=lambda s: s.last_step)
-        self.steps += 1
-        plan: list[PlanItem] = []
-        for seq in decoding:
-            plan.append((seq, [seq.last_token], True))
-            budget -= 1
+        budget = self.config.batch_tokens - min(width, len(decoding))
+        prompts: list[PlanItem] = []
         for seq in self.running:
             if seq.state is SeqState.PREFILL and budget > 0:
                 n = min(seq.prompt_left, budget)
-                plan.append((seq, seq.prompt[seq.n_past : seq.n_past + n], n == seq.prompt_left))
+                prompts.append((seq, seq.prompt[seq.n_past : seq.n_past + n],
+                                n == seq.prompt_left))
                 budget -= n
+        if any(ends for _, _, ends in prompts):
+            width = max(1, width // 4)
+        if len(decoding) > width:
+            decoding = heapq.nsmallest(width, decoding, key=lambda s: s.last_step)
+        self.steps += 1
+        plan = [(seq, [seq.last_token], True) for seq in decoding] + prompts
         for seq, _, _ in plan:
             seq.last_step = self.steps
         return plan
