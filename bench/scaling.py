@@ -6,7 +6,7 @@ bench/serving.py. Reported: output tok/s at each concurrency, and at concurrency
 time to first token and inter-token latency, whose difference from in-process is what the
 Ray path costs per request and per token.
 
-    python bench/scaling.py --replicas 1 2 3 --concurrency 1 32
+    python bench/scaling.py --replicas 1 2 3 --concurrency 1 32   # also writes docs/scaling.png
 """
 
 from __future__ import annotations
@@ -93,6 +93,29 @@ def table(results: list[Config], concurrency: list[int]) -> str:
     return "\n".join(rows)
 
 
+def plot(results: list[Config], concurrency: list[int], path: Path) -> None:
+    """Output tok/s against concurrency, one line per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for r in results:
+        if r.levels:
+            ax.plot(concurrency[: len(r.levels)], [lv.tok_s for lv in r.levels], marker="o",
+                    label=r.name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(concurrency, [str(c) for c in concurrency])
+    ax.set_xlabel("concurrent streaming clients")
+    ax.set_ylabel("output tok/s")
+    ax.set_title("aicloud in-process vs Ray replicas (one 2-core node)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--replicas", nargs="+", type=int, default=[1, 2, 3])
@@ -101,6 +124,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--sequences", type=int, default=16, help="per replica")
     parser.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs of the cluster")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "scaling.png")
     args = parser.parse_args()
     if args.concurrency[0] != 1:
         parser.error("the first concurrency must be 1 (the overhead is measured there)")
@@ -116,6 +140,9 @@ def main() -> None:
     finally:
         cluster.shutdown()
     print(table(results, args.concurrency))
+    if args.plot:
+        plot(results, args.concurrency, args.plot)
+        print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":
