@@ -160,8 +160,8 @@ class Batcher:
         """Decode without the lock (the event loop may queue meanwhile); the queue's
         bookkeeping for what the step produced happens under it."""
         with self._wake:
-            out = [(s, self._retire(s, s.finish(FinishReason.CANCELLED)))
-                   for s in self.running if s.cancelled]
+            cancelled = [s for s in self.running if s.cancelled]  # _retire edits running
+            out = [(s, self._retire(s, s.finish(FinishReason.CANCELLED))) for s in cancelled]
         plan = self._plan()
         if plan:
             out += self._decode(plan)
