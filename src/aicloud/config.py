@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1)
     step_sequences: int | None = Field(
         default=None, ge=1, le=256, description="sequences decoded per step, in turns "
-        "(default: 8 per thread, at least 8)")
+        "(default: 8 per thread)")
     batch_tokens: int = Field(default=512, ge=16, le=8192)
     kv_budget_mb: int = Field(default=2048, ge=16)
     weights: str = Field(default="native", description="native, q4_0, q8_0, bf16 or f16")

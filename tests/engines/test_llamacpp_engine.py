@@ -21,6 +21,7 @@ from aicloud.engines.llamacpp.slots import common_prefix
 from aicloud.models.catalog import bundled_model
 from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 from tests.conftest import LoopThread
+from tests.engines.checks import check_stop_string_cuts_the_text
 
 GREEDY = SamplingParams(temperature=0.0)
 SLOTS = 4
@@ -85,14 +86,8 @@ def test_usage_and_finish_reasons_are_truthful(engine: LlamaCppEngine,
 
 def test_stop_string_split_across_tokens(engine: LlamaCppEngine,
                                          loop_thread: LoopThread) -> None:
-    prompt = "Count from one to ten in words separated by commas."
-    _, full = loop_thread.run(run(engine, prompt, 40))
-    # a stop string that starts inside one token and ends inside a later one
-    idx = full.index(",") if "," in full else 3
-    stop = full[idx - 2 : idx + 3]
-    events, text = loop_thread.run(run(engine, prompt, 40, stop=(stop,)))
-    assert text == full[: full.index(stop)]
-    assert events[-1].finish_reason is FinishReason.STOP
+    check_stop_string_cuts_the_text(
+        lambda prompt, n, stop: loop_thread.run(run(engine, prompt, n, stop=stop)))
 
 
 @pytest.mark.parametrize("prompt", [

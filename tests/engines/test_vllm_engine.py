@@ -21,6 +21,7 @@ from aicloud.engines.base import (
 from aicloud.engines.llamacpp.model import ContextConfig
 from aicloud.engines.vllm import VllmEngine, VllmStream
 from tests.conftest import LoopThread
+from tests.engines.checks import check_stop_string_cuts_the_text
 
 GREEDY = SamplingParams(temperature=0.0)
 SLOTS = 2
@@ -82,13 +83,8 @@ def test_max_tokens_gives_length(engine: VllmEngine, loop_thread: LoopThread) ->
 
 
 def test_stop_string_cuts_the_text(engine: VllmEngine, loop_thread: LoopThread) -> None:
-    prompt = "Count from one to ten in words separated by commas."
-    _, full = loop_thread.run(run(engine, prompt, 40))
-    idx = full.index(",") if "," in full else 3
-    stop = full[idx - 2 : idx + 3]
-    events, text = loop_thread.run(run(engine, prompt, 40, stop=(stop,)))
-    assert text == full[: full.index(stop)]
-    assert events[-1].finish_reason is FinishReason.STOP
+    check_stop_string_cuts_the_text(
+        lambda prompt, n, stop: loop_thread.run(run(engine, prompt, n, stop=stop)))
 
 
 def test_seeded_sampling_repeats(engine: VllmEngine, loop_thread: LoopThread) -> None:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 Delivery = tuple[Callable[[TokenEvent], None], TokenEvent]
 PlanItem = tuple[Sequence, list[int], bool]
+Outcome = tuple[Sequence, TokenEvent]
 
 
 class RateMeter:
@@ -123,15 +124,18 @@ class Batcher:
                 if self._stopping:
                     break
                 self._expire()
+                # cancelled sequences leave before admission, so their slots refill at once
+                gone = self._end([s for s in self.running if s.cancelled],
+                                 FinishReason.CANCELLED)
                 self._admit()
+            self._deliver(gone)
             try:
                 self.step()
             except Exception:  # a bug here must not leave clients hanging forever
                 log.exception("decoding step failed; ending the running sequences")
                 with self._wake:
-                    out = [(s, self._retire(s, s.finish(FinishReason.ERROR)))
-                           for s in list(self.running)]
-                self._deliver(out)
+                    failed = self._end(self.running, FinishReason.ERROR)
+                self._deliver(failed)
         self._drain()
 
     def _may_run(self, tenant: str) -> bool:
@@ -159,13 +163,9 @@ class Batcher:
     def step(self) -> None:
         """Decode without the lock (the event loop may queue meanwhile); the queue's
         bookkeeping for what the step produced happens under it."""
-        with self._wake:
-            cancelled = [s for s in self.running if s.cancelled]  # _retire edits running
-            out = [(s, self._retire(s, s.finish(FinishReason.CANCELLED))) for s in cancelled]
         plan = self._plan()
         if plan:
-            out += self._decode(plan)
-        self._deliver(out)
+            self._deliver(self._decode(plan))
 
     def _plan(self) -> list[PlanItem]:
         """The decoding sequences that waited longest get their next token; prompts fill
@@ -192,7 +192,7 @@ class Batcher:
             seq.last_step = self.steps
         return plan
 
-    def _decode(self, plan: list[PlanItem]) -> list[tuple[Sequence, TokenEvent]]:
+    def _decode(self, plan: list[PlanItem]) -> list[Outcome]:
         outputs = self._fill(plan)
         status = llama_cpp.llama_decode(self.model.ctx, self._batch)
         if status == 1 and self.slots.drop_idle_caches():
@@ -200,7 +200,7 @@ class Batcher:
         if status != 0:
             log.error("llama_decode failed with status %d", status)
             with self._wake:
-                return [(s, self._retire(s, s.finish(FinishReason.ERROR))) for s, _, _ in plan]
+                return self._end([s for s, _, _ in plan], FinishReason.ERROR)
         for seq, tokens, _ in plan:
             self.slots.append(self._slot(seq), tokens)
             if seq.state is SeqState.PREFILL:
@@ -228,7 +228,7 @@ class Batcher:
         batch.n_tokens = i
         return outputs
 
-    def _account(self, seq: Sequence, token: int) -> tuple[Sequence, TokenEvent]:
+    def _account(self, seq: Sequence, token: int) -> Outcome:
         """Charge the tenant for one sampled token and retire a finished sequence."""
         seq.state = SeqState.DECODE
         event = seq.on_token(token, self.model.piece(token), self.model.is_eog(token))
@@ -241,6 +241,11 @@ class Batcher:
     def _slot(self, seq: Sequence) -> Slot:
         return self.slots.slots[seq.slot]
 
+    def _end(self, seqs: list[Sequence], reason: FinishReason) -> list[Outcome]:
+        """Finish and retire `seqs` (the lock is held); iterates a copy, as retiring edits
+        `running`."""
+        return [(s, self._retire(s, s.finish(reason))) for s in list(seqs)]
+
     def _retire(self, seq: Sequence, event: TokenEvent) -> TokenEvent:
         """Free the sequence's slot, keeping only its prompt for later prefix reuse."""
         self.running.remove(seq)
@@ -251,7 +256,7 @@ class Batcher:
         return event
 
     @staticmethod
-    def _deliver(out: list[tuple[Sequence, TokenEvent]]) -> None:
+    def _deliver(out: list[Outcome]) -> None:
         """One wake-up per event loop per step, not one per token."""
         by_loop: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
         for seq, event in out:
@@ -265,8 +270,7 @@ class Batcher:
             waiting = []
             while (seq := self.queue.pop()) is not None:
                 waiting.append((seq, seq.finish(FinishReason.ERROR)))
-            running = [(s, self._retire(s, s.finish(FinishReason.ERROR)))
-                       for s in list(self.running)]
+            running = self._end(self.running, FinishReason.ERROR)
         self._deliver(waiting + running)
 
 

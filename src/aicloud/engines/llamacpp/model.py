@@ -101,7 +101,7 @@ class LlamaModel:
         fits = (config.kv_budget_mb << 20) // max(1, per_sequence)
         sequences = config.sequences or max(1, min(MAX_AUTO_SEQUENCES, fits))
         threads = config.threads or default_threads()
-        step = config.step_sequences or max(STEP_SEQUENCES_PER_THREAD * threads, 8)
+        step = config.step_sequences or STEP_SEQUENCES_PER_THREAD * threads
         return replace(config, context_per_sequence=context, sequences=sequences,
                        threads=threads, step_sequences=min(step, sequences),
                        batch_tokens=max(config.batch_tokens, sequences))
