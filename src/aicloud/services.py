@@ -21,11 +21,13 @@ from aicloud.config import Settings
 from aicloud.limits.buckets import Limiter, MemoryLimiter
 from aicloud.limits.policy import RateLimits
 from aicloud.store import db
+from aicloud.store.direct import DatabaseUnavailable, Direct
 
 
 @dataclass(slots=True)
 class Cloud:
     database: AsyncEngine
+    direct: Direct
     orgs: OrgService
     keys: KeyService
     admin_keys: AdminKeyService
@@ -39,13 +41,14 @@ class Cloud:
         """The server's housekeeping task: write spooled usage once the database is back,
         and drop budget holds that outlived their (crashed) request."""
         while True:
-            with contextlib.suppress(DBAPIError):
+            with contextlib.suppress(DBAPIError, DatabaseUnavailable):
                 await self.ledger.replay()
                 await self.budgets.purge_expired()
             await asyncio.sleep(every)
 
     async def close(self) -> None:
         await self.limits.limiter.close()
+        await asyncio.to_thread(self.direct.close)
         await self.database.dispose()
 
 
@@ -53,6 +56,7 @@ def open_cloud(settings: Settings) -> Cloud:
     """The database must already be migrated (`store.migrate.upgrade`)."""
     database = db.create_engine_async(settings.db_url)
     sessions = db.session_factory(database)
+    direct = Direct(settings.db_url)
     orgs = OrgService(sessions)
     limiter: Limiter
     if settings.redis_url:
@@ -61,7 +65,8 @@ def open_cloud(settings: Settings) -> Cloud:
         limiter = RedisLimiter(settings.redis_url)
     else:
         limiter = MemoryLimiter()
-    return Cloud(database, orgs, KeyService(sessions, orgs), AdminKeyService(sessions),
-                 PriceBook(sessions), Budgets(sessions, settings.hold_seconds),
-                 UsageLedger(sessions, settings.home_dir), Reports(sessions, orgs),
+    return Cloud(database, direct, orgs, KeyService(sessions, direct, orgs),
+                 AdminKeyService(sessions), PriceBook(sessions),
+                 Budgets(sessions, direct, settings.hold_seconds),
+                 UsageLedger(direct, settings.home_dir), Reports(sessions, orgs),
                  RateLimits(limiter))

@@ -52,6 +52,24 @@ async def tenant(cloud: Cloud, org_budget: int | None = None,
     return principal
 
 
+def assert_counters_match_rows(url: str) -> None:
+    """The monthly spend counters the holds read must equal the sums of the usage rows."""
+    engine = create_engine(db.sync_url(url))
+    with engine.connect() as conn:
+        counters = dict(conn.execute(text("SELECT scope || ' ' || month, spent_pico "
+                                          "FROM monthly_spend WHERE spent_pico <> 0")).all())
+        rows: dict[str, int] = {}
+        for project, org, cost, finished in conn.execute(text(
+                "SELECT project_id, organization_id, cost_pico, finished_at FROM usage")):
+            moment = (finished if isinstance(finished, datetime)
+                      else datetime.fromisoformat(finished).replace(tzinfo=UTC))
+            month = moment.astimezone(UTC).strftime("%Y-%m")
+            for scope in (f"project:{project} {month}", f"organization:{org} {month}"):
+                rows[scope] = rows.get(scope, 0) + cost
+    engine.dispose()
+    assert counters == {scope: cost for scope, cost in rows.items() if cost}
+
+
 def entry(p: Principal, request_id: str, cost: int, prompt: int = 10,
           completion: int = 5, model: str = "m") -> UsageEntry:
     now = datetime.now(UTC)
@@ -85,6 +103,7 @@ def test_fifty_concurrent_holds_never_overspend(db_url: str, budget_on: str) -> 
     admitted, spent, budget = with_clouds(db_url, scenario, processes=2)
     assert admitted == 1
     assert spent == 7 * USD <= budget
+    assert_counters_match_rows(db_url)
 
 
 def test_settled_spend_frees_the_rest_of_the_budget(db_url: str) -> None:
@@ -103,6 +122,7 @@ def test_settled_spend_frees_the_rest_of_the_budget(db_url: str) -> None:
         assert await cloud.budgets.spend("project_id", p.project_id) == 1 * USD
 
     with_clouds(db_url, scenario)
+    assert_counters_match_rows(db_url)
 
 
 def test_unbudgeted_requests_take_no_hold(db_url: str) -> None:
@@ -227,7 +247,7 @@ def test_money_parsing_refuses_inexact_or_absurd_amounts() -> None:
 def test_holds_of_crashed_requests_expire(db_url: str) -> None:
     async def scenario(cloud: Cloud) -> None:
         p = await tenant(cloud, project_budget=10 * USD)
-        short = Budgets(db.session_factory(cloud.database), hold_seconds=0.05)
+        short = Budgets(db.session_factory(cloud.database), cloud.direct, hold_seconds=0.05)
         await short.reserve(p, "crashed", 9 * USD)  # its server dies: never settled
         with pytest.raises(BudgetExceeded):
             await cloud.budgets.reserve(p, "r1", 9 * USD)

@@ -13,7 +13,8 @@ from aicloud.accounts.keys import KeyService
 from aicloud.accounts.orgs import OrgService
 from aicloud.billing.usage import UsageEntry, UsageLedger
 from aicloud.store import db, migrate
-from aicloud.store.tables import UsageRecord
+from aicloud.store.direct import Direct
+from aicloud.store.tables import MonthlySpend, UsageRecord
 
 
 @pytest.fixture
@@ -26,10 +27,13 @@ def run(coro):
 
 
 async def with_sessions(url: str, action):
+    """The ORM's sessions and the request path's direct connections, as a server has."""
     engine = db.create_engine_async(url)
+    direct = Direct(url)
     try:
-        return await action(db.session_factory(engine))
+        return await action(db.session_factory(engine), direct)
     finally:
+        await asyncio.to_thread(direct.close)
         await engine.dispose()
 
 
@@ -40,14 +44,14 @@ def test_migrations_create_the_schema_idempotently(url: str) -> None:
     tables = set(inspect(engine).get_table_names())
     engine.dispose()
     assert {"organizations", "projects", "api_keys", "usage", "alembic_version", "admin_keys",
-            "prices", "reservations", "credits"} <= tables
+            "prices", "reservations", "credits", "monthly_spend"} <= tables
 
 
 def test_keys_store_only_hashes_and_authenticate(url: str) -> None:
     migrate.upgrade(url)
 
-    async def scenario(sessions):
-        keys = KeyService(sessions, OrgService(sessions))
+    async def scenario(sessions, direct):
+        keys = KeyService(sessions, direct, OrgService(sessions))
         view, secret = await keys.create_for_project_name("team-a", "ci")
         principal = await keys.authenticate(secret)
         assert principal is not None and principal.project_name == "team-a"
@@ -75,8 +79,8 @@ def test_keys_store_only_hashes_and_authenticate(url: str) -> None:
 def test_bad_project_names_are_refused(url: str, name: str) -> None:
     migrate.upgrade(url)
     with pytest.raises(AccountError):
-        run(with_sessions(url, lambda s: KeyService(s, OrgService(s)).create_for_project_name(
-            name)))
+        run(with_sessions(url, lambda s, d: KeyService(s, d, OrgService(s))
+                          .create_for_project_name(name)))
 
 
 def test_usage_rows_are_idempotent_by_request_id(url: str) -> None:
@@ -85,8 +89,8 @@ def test_usage_rows_are_idempotent_by_request_id(url: str) -> None:
     entry = UsageEntry("req-1", "org_1", "key_1", "proj_1", "m", 10, 2, 5, 7, "completed",
                        now, now)
 
-    async def scenario(sessions):
-        ledger = UsageLedger(sessions)
+    async def scenario(sessions, direct):
+        ledger = UsageLedger(direct)
         await asyncio.gather(*(ledger.record(entry) for _ in range(5)))
         await ledger.record(UsageEntry("req-2", "org_1", "key_1", "proj_1", "m", 1, 0, 1, 0,
                                        "cancelled", now, now))
@@ -94,8 +98,11 @@ def test_usage_rows_are_idempotent_by_request_id(url: str) -> None:
             count = await session.scalar(select(func.count()).select_from(UsageRecord))
             row = await session.scalar(select(UsageRecord).where(
                 UsageRecord.request_id == "req-1"))
-        return count, row
+            spend = {s.scope: s.spent_pico for s in await session.scalars(
+                select(MonthlySpend).where(MonthlySpend.month == now.strftime("%Y-%m")))}
+        return count, row, spend
 
-    count, row = run(with_sessions(url, scenario))
+    count, row, spend = run(with_sessions(url, scenario))
     assert count == 2
+    assert spend == {"project:proj_1": 7, "organization:org_1": 7}  # counted once
     assert (row.prompt_tokens, row.cached_tokens, row.completion_tokens) == (10, 2, 5)

@@ -28,7 +28,8 @@ from aicloud.accounts.base import (
     now,
 )
 from aicloud.accounts.orgs import OrgService
-from aicloud.store.tables import ApiKey, Organization, Project
+from aicloud.store.direct import Conn, Direct
+from aicloud.store.tables import ApiKey, Project
 
 KEY_PREFIX = "sk-aic-"
 KEY_SHAPE = re.compile(r"^sk-aic-[A-Za-z0-9_-]{43}$")
@@ -116,9 +117,37 @@ KEY_FIELDS = {
 }
 
 
+AUTHENTICATE = """
+SELECT p.organization_id, p.id, p.name, k.id, k.allowed_models, k.rpm_limit, k.tpm_limit,
+       p.rpm_limit, p.tpm_limit, p.budget_pico, o.budget_pico, p.weight, k.expires_at
+FROM api_keys k JOIN projects p ON k.project_id = p.id
+JOIN organizations o ON p.organization_id = o.id
+WHERE k.secret_hash = :hash AND k.revoked_at IS NULL
+"""
+
+
+def _principal(conn: Conn, secret_hash: str) -> Principal | None:
+    """Read on every request, never cached: a revoked key is refused by the very next
+    request, whichever process revoked it."""
+    row = conn.one(AUTHENTICATE, {"hash": secret_hash})
+    if row is None:
+        return None
+    *fields, models, key_rpm, key_tpm, project_rpm, project_tpm, project_budget, \
+        org_budget, weight, expires_at = row
+    expiry = conn.read_time(expires_at)
+    if expiry is not None and expiry <= now():
+        return None
+    allowed = conn.read_json(models)
+    return Principal(*fields, tuple(allowed) if allowed is not None else None, key_rpm,
+                     key_tpm, project_rpm, project_tpm, project_budget, org_budget,
+                     float(weight))
+
+
 class KeyService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], orgs: OrgService) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], direct: Direct,
+                 orgs: OrgService) -> None:
         self._sessions = sessions
+        self._direct = direct
         self._orgs = orgs
 
     async def create_key(self, scope: AdminScope, project_id: str,
@@ -183,22 +212,8 @@ class KeyService:
         """Malformed secrets never reach the database."""
         if not KEY_SHAPE.match(secret):
             return None
-        async with self._sessions() as session:
-            row = (await session.execute(
-                select(ApiKey, Project, Organization.budget_pico)
-                .join(Project, ApiKey.project_id == Project.id)
-                .join(Organization, Project.organization_id == Organization.id)
-                .where(ApiKey.secret_hash == hash_secret(secret), ApiKey.revoked_at.is_(None))
-            )).first()
-        if row is None:
-            return None
-        key, proj, org_budget = row
-        if key.expires_at is not None and aware(key.expires_at) <= now():
-            return None
-        models = tuple(key.allowed_models) if key.allowed_models is not None else None
-        return Principal(proj.organization_id, proj.id, proj.name, key.id, models,
-                         key.rpm_limit, key.tpm_limit, proj.rpm_limit, proj.tpm_limit,
-                         proj.budget_pico, org_budget, proj.weight)
+        secret_hash = hash_secret(secret)
+        return await self._direct.run(lambda conn: _principal(conn, secret_hash))
 
     async def _key(self, session: AsyncSession, scope: AdminScope,
                    key_id: str) -> tuple[ApiKey, Project]:

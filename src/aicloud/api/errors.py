@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aicloud.accounts.base import AccountError, Forbidden, NotFound
 from aicloud.billing.money import MoneyError
+from aicloud.store.direct import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
+    @app.exception_handler(DatabaseUnavailable)
     async def _database_away(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("database unavailable on %s: %s", request.url.path, type(exc).__name__)
+        cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) else exc
+        log.warning("database unavailable on %s: %s", request.url.path, type(cause).__name__)
         return error_response(503, "The service's database is unavailable; please retry "
                               "shortly.", code="database_unavailable",
                               headers={"retry-after": "2"})

@@ -1,10 +1,10 @@
 """Budgets: a request holds its maximum possible cost before it runs.
 
-Spend this month = settled usage + live reservations, derived from rows every time. The
-check and the hold happen in one transaction that first takes a write lock on the
-organization's row (a row lock on PostgreSQL, the database write lock on SQLite), and
-settling takes the same lock, so concurrent requests in any number of processes see each
-other's holds and spend can never pass the budget.
+Committed this month = settled spend (the monthly counter the ledger keeps with each usage
+row) + live holds. The check and the hold happen in one transaction that first locks the
+organization (its row on PostgreSQL, the database write lock on SQLite), so concurrent
+requests in any number of processes see each other's holds and spend can never pass the
+budget. Settling needs no lock: it swaps a hold for a smaller cost in one commit.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aicloud.accounts.base import now
 from aicloud.accounts.keys import Principal
 from aicloud.billing.money import pico_to_usd
-from aicloud.store.tables import Organization, Project, Reservation, UsageRecord
+from aicloud.store.direct import Conn, Direct
+from aicloud.store.tables import Reservation, UsageRecord
 
 
 @dataclass(slots=True, frozen=True)
@@ -43,10 +44,8 @@ def month_start(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
-async def lock_organization(session: AsyncSession, organization_id: str) -> None:
-    """Serialize budget changes per organization. A no-op write is the portable lock."""
-    await session.execute(update(Organization).where(Organization.id == organization_id)
-                          .values(budget_pico=Organization.budget_pico))
+def month_key(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m")
 
 
 async def month_to_date(session: AsyncSession, column: str, ident: str,
@@ -63,13 +62,64 @@ async def month_to_date(session: AsyncSession, column: str, ident: str,
     return int(row[0] or 0), int(row[1] or 0)
 
 
-async def committed(session: AsyncSession, column: str, ident: str, at: datetime) -> int:
-    return sum(await month_to_date(session, column, ident, at))
+COMMITTED = """
+SELECT o.budget_pico AS org_budget, p.budget_pico AS project_budget,
+  COALESCE((SELECT spent_pico FROM monthly_spend
+            WHERE scope = :project_scope AND month = :month), 0)
+  + (SELECT COALESCE(SUM(amount_pico), 0) FROM reservations
+     WHERE project_id = :project AND expires_at > :at) AS project_committed,
+  COALESCE((SELECT spent_pico FROM monthly_spend
+            WHERE scope = :org_scope AND month = :month), 0)
+  + (SELECT COALESCE(SUM(amount_pico), 0) FROM reservations
+     WHERE organization_id = :org AND expires_at > :at) AS org_committed
+FROM projects p JOIN organizations o ON o.id = p.organization_id WHERE p.id = :project
+"""
+# the check and the insert are one statement, so the hold needs no round trip in between
+HOLD_IF_IT_FITS = f"""
+INSERT INTO reservations (request_id, organization_id, project_id, amount_pico, expires_at)
+SELECT :request_id, :org, :project, :amount, :expires FROM ({COMMITTED}) c
+WHERE (c.project_budget IS NULL OR c.project_committed + :amount <= c.project_budget)
+  AND (c.org_budget IS NULL OR c.org_committed + :amount <= c.org_budget)
+RETURNING amount_pico
+"""
+
+
+def _params(hold: Hold, at: datetime, expires: datetime, conn: Conn) -> dict[str, object]:
+    return {"project_scope": f"project:{hold.project_id}",
+            "org_scope": f"organization:{hold.organization_id}", "month": month_key(at),
+            "project": hold.project_id, "org": hold.organization_id, "at": conn.time(at),
+            "request_id": hold.request_id, "amount": hold.amount_pico,
+            "expires": conn.time(expires)}
+
+
+def _hold(conn: Conn, hold: Hold, at: datetime, expires: datetime) -> None:
+    """One transaction under the organization's lock (so every other hold of that
+    organization is either committed and counted, or waits): insert the hold if it fits.
+    A refusal reads the numbers for its message; if a hold was freed in between, it is
+    tried again. A hold is committed without waiting for the disk: it only has to be
+    visible to the next hold, and it is gone once its request settles anyway."""
+    params = _params(hold, at, expires, conn)
+    for _ in range(3):
+        [held] = conn.batch([(HOLD_IF_IT_FITS, params)], lock_organization=hold.organization_id,
+                            durable=False)
+        if held:
+            return
+        row = conn.one(COMMITTED, params)
+        if row is None:
+            raise BudgetExceeded("project", 0, 0)  # its project is gone
+        org_budget, project_budget, project_committed, org_committed = row
+        for scope, budget, committed in (("project", project_budget, project_committed),
+                                         ("organization", org_budget, org_committed)):
+            if budget is not None and int(committed) + hold.amount_pico > budget:
+                raise BudgetExceeded(scope, budget, int(committed))
+    raise BudgetExceeded("organization", org_budget or 0, int(org_committed))
 
 
 class Budgets:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], hold_seconds: float) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], direct: Direct,
+                 hold_seconds: float) -> None:
         self._sessions = sessions
+        self._direct = direct
         # a hold outlives a crashed process by this much at most
         self._hold_for = timedelta(seconds=hold_seconds)
 
@@ -79,38 +129,19 @@ class Budgets:
             return None
         hold = Hold(request_id, principal.organization_id, principal.project_id, amount_pico)
         at = now()
-        async with self._sessions.begin() as session:
-            await lock_organization(session, hold.organization_id)
-            org_budget = await session.scalar(select(Organization.budget_pico).where(
-                Organization.id == hold.organization_id))
-            project_budget = await session.scalar(select(Project.budget_pico).where(
-                Project.id == hold.project_id))
-            for scope, budget, column, ident in (
-                ("project", project_budget, "project_id", hold.project_id),
-                ("organization", org_budget, "organization_id", hold.organization_id),
-            ):
-                if budget is None:
-                    continue
-                spent = await committed(session, column, ident, at)
-                if spent + amount_pico > budget:
-                    raise BudgetExceeded(scope, budget, spent)
-            session.add(Reservation(request_id=request_id, organization_id=hold.organization_id,
-                                    project_id=hold.project_id, amount_pico=amount_pico,
-                                    expires_at=at + self._hold_for))
+        await self._direct.run(lambda conn: _hold(conn, hold, at, at + self._hold_for))
         return hold
 
     async def release(self, hold: Hold) -> None:
         """The request never ran (refused by the engine, say): give the hold back."""
-        async with self._sessions.begin() as session:
-            await session.execute(delete(Reservation).where(
-                Reservation.request_id == hold.request_id))
+        await self._direct.run(lambda conn: conn.run(
+            "DELETE FROM reservations WHERE request_id = :r", {"r": hold.request_id}))
 
     async def purge_expired(self) -> int:
         """Holds of requests whose server died; already ignored by the sums."""
-        async with self._sessions.begin() as session:
-            result = await session.execute(delete(Reservation).where(
-                Reservation.expires_at <= now()))
-            return result.rowcount or 0
+        at = now()
+        return await self._direct.run(lambda conn: conn.run(
+            "DELETE FROM reservations WHERE expires_at <= :at", {"at": conn.time(at)}))
 
     async def spend(self, column: str, ident: str) -> int:
         """Settled spend this month plus live holds."""

@@ -1,5 +1,6 @@
 """The usage ledger: one append-only row per request, with the engine's own token counts
-and the exact cost; writing it settles the request's budget hold in the same transaction.
+and the exact cost; writing it settles the request's budget hold and adds the cost to the
+monthly spend counters in the same transaction (the counters only when the row is new).
 
 If the database stays away longer than the retries, the entry goes to a spool file in
 the server's home (appended and fsynced before the response finishes) and is written
@@ -17,14 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
-from aicloud.billing.budgets import Hold, lock_organization
-from aicloud.store.tables import Reservation, UsageRecord
+from aicloud.billing.budgets import Hold, month_key
+from aicloud.store.direct import Conn, DatabaseUnavailable, Direct
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +58,49 @@ def _decode(line: str) -> tuple[UsageEntry, Hold | None]:
     return UsageEntry(**entry), Hold(**data["hold"]) if data["hold"] else None
 
 
+INSERT_USAGE = (
+    "INSERT INTO usage (request_id, organization_id, api_key_id, project_id, model, "
+    "prompt_tokens, cached_tokens, completion_tokens, cost_pico, status, started_at, "
+    "finished_at) VALUES (:request_id, :organization_id, :api_key_id, :project_id, :model, "
+    ":prompt_tokens, :cached_tokens, :completion_tokens, :cost_pico, :status, :started_at, "
+    ":finished_at) ON CONFLICT (request_id) DO NOTHING")
+ADD_SPEND = (
+    "INSERT INTO monthly_spend (scope, month, spent_pico) VALUES (:scope, :month, :cost) "
+    "ON CONFLICT (scope, month) DO UPDATE SET spent_pico = monthly_spend.spent_pico + "
+    "excluded.spent_pico")
+
+
+# PostgreSQL: the row, the counters (only for a new row) and the settle in one round trip
+WRITE_POSTGRES = f"""
+WITH new AS ({INSERT_USAGE} RETURNING cost_pico),
+     settled AS (DELETE FROM reservations WHERE request_id = :hold)
+INSERT INTO monthly_spend (scope, month, spent_pico)
+SELECT s.scope, :month, new.cost_pico FROM new
+CROSS JOIN (VALUES (:project_scope), (:org_scope)) AS s(scope) WHERE new.cost_pico <> 0
+ON CONFLICT (scope, month) DO UPDATE SET spent_pico = monthly_spend.spent_pico
+  + excluded.spent_pico
+"""
+
+
+def _write(conn: Conn, entry: UsageEntry, hold: Hold | None) -> None:
+    row: dict[str, object] = asdict(entry)
+    row["started_at"], row["finished_at"] = conn.time(entry.started_at), conn.time(
+        entry.finished_at)
+    month = month_key(entry.finished_at)
+    scopes = (f"project:{entry.project_id}", f"organization:{entry.organization_id}")
+    if conn.dialect == "postgresql":
+        conn.batch([(WRITE_POSTGRES, {**row, "month": month, "project_scope": scopes[0],
+                                      "org_scope": scopes[1],
+                                      "hold": hold.request_id if hold else None})])
+        return
+    with conn.transaction():  # SQLite has no writes inside WITH: the same, step by step
+        if conn.run(INSERT_USAGE, row) and entry.cost_pico:
+            for scope in scopes:
+                conn.run(ADD_SPEND, {"scope": scope, "month": month, "cost": entry.cost_pico})
+        if hold is not None:
+            conn.run("DELETE FROM reservations WHERE request_id = :r", {"r": hold.request_id})
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -74,9 +112,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 class UsageLedger:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession],
-                 spool_dir: Path | None = None) -> None:
-        self._sessions = sessions
+    def __init__(self, direct: Direct, spool_dir: Path | None = None) -> None:
+        self._direct = direct
         self._spool_dir = spool_dir
         self._spool = spool_dir / f"usage-spool-{os.getpid()}.jsonl" if spool_dir else None
         self._lock = asyncio.Lock()
@@ -88,7 +125,7 @@ class UsageLedger:
             try:
                 await self._insert(entry, hold)
                 return
-            except DBAPIError as exc:
+            except DatabaseUnavailable as exc:
                 if delay is not None:
                     await asyncio.sleep(delay)
                     continue
@@ -96,7 +133,7 @@ class UsageLedger:
                     log.error("usage for request %s could not be written", entry.request_id)
                     raise
                 log.warning("database unavailable (%s); usage of %s spooled to disk",
-                            type(exc.orig).__name__, entry.request_id)
+                            type(exc.__cause__).__name__, entry.request_id)
                 await self._append(_encode(entry, hold))
 
     async def _append(self, line: str) -> None:
@@ -151,15 +188,4 @@ class UsageLedger:
         os.replace(tmp, path)
 
     async def _insert(self, entry: UsageEntry, hold: Hold | None) -> None:
-        async with self._sessions.begin() as session:
-            if hold is not None:
-                await lock_organization(session, hold.organization_id)
-            insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
-            await session.execute(
-                insert(UsageRecord).values(**asdict(entry)).on_conflict_do_nothing(
-                    index_elements=["request_id"]
-                )
-            )
-            if hold is not None:
-                await session.execute(delete(Reservation).where(
-                    Reservation.request_id == hold.request_id))
+        await self._direct.run(lambda conn: _write(conn, entry, hold))

@@ -133,6 +133,17 @@ class Reservation(Base):
     expires_at: Mapped[datetime] = mapped_column(TS)
 
 
+class MonthlySpend(Base):
+    """Settled spend of one project or organization in one UTC month: the sum of its usage
+    rows' costs, kept in step by the ledger so a budget hold reads one row."""
+
+    __tablename__ = "monthly_spend"
+
+    scope: Mapped[str] = mapped_column(String(60), primary_key=True)  # project:<id>, ...
+    month: Mapped[str] = mapped_column(String(7), primary_key=True)  # YYYY-MM
+    spent_pico: Mapped[int] = mapped_column(BigInteger)
+
+
 class Credit(Base):
     """Money granted to an organization (top-up, refund); keyed so a retry adds it once."""
 
