@@ -47,12 +47,13 @@ class SlotTable:
 
     def acquire(self, prompt: list[int]) -> tuple[Slot, int]:
         """Take the idle slot that best matches `prompt`; return it and how many prompt
-        tokens are already in its cache. At least one prompt token is left to decode, since
-        sampling needs the logits of the last one."""
+        tokens are already in its cache. At least two prompt tokens are left to decode (one
+        for the logits sampling needs; two because llama.cpp computes a lone row with other
+        kernels, so a fully cached prompt would not give the text it gives cold)."""
         idle = [s for s in self.slots if not s.busy]
         slot = max(idle, key=lambda s: (common_prefix(s.tokens, prompt), -len(s.tokens)))
         source = max(self.slots, key=lambda s: common_prefix(s.tokens, prompt))
-        reuse = min(common_prefix(source.tokens, prompt), len(prompt) - 1)
+        reuse = max(0, min(common_prefix(source.tokens, prompt), len(prompt) - 2))
         if reuse > common_prefix(slot.tokens, prompt):
             self._share(source, slot, reuse)
         else:
