@@ -1,10 +1,11 @@
 """KV-cache slots: which tokens each sequence id holds, and prompt-prefix reuse.
 
-Each slot is a llama.cpp sequence id in one unified KV cache. An idle slot keeps the
-prompt of its last request (never the generated tokens, which are freed at once), so a
-later request with the same system prompt starts from there. Because the cache is
-unified, a prefix held by any slot, busy or idle, can be shared into another slot with
-`llama_memory_seq_cp`, which adds the sequence id to the same cells: no copy, no prefill.
+Each slot is a llama.cpp sequence id, with its own KV stream by default (one unified cache
+when `ContextConfig.unified_kv`). An idle slot keeps the prompt of its last request (never
+the generated tokens, which are freed at once), so a later request with the same system
+prompt starts from there. A prefix held by any slot, busy or idle, can be shared into
+another slot with `llama_memory_seq_cp`: in a unified cache it adds the sequence id to the
+same cells, across streams it copies them; either way, no prefill.
 """
 
 from __future__ import annotations
