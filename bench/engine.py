@@ -3,6 +3,7 @@ and each step width (running sequences decoded per `llama_decode`).
 
     python bench/engine.py --weights native q4_0 q8_0 bf16 --concurrency 1 32
     python bench/engine.py --weights native --concurrency 32 --step-sequences 4 8 16 32
+    python bench/engine.py --weights native --unified-kv --flash-attention  # the old layout
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ PROMPT = "Write a long story about a lighthouse keeper."
 
 
 async def measure(weights: str, step: int | None, levels: list[int], tokens: int,
-                  cache: Path) -> list[float]:
+                  cache: Path, layout: dict[str, bool]) -> list[float]:
     spec = bundled_model()
     engine = LlamaCppEngine(spec.model_id, spec.path,
                             ContextConfig(sequences=max(levels), context_per_sequence=2048,
-                                          step_sequences=step),
+                                          step_sequences=step, **layout),
                             queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)),
                             weights=weights, weights_cache=cache)
     await engine.start()
@@ -58,14 +59,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--step-sequences", nargs="+", type=int, default=[0],
                         help="sequences decoded per step (0: the engine's default)")
+    parser.add_argument("--unified-kv", action="store_true",
+                        help="one KV cache shared by all sequences (default: one stream each)")
+    parser.add_argument("--flash-attention", action="store_true")
     args = parser.parse_args()
+    layout = {"unified_kv": args.unified_kv, "flash_attention": args.flash_attention}
     print("| weights | step | " + " | ".join(f"c={c} tok/s" for c in args.concurrency) + " |")
     print("|---" * (len(args.concurrency) + 2) + "|")
     with tempfile.TemporaryDirectory() as cache:
         for weights in args.weights:
             for step in args.step_sequences:
                 rates = asyncio.run(measure(weights, step or None, args.concurrency,
-                                            args.tokens, Path(cache)))
+                                            args.tokens, Path(cache), layout))
                 print(f"| {weights} | {step or 'default'} | "
                       + " | ".join(f"{r:.0f}" for r in rates) + " |", flush=True)
 

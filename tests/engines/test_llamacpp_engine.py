@@ -72,6 +72,21 @@ def test_concurrent_requests_all_finish_with_their_own_text(engine: LlamaCppEngi
     assert len({u.prompt_tokens for u in usage}) == len(set(PROMPTS))
 
 
+def test_batch_of_mixed_prompt_lengths_gives_each_request_its_text_alone(
+        engine: LlamaCppEngine, loop_thread: LoopThread) -> None:
+    """At temperature 0 a request's text must not depend on what runs beside it: more
+    prompts than slots, so some join while others decode or finish, in both orders, with
+    the slots' cached prefixes (computed by other prompts) reused along the way."""
+    alone = {p: loop_thread.run(run(engine, p, 48))[1] for p in PROMPTS}
+
+    async def together(order: list[str]) -> list[tuple[list[TokenEvent], str]]:
+        return await asyncio.gather(*(run(engine, p, 48) for p in order))
+
+    for order in (PROMPTS, PROMPTS[::-1]):
+        texts = [text for _, text in loop_thread.run(together(order))]
+        assert texts == [alone[p] for p in order]
+
+
 def test_usage_and_finish_reasons_are_truthful(engine: LlamaCppEngine,
                                                loop_thread: LoopThread) -> None:
     events, _ = loop_thread.run(run(engine, "Write a long story about the sea.", 7))

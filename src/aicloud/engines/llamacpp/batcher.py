@@ -177,8 +177,7 @@ class Batcher:
         budget = self.config.batch_tokens - min(width, len(decoding))
         prompts: list[PlanItem] = []
         for seq in self.running:
-            if seq.state is SeqState.PREFILL and budget > 0:
-                n = min(seq.prompt_left, budget)
+            if seq.state is SeqState.PREFILL and (n := prompt_chunk(seq.prompt_left, budget)):
                 prompts.append((seq, seq.prompt[seq.n_past : seq.n_past + n],
                                 n == seq.prompt_left))
                 budget -= n
@@ -193,22 +192,41 @@ class Batcher:
         return plan
 
     def _decode(self, plan: list[PlanItem]) -> list[Outcome]:
-        outputs = self._fill(plan)
-        status = llama_cpp.llama_decode(self.model.ctx, self._batch)
-        if status == 1 and self.slots.drop_idle_caches():
+        groups = self._groups(plan)
+        out: list[Outcome] = []
+        for k, group in enumerate(groups):
+            outputs = self._fill(group)
             status = llama_cpp.llama_decode(self.model.ctx, self._batch)
-        if status != 0:
-            log.error("llama_decode failed with status %d", status)
+            if status == 1 and self.slots.drop_idle_caches():
+                status = llama_cpp.llama_decode(self.model.ctx, self._batch)
+            if status != 0:
+                log.error("llama_decode failed with status %d", status)
+                with self._wake:
+                    return out + self._end([s for g in groups[k:] for s, _, _ in g],
+                                           FinishReason.ERROR)
+            for seq, tokens, _ in group:
+                self.slots.append(self._slot(seq), tokens)
+                if seq.state is SeqState.PREFILL:
+                    seq.n_past += len(tokens)
+            # sampled before the next llama_decode overwrites the logits
+            sampled = [(seq, llama_cpp.llama_sampler_sample(seq.sampler, self.model.ctx, index))
+                       for seq, index in outputs]
             with self._wake:
-                return self._end([s for s, _, _ in plan], FinishReason.ERROR)
-        for seq, tokens, _ in plan:
-            self.slots.append(self._slot(seq), tokens)
-            if seq.state is SeqState.PREFILL:
-                seq.n_past += len(tokens)
-        sampled = [(seq, llama_cpp.llama_sampler_sample(seq.sampler, self.model.ctx, index))
-                   for seq, index in outputs]
-        with self._wake:
-            return [self._account(seq, token) for seq, token in sampled]
+                out += [self._account(seq, token) for seq, token in sampled]
+        return out
+
+    def _groups(self, plan: list[PlanItem]) -> list[list[PlanItem]]:
+        """One `llama_decode` for the whole step on a unified cache. With per-sequence KV
+        streams llama.cpp would split a mixed batch itself, in shapes that depend on the
+        load (a prompt's first token decoded with the next tokens of other sequences, its
+        rest alone): rows of one token and rows of several take different CPU kernels
+        (vec_dot vs tinyBLAS for attention), so each prompt chunk gets its own call and
+        every row is computed as it would be with the request alone."""
+        if self.config.unified_kv:
+            return [plan]
+        decoding = [item for item in plan if item[0].state is SeqState.DECODE]
+        return ([decoding] if decoding else []) + [[item] for item in plan
+                                                   if item[0].state is not SeqState.DECODE]
 
     def _fill(self, plan: list[PlanItem]) -> list[tuple[Sequence, int]]:
         batch, i = self._batch, 0
@@ -272,6 +290,16 @@ class Batcher:
                 waiting.append((seq, seq.finish(FinishReason.ERROR)))
             running = self._end(self.running, FinishReason.ERROR)
         self._deliver(waiting + running)
+
+
+def prompt_chunk(left: int, budget: int) -> int:
+    """How many of a prompt's `left` tokens to prefill now: all that fit, but never a piece
+    of one token of a longer prompt (nor leave one), since llama.cpp computes a lone row with
+    other kernels than several, and the KV cells would depend on how busy the step was."""
+    if left <= budget:
+        return left
+    n = min(budget, left - 2)
+    return n if n >= 2 else 0
 
 
 def _run_all(items: list[Delivery]) -> None:

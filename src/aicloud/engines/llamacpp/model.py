@@ -27,9 +27,16 @@ class ModelLoadError(EngineError):
 
 @dataclass(slots=True, frozen=True)
 class ContextConfig:
-    """How one context is laid out: `sequences` slots sharing one unified KV cache.
+    """How one context is laid out: `sequences` slots, each in its own KV stream.
 
-    `None` means "size it for this model and machine" (see `LlamaModel.resolve`)."""
+    `None` means "size it for this model and machine" (see `LlamaModel.resolve`).
+    The defaults make a greedy request's text independent of the batch it runs in:
+    per-sequence streams place each sequence's cells the same under any load (in a unified
+    cache a freed hole moves a sequence's next cells before its older ones, reordering the
+    attention sums), and without flash attention every row takes the same CPU kernel (with
+    it, 64 query rows or more switch to a tiled kernel that rounds differently, and a prompt
+    prefix computed that way and then reused changes the text). `unified_kv=True` with
+    `flash_attention=True` trades that identity for fewer graph computations per step."""
 
     sequences: int | None = None
     context_per_sequence: int | None = None
@@ -37,8 +44,8 @@ class ContextConfig:
     step_sequences: int | None = None
     batch_tokens: int = 512
     kv_budget_mb: int = 2048
-    flash_attention: bool = True
-    unified_kv: bool = True
+    flash_attention: bool = False
+    unified_kv: bool = False
 
     @property
     def n_ctx(self) -> int:
@@ -114,8 +121,6 @@ class LlamaModel:
         cparams.n_seq_max = config.sequences
         cparams.n_threads = config.threads
         cparams.n_threads_batch = config.threads
-        # One shared cache lets slots share prompt-prefix cells; per-sequence streams place each
-        # sequence's cells identically under any load (steadier greedy output) but run slower.
         cparams.kv_unified = config.unified_kv
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED

@@ -1,10 +1,11 @@
 """KV-cache slots: which tokens each sequence id holds, and prompt-prefix reuse.
 
-Each slot is a llama.cpp sequence id in one unified KV cache. An idle slot keeps the
-prompt of its last request (never the generated tokens, which are freed at once), so a
-later request with the same system prompt starts from there. Because the cache is
-unified, a prefix held by any slot, busy or idle, can be shared into another slot with
-`llama_memory_seq_cp`, which adds the sequence id to the same cells: no copy, no prefill.
+Each slot is a llama.cpp sequence id, with its own KV stream by default (one unified cache
+when `ContextConfig.unified_kv`). An idle slot keeps the prompt of its last request (never
+the generated tokens, which are freed at once), so a later request with the same system
+prompt starts from there. A prefix held by any slot, busy or idle, can be shared into
+another slot with `llama_memory_seq_cp`: in a unified cache it adds the sequence id to the
+same cells, across streams it copies them; either way, no prefill.
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ class SlotTable:
 
     def acquire(self, prompt: list[int]) -> tuple[Slot, int]:
         """Take the idle slot that best matches `prompt`; return it and how many prompt
-        tokens are already in its cache. At least one prompt token is left to decode, since
-        sampling needs the logits of the last one."""
+        tokens are already in its cache. At least two prompt tokens are left to decode (one
+        for the logits sampling needs; two because llama.cpp computes a lone row with other
+        kernels, so a fully cached prompt would not give the text it gives cold)."""
         idle = [s for s in self.slots if not s.busy]
         slot = max(idle, key=lambda s: (common_prefix(s.tokens, prompt), -len(s.tokens)))
         source = max(self.slots, key=lambda s: common_prefix(s.tokens, prompt))
-        reuse = min(common_prefix(source.tokens, prompt), len(prompt) - 1)
+        reuse = max(0, min(common_prefix(source.tokens, prompt), len(prompt) - 2))
         if reuse > common_prefix(slot.tokens, prompt):
             self._share(source, slot, reuse)
         else:
