@@ -26,12 +26,18 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
-def cloud(request: Request) -> Cloud:
+def _cloud(request: Request) -> Cloud:
     return request.app.state.cloud
 
 
+# dependencies are `async def` even when they do not await: FastAPI runs a plain `def`
+# dependency in its thread pool, a thread hop per request for reading an attribute
+async def cloud(request: Request) -> Cloud:
+    return _cloud(request)
+
+
 async def current_principal(request: Request) -> Principal:
-    principal = await cloud(request).keys.authenticate(_bearer(request))
+    principal = await _cloud(request).keys.authenticate(_bearer(request))
     if principal is None:
         raise APIError(401, "Incorrect, expired or revoked API key.", code="invalid_api_key")
     return principal
@@ -39,13 +45,13 @@ async def current_principal(request: Request) -> Principal:
 
 async def current_admin(request: Request) -> AdminScope:
     """Admin keys only; network origin (X-Forwarded-For and the like) never grants anything."""
-    scope = await cloud(request).admin_keys.authenticate(_bearer(request))
+    scope = await _cloud(request).admin_keys.authenticate(_bearer(request))
     if scope is None:
         raise APIError(401, "Incorrect or revoked admin key.", code="invalid_api_key")
     return scope
 
 
-def model_pool(request: Request) -> ModelPool:
+async def model_pool(request: Request) -> ModelPool:
     return request.app.state.pool
 
 
