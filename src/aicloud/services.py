@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from dataclasses import dataclass
 
 from sqlalchemy.exc import DBAPIError
@@ -21,7 +22,7 @@ from aicloud.config import Settings
 from aicloud.limits.buckets import Limiter, MemoryLimiter
 from aicloud.limits.policy import RateLimits
 from aicloud.store import db
-from aicloud.store.direct import DatabaseUnavailable, Direct
+from aicloud.store.direct import DatabaseUnavailable, Direct, vacuum_churn_tables
 
 
 @dataclass(slots=True)
@@ -37,13 +38,16 @@ class Cloud:
     reports: Reports
     limits: RateLimits
 
-    async def maintain(self, every: float = 5.0) -> None:
+    async def maintain(self, every: float = 5.0, vacuum_every: int = 2) -> None:
         """The server's housekeeping task: write spooled usage once the database is back,
-        and drop budget holds that outlived their (crashed) request."""
-        while True:
+        drop budget holds that outlived their (crashed) request, and (every
+        `vacuum_every` rounds) vacuum the request path's tables if nothing else does."""
+        for round_ in itertools.count(1):
             with contextlib.suppress(DBAPIError, DatabaseUnavailable):
                 await self.ledger.replay()
                 await self.budgets.purge_expired()
+                if round_ % vacuum_every == 0:
+                    await self.direct.run(vacuum_churn_tables)
             await asyncio.sleep(every)
 
     async def close(self) -> None:

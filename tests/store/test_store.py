@@ -13,7 +13,7 @@ from aicloud.accounts.keys import KeyService
 from aicloud.accounts.orgs import OrgService
 from aicloud.billing.usage import UsageEntry, UsageLedger
 from aicloud.store import db, migrate
-from aicloud.store.direct import Direct
+from aicloud.store.direct import Direct, vacuum_churn_tables
 from aicloud.store.tables import MonthlySpend, UsageRecord
 
 
@@ -106,3 +106,22 @@ def test_usage_rows_are_idempotent_by_request_id(url: str) -> None:
     assert count == 2
     assert spend == {"project:proj_1": 7, "organization:org_1": 7}  # counted once
     assert (row.prompt_tokens, row.cached_tokens, row.completion_tokens) == (10, 2, 5)
+
+
+def test_churn_tables_are_vacuumed_when_postgres_does_not(url: str) -> None:
+    """Holds are inserted and deleted by every request: with PostgreSQL's autovacuum off,
+    the server's housekeeping vacuums them itself; SQLite needs nothing."""
+    migrate.upgrade(url)
+
+    async def scenario(sessions, direct):
+        autovacuum = await direct.run(lambda c: c.one("SHOW autovacuum")[0]
+                                      if c.dialect == "postgresql" else None)
+        vacuumed = await direct.run(vacuum_churn_tables)
+        last = await direct.run(lambda c: c.one(
+            "SELECT last_vacuum FROM pg_stat_user_tables WHERE relname = 'reservations'")[0]
+            if c.dialect == "postgresql" else None)
+        return autovacuum, vacuumed, last
+
+    autovacuum, vacuumed, last = run(with_sessions(url, scenario))
+    assert vacuumed == (autovacuum == "off")
+    assert (last is not None) == vacuumed

@@ -1,10 +1,13 @@
 """Budgets: a request holds its maximum possible cost before it runs.
 
-Committed this month = settled spend (the monthly counter the ledger keeps with each usage
-row) + live holds. The check and the hold happen in one transaction that first locks the
+Committed this month = settled spend + live holds, each read from a counter kept in the
+same transactions as its rows (`monthly_spend` with the usage rows, `budget_held` with the
+`reservations`). The check and the hold happen in one transaction that first locks the
 organization (its row on PostgreSQL, the database write lock on SQLite), so concurrent
 requests in any number of processes see each other's holds and spend can never pass the
-budget. Settling needs no lock: it swaps a hold for a smaller cost in one commit.
+budget. Settling needs no lock: it swaps a hold for a smaller cost in one commit. Every
+statement that changes a counter row takes them project first, then organization, so
+concurrent transactions never wait on each other in a circle.
 """
 
 from __future__ import annotations
@@ -56,8 +59,7 @@ async def month_to_date(session: AsyncSession, column: str, ident: str,
              .where(getattr(UsageRecord, column) == ident,
                     UsageRecord.finished_at >= month_start(at)).scalar_subquery())
     held = (select(func.coalesce(func.sum(Reservation.amount_pico), 0))
-            .where(getattr(Reservation, column) == ident, Reservation.expires_at > at)
-            .scalar_subquery())
+            .where(getattr(Reservation, column) == ident).scalar_subquery())
     row = (await session.execute(select(spent, held))).one()
     return int(row[0] or 0), int(row[1] or 0)
 
@@ -66,12 +68,12 @@ COMMITTED = """
 SELECT o.budget_pico AS org_budget, p.budget_pico AS project_budget,
   COALESCE((SELECT spent_pico FROM monthly_spend
             WHERE scope = :project_scope AND month = :month), 0)
-  + (SELECT COALESCE(SUM(amount_pico), 0) FROM reservations
-     WHERE project_id = :project AND expires_at > :at) AS project_committed,
+  + COALESCE((SELECT held_pico FROM budget_held WHERE scope = :project_scope), 0)
+    AS project_committed,
   COALESCE((SELECT spent_pico FROM monthly_spend
             WHERE scope = :org_scope AND month = :month), 0)
-  + (SELECT COALESCE(SUM(amount_pico), 0) FROM reservations
-     WHERE organization_id = :org AND expires_at > :at) AS org_committed
+  + COALESCE((SELECT held_pico FROM budget_held WHERE scope = :org_scope), 0)
+    AS org_committed
 FROM projects p JOIN organizations o ON o.id = p.organization_id WHERE p.id = :project
 """
 # the check and the insert are one statement, so the hold needs no round trip in between
@@ -82,14 +84,43 @@ WHERE (c.project_budget IS NULL OR c.project_committed + :amount <= c.project_bu
   AND (c.org_budget IS NULL OR c.org_committed + :amount <= c.org_budget)
 RETURNING amount_pico
 """
+# both scopes of a request, in the one order every counter change uses
+SCOPES = "(VALUES (1, :project_scope), (2, :org_scope)) AS s(ord, scope)"
+ADD_HELD = ("INSERT INTO budget_held (scope, held_pico) VALUES (:scope, :amount) "
+            "ON CONFLICT (scope) DO UPDATE SET held_pico = budget_held.held_pico + "
+            "excluded.held_pico")
+# PostgreSQL: hold and count it in one statement (SQLite has no writes inside WITH)
+HOLD_POSTGRES = f"""
+WITH new AS ({HOLD_IF_IT_FITS})
+INSERT INTO budget_held (scope, held_pico)
+SELECT s.scope, new.amount_pico FROM new CROSS JOIN {SCOPES} ORDER BY s.ord
+ON CONFLICT (scope) DO UPDATE SET held_pico = budget_held.held_pico + excluded.held_pico
+RETURNING held_pico
+"""
+
+
+def scopes(project_id: str, organization_id: str) -> dict[str, str]:
+    return {"project_scope": f"project:{project_id}",
+            "org_scope": f"organization:{organization_id}"}
 
 
 def _params(hold: Hold, at: datetime, expires: datetime, conn: Conn) -> dict[str, object]:
-    return {"project_scope": f"project:{hold.project_id}",
-            "org_scope": f"organization:{hold.organization_id}", "month": month_key(at),
-            "project": hold.project_id, "org": hold.organization_id, "at": conn.time(at),
+    return {**scopes(hold.project_id, hold.organization_id), "month": month_key(at),
+            "project": hold.project_id, "org": hold.organization_id,
             "request_id": hold.request_id, "amount": hold.amount_pico,
             "expires": conn.time(expires)}
+
+
+def unhold(conn: Conn, released: list[tuple[str, str, int]]) -> None:
+    """Take deleted holds (project, organization, amount) off the counters; inside the
+    transaction that deleted them, with their amounts as the DELETE returned them, so a
+    hold settled and purged at once is subtracted once."""
+    totals: dict[tuple[int, str], int] = {}
+    for project, org, amount in released:
+        for key in ((1, f"project:{project}"), (2, f"organization:{org}")):
+            totals[key] = totals.get(key, 0) + int(amount)
+    for (_, scope), amount in sorted(totals.items()):
+        conn.run(ADD_HELD, {"scope": scope, "amount": -amount})
 
 
 def _hold(conn: Conn, hold: Hold, at: datetime, expires: datetime) -> None:
@@ -100,9 +131,7 @@ def _hold(conn: Conn, hold: Hold, at: datetime, expires: datetime) -> None:
     visible to the next hold, and it is gone once its request settles anyway."""
     params = _params(hold, at, expires, conn)
     for _ in range(3):
-        [held] = conn.batch([(HOLD_IF_IT_FITS, params)], lock_organization=hold.organization_id,
-                            durable=False)
-        if held:
+        if _try_hold(conn, hold, params):
             return
         row = conn.one(COMMITTED, params)
         if row is None:
@@ -113,6 +142,27 @@ def _hold(conn: Conn, hold: Hold, at: datetime, expires: datetime) -> None:
             if budget is not None and int(committed) + hold.amount_pico > budget:
                 raise BudgetExceeded(scope, budget, int(committed))
     raise BudgetExceeded("organization", org_budget or 0, int(org_committed))
+
+
+def _try_hold(conn: Conn, hold: Hold, params: dict[str, object]) -> bool:
+    if conn.dialect == "postgresql":
+        [counted] = conn.batch([(HOLD_POSTGRES, params)],
+                               lock_organization=hold.organization_id, durable=False)
+        return bool(counted)
+    with conn.transaction(lock_organization=hold.organization_id):
+        if not conn.all(HOLD_IF_IT_FITS, params):
+            return False
+        for scope in (params["project_scope"], params["org_scope"]):
+            conn.run(ADD_HELD, {"scope": scope, "amount": hold.amount_pico})
+        return True
+
+
+def _release(conn: Conn, where: str, params: dict[str, object]) -> int:
+    with conn.transaction():
+        released = conn.all(f"DELETE FROM reservations WHERE {where} "
+                            "RETURNING project_id, organization_id, amount_pico", params)
+        unhold(conn, released)
+    return len(released)
 
 
 class Budgets:
@@ -134,14 +184,15 @@ class Budgets:
 
     async def release(self, hold: Hold) -> None:
         """The request never ran (refused by the engine, say): give the hold back."""
-        await self._direct.run(lambda conn: conn.run(
-            "DELETE FROM reservations WHERE request_id = :r", {"r": hold.request_id}))
+        await self._direct.run(lambda conn: _release(
+            conn, "request_id = :r", {"r": hold.request_id}))
 
     async def purge_expired(self) -> int:
-        """Holds of requests whose server died; already ignored by the sums."""
+        """Holds of requests whose server died: every server runs this every few seconds,
+        and until then an expired hold still counts against its budget."""
         at = now()
-        return await self._direct.run(lambda conn: conn.run(
-            "DELETE FROM reservations WHERE expires_at <= :at", {"at": conn.time(at)}))
+        return await self._direct.run(lambda conn: _release(
+            conn, "expires_at <= :at", {"at": conn.time(at)}))
 
     async def spend(self, column: str, ident: str) -> int:
         """Settled spend this month plus live holds."""

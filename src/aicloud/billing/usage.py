@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from aicloud.billing.budgets import Hold, month_key
+from aicloud.billing.budgets import SCOPES, Hold, month_key, scopes, unhold
 from aicloud.store.direct import Conn, DatabaseUnavailable, Direct
 
 log = logging.getLogger(__name__)
@@ -70,15 +70,20 @@ ADD_SPEND = (
     "excluded.spent_pico")
 
 
-# PostgreSQL: the row, the counters (only for a new row) and the settle in one round trip
+# PostgreSQL: the row, the spend counters (only for a new row) and the settle of the hold
+# (with its counters) in one statement, so one round trip
 WRITE_POSTGRES = f"""
 WITH new AS ({INSERT_USAGE} RETURNING cost_pico),
-     settled AS (DELETE FROM reservations WHERE request_id = :hold)
-INSERT INTO monthly_spend (scope, month, spent_pico)
-SELECT s.scope, :month, new.cost_pico FROM new
-CROSS JOIN (VALUES (:project_scope), (:org_scope)) AS s(scope) WHERE new.cost_pico <> 0
-ON CONFLICT (scope, month) DO UPDATE SET spent_pico = monthly_spend.spent_pico
-  + excluded.spent_pico
+     spent AS (
+       INSERT INTO monthly_spend (scope, month, spent_pico)
+       SELECT s.scope, :month, new.cost_pico FROM new CROSS JOIN {SCOPES}
+       WHERE new.cost_pico <> 0 ORDER BY s.ord
+       ON CONFLICT (scope, month) DO UPDATE
+       SET spent_pico = monthly_spend.spent_pico + excluded.spent_pico RETURNING 1),
+     settled AS (DELETE FROM reservations WHERE request_id = :hold RETURNING amount_pico)
+INSERT INTO budget_held (scope, held_pico)
+SELECT s.scope, -settled.amount_pico FROM settled CROSS JOIN {SCOPES} ORDER BY s.ord
+ON CONFLICT (scope) DO UPDATE SET held_pico = budget_held.held_pico + excluded.held_pico
 """
 
 
@@ -87,18 +92,19 @@ def _write(conn: Conn, entry: UsageEntry, hold: Hold | None) -> None:
     row["started_at"], row["finished_at"] = conn.time(entry.started_at), conn.time(
         entry.finished_at)
     month = month_key(entry.finished_at)
-    scopes = (f"project:{entry.project_id}", f"organization:{entry.organization_id}")
+    both = scopes(entry.project_id, entry.organization_id)
     if conn.dialect == "postgresql":
-        conn.batch([(WRITE_POSTGRES, {**row, "month": month, "project_scope": scopes[0],
-                                      "org_scope": scopes[1],
+        conn.batch([(WRITE_POSTGRES, {**row, **both, "month": month,
                                       "hold": hold.request_id if hold else None})])
         return
     with conn.transaction():  # SQLite has no writes inside WITH: the same, step by step
         if conn.run(INSERT_USAGE, row) and entry.cost_pico:
-            for scope in scopes:
+            for scope in both.values():
                 conn.run(ADD_SPEND, {"scope": scope, "month": month, "cost": entry.cost_pico})
         if hold is not None:
-            conn.run("DELETE FROM reservations WHERE request_id = :r", {"r": hold.request_id})
+            unhold(conn, conn.all("DELETE FROM reservations WHERE request_id = :r RETURNING "
+                                  "project_id, organization_id, amount_pico",
+                                  {"r": hold.request_id}))
 
 
 def _pid_alive(pid: int) -> bool:

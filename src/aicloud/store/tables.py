@@ -144,6 +144,16 @@ class MonthlySpend(Base):
     spent_pico: Mapped[int] = mapped_column(BigInteger)
 
 
+class BudgetHeld(Base):
+    """What a project's or organization's live holds add up to: the sum of its
+    `reservations` rows, kept in step with them so a budget check reads one row."""
+
+    __tablename__ = "budget_held"
+
+    scope: Mapped[str] = mapped_column(String(60), primary_key=True)
+    held_pico: Mapped[int] = mapped_column(BigInteger)
+
+
 class Credit(Base):
     """Money granted to an organization (top-up, refund); keyed so a retry adds it once."""
 
