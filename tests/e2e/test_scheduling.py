@@ -97,12 +97,13 @@ def test_back_pressure_refuses_with_retry_after(tmp_path: Path) -> None:
     """One slot, a line of two, two seconds of patience. A counting completion holds the
     slot; what waits too long or does not fit is refused with a real status (also for
     streams): 429 for the tenant that floods, 503 for one that merely arrives into it."""
-    srv = start_server(tmp_path / "home", "--context", "512", "--sequences", "1",
+    srv = start_server(tmp_path / "home", "--context", "1024", "--sequences", "1",
                        extra_env={"AICLOUD_MAX_QUEUE": "2", "AICLOUD_MAX_QUEUE_WAIT": "2"})
     try:
         hog, other = srv.new_key("hog"), srv.new_key("other")
         auth = {"Authorization": f"Bearer {hog}"}
-        counting = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 400,
+        # counts for ~9 s alone (900 tokens): it must outlast every wait below (~5 s)
+        counting = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 900,
                     "temperature": 0, "stream": True}
         with ThreadPoolExecutor(8) as pool, httpx.stream(
                 "POST", srv.base_url + "/v1/completions", json=counting, headers=auth,
