@@ -111,7 +111,7 @@ def _params(hold: Hold, at: datetime, expires: datetime, conn: Conn) -> dict[str
             "expires": conn.time(expires)}
 
 
-def unhold(conn: Conn, released: list[tuple[str, str, int]]) -> None:
+def _unhold(conn: Conn, released: list[tuple[str, str, int]]) -> None:
     """Take deleted holds (project, organization, amount) off the counters; inside the
     transaction that deleted them, with their amounts as the DELETE returned them, so a
     hold settled and purged at once is subtracted once."""
@@ -146,9 +146,8 @@ def _hold(conn: Conn, hold: Hold, at: datetime, expires: datetime) -> None:
 
 def _try_hold(conn: Conn, hold: Hold, params: dict[str, object]) -> bool:
     if conn.dialect == "postgresql":
-        [counted] = conn.batch([(HOLD_POSTGRES, params)],
-                               lock_organization=hold.organization_id, durable=False)
-        return bool(counted)
+        return bool(conn.round_trip(HOLD_POSTGRES, params,
+                                    lock_organization=hold.organization_id, durable=False))
     with conn.transaction(lock_organization=hold.organization_id):
         if not conn.all(HOLD_IF_IT_FITS, params):
             return False
@@ -157,12 +156,18 @@ def _try_hold(conn: Conn, hold: Hold, params: dict[str, object]) -> bool:
         return True
 
 
+def release_where(conn: Conn, where: str, params: dict[str, object]) -> int:
+    """Delete the holds `where` matches and take them off the counters; the caller's
+    transaction makes both one change."""
+    released = conn.all(f"DELETE FROM reservations WHERE {where} "
+                        "RETURNING project_id, organization_id, amount_pico", params)
+    _unhold(conn, released)
+    return len(released)
+
+
 def _release(conn: Conn, where: str, params: dict[str, object]) -> int:
     with conn.transaction():
-        released = conn.all(f"DELETE FROM reservations WHERE {where} "
-                            "RETURNING project_id, organization_id, amount_pico", params)
-        unhold(conn, released)
-    return len(released)
+        return release_where(conn, where, params)
 
 
 class Budgets:

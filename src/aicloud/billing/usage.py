@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from aicloud.billing.budgets import SCOPES, Hold, month_key, scopes, unhold
+from aicloud.billing.budgets import SCOPES, Hold, month_key, release_where, scopes
 from aicloud.store.direct import Conn, DatabaseUnavailable, Direct
 
 log = logging.getLogger(__name__)
@@ -94,17 +94,15 @@ def _write(conn: Conn, entry: UsageEntry, hold: Hold | None) -> None:
     month = month_key(entry.finished_at)
     both = scopes(entry.project_id, entry.organization_id)
     if conn.dialect == "postgresql":
-        conn.batch([(WRITE_POSTGRES, {**row, **both, "month": month,
-                                      "hold": hold.request_id if hold else None})])
+        conn.round_trip(WRITE_POSTGRES, {**row, **both, "month": month,
+                                         "hold": hold.request_id if hold else None})
         return
     with conn.transaction():  # SQLite has no writes inside WITH: the same, step by step
         if conn.run(INSERT_USAGE, row) and entry.cost_pico:
             for scope in both.values():
                 conn.run(ADD_SPEND, {"scope": scope, "month": month, "cost": entry.cost_pico})
         if hold is not None:
-            unhold(conn, conn.all("DELETE FROM reservations WHERE request_id = :r RETURNING "
-                                  "project_id, organization_id, amount_pico",
-                                  {"r": hold.request_id}))
+            release_where(conn, "request_id = :r", {"r": hold.request_id})
 
 
 def _pid_alive(pid: int) -> bool:

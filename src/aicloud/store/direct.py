@@ -21,7 +21,7 @@ import queue
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -35,7 +35,6 @@ SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"
 # an advisory lock writes nothing (a row lock would dirty the organization's row each time)
 LOCK_ORGANIZATION = "pg_advisory_xact_lock(hashtextextended(:organization, 0))"
 NOT_DURABLE = "set_config('synchronous_commit', 'off', true)"
-Step = tuple[str, Mapping[str, Any]]
 # PostgreSQL commits wait on the WAL flush; a few connections let those waits overlap
 POSTGRES_WORKERS = 4
 
@@ -79,9 +78,7 @@ class Conn:
         if self.dialect == "sqlite":
             self.raw.execute("BEGIN IMMEDIATE" if lock_organization else "BEGIN")
         else:
-            self.raw.execute("BEGIN")
-            if lock_organization:
-                self.one(f"SELECT {LOCK_ORGANIZATION}", {"organization": lock_organization})
+            self._begin_postgres(lock_organization, durable=True)
         try:
             yield
         except BaseException:
@@ -89,40 +86,39 @@ class Conn:
             raise
         self.raw.execute("COMMIT")
 
-    def batch(self, steps: Sequence[Step], lock_organization: str | None = None,
-              durable: bool = True) -> list[list[tuple[Any, ...]]]:
-        """`steps` as one transaction (locked as in `transaction`), returning each step's
-        rows. PostgreSQL gets them in one pipeline, so the whole transaction is a single
-        network round trip; the steps cannot branch on each other's results.
+    def _begin_postgres(self, lock_organization: str | None, durable: bool) -> None:
+        self.raw.execute("BEGIN")
+        preamble = [*([] if durable else [NOT_DURABLE]),
+                    *([LOCK_ORGANIZATION] if lock_organization else [])]
+        if preamble:
+            self.raw.execute(_pyformat(f"SELECT {', '.join(preamble)}"),
+                             {"organization": lock_organization})
+
+    def round_trip(self, sql: str, params: Mapping[str, Any], *,
+                   lock_organization: str | None = None,
+                   durable: bool = True) -> list[tuple[Any, ...]]:
+        """One PostgreSQL statement as its own transaction (locked as in `transaction`) in a
+        single network round trip: alone, or pipelined between BEGIN and COMMIT.
 
         `durable=False` lets PostgreSQL acknowledge the commit before its WAL reaches the
         disk: other sessions see it at once, and only a crash of PostgreSQL itself within
         a fraction of a second could lose it (SQLite in WAL mode with synchronous=NORMAL
         already commits this way)."""
-        if self.dialect == "sqlite":
-            with self.transaction(lock_organization):
-                return [self.raw.execute(sql, params).fetchall() for sql, params in steps]
-        if len(steps) == 1 and durable and not lock_organization:
-            [(sql, params)] = steps  # one statement is its own transaction
+        if durable and not lock_organization:
             cursor = self.raw.execute(_pyformat(sql), params)
-            return [cursor.fetchall() if cursor.description else []]
+            return cursor.fetchall() if cursor.description else []
         try:
             with self.raw.pipeline():
-                self.raw.execute("BEGIN")
-                preamble = [*([] if durable else [NOT_DURABLE]),
-                            *([LOCK_ORGANIZATION] if lock_organization else [])]
-                if preamble:
-                    self.raw.execute(_pyformat(f"SELECT {', '.join(preamble)}"),
-                                     {"organization": lock_organization})
-                cursors = [self.raw.execute(_pyformat(sql), params) for sql, params in steps]
+                self._begin_postgres(lock_organization, durable)
+                cursor = self.raw.execute(_pyformat(sql), params)
                 self.raw.execute("COMMIT")
         except BaseException:
             import psycopg
 
             if self.raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                self.raw.execute("ROLLBACK")  # a failed step skipped the COMMIT
+                self.raw.execute("ROLLBACK")  # a failed statement skipped the COMMIT
             raise
-        return [cursor.fetchall() if cursor.description else [] for cursor in cursors]
+        return cursor.fetchall() if cursor.description else []
 
     def time(self, moment: datetime) -> Any:
         """A timestamp as this database stores it."""

@@ -163,15 +163,23 @@ class Batcher:
     def step(self) -> None:
         """Decode without the lock (the event loop may queue meanwhile); the queue's
         bookkeeping for what the step produced happens under it."""
-        plan = self._plan()
-        if plan:
-            self._deliver(self._decode(plan))
+        calls = self._plan()
+        if calls:
+            self._deliver(self._decode(calls))
 
-    def _plan(self) -> list[PlanItem]:
+    def _plan(self) -> list[list[PlanItem]]:
         """The decoding sequences that waited longest get their next token; prompts fill
         what is left of the batch. A step that ends a prompt (and so makes its first token)
         decodes only a quarter as many others, so that first token is not held up by a full
-        step; the ones left out go first next step."""
+        step; the ones left out go first next step.
+
+        Returns the step as `llama_decode` calls: one on a unified cache. With per-sequence
+        KV streams llama.cpp would split a mixed batch itself, in shapes that depend on the
+        load (a prompt's first token decoded with the next tokens of other sequences, its
+        rest alone): rows of one token and rows of several take different CPU kernels
+        (vec_dot vs tinyBLAS for attention), so the decodes share one call and each prompt
+        chunk gets its own, and every row is computed as it would be with the request
+        alone."""
         width = self.config.step_sequences or len(self.running)
         decoding = [s for s in self.running if s.state is SeqState.DECODE]
         budget = self.config.batch_tokens - min(width, len(decoding))
@@ -186,13 +194,14 @@ class Batcher:
         if len(decoding) > width:
             decoding = heapq.nsmallest(width, decoding, key=lambda s: s.last_step)
         self.steps += 1
-        plan = [(seq, [seq.last_token], True) for seq in decoding] + prompts
-        for seq, _, _ in plan:
+        decodes: list[PlanItem] = [(seq, [seq.last_token], True) for seq in decoding]
+        for seq, _, _ in (*decodes, *prompts):
             seq.last_step = self.steps
-        return plan
+        if self.config.unified_kv:
+            return [decodes + prompts] if decodes or prompts else []
+        return ([decodes] if decodes else []) + [[item] for item in prompts]
 
-    def _decode(self, plan: list[PlanItem]) -> list[Outcome]:
-        groups = self._groups(plan)
+    def _decode(self, groups: list[list[PlanItem]]) -> list[Outcome]:
         out: list[Outcome] = []
         for k, group in enumerate(groups):
             outputs = self._fill(group)
@@ -214,19 +223,6 @@ class Batcher:
             with self._wake:
                 out += [self._account(seq, token) for seq, token in sampled]
         return out
-
-    def _groups(self, plan: list[PlanItem]) -> list[list[PlanItem]]:
-        """One `llama_decode` for the whole step on a unified cache. With per-sequence KV
-        streams llama.cpp would split a mixed batch itself, in shapes that depend on the
-        load (a prompt's first token decoded with the next tokens of other sequences, its
-        rest alone): rows of one token and rows of several take different CPU kernels
-        (vec_dot vs tinyBLAS for attention), so each prompt chunk gets its own call and
-        every row is computed as it would be with the request alone."""
-        if self.config.unified_kv:
-            return [plan]
-        decoding = [item for item in plan if item[0].state is SeqState.DECODE]
-        return ([decoding] if decoding else []) + [[item] for item in plan
-                                                   if item[0].state is not SeqState.DECODE]
 
     def _fill(self, plan: list[PlanItem]) -> list[tuple[Sequence, int]]:
         batch, i = self._batch, 0
