@@ -134,8 +134,11 @@ def test_openapi_describes_v1_bodies_and_the_400_actually_sent(server: Server) -
         assert {"model", field, "max_tokens", "stream"} <= set(body["properties"])
         assert operation["responses"]["400"]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/Error"}
-    responses = [code for item in spec["paths"].values() for op in item.values()
-                 for code in op["responses"]]
+    operations = [op for item in spec["paths"].values() for op in item.values()]
+    responses = [code for op in operations for code in op["responses"]]
+    assert all(op["responses"]["default"] == operation["responses"]["400"]
+               | {"description": op["responses"]["default"]["description"]}
+               for op in operations)  # 401, 404, 429, 503...: the same shape
     assert "422" not in responses and "HTTPValidationError" not in schemas
     error = schemas["Error"]["properties"]["error"]
     assert set(error["required"]) == {"message", "type", "param", "code"}

@@ -1,7 +1,8 @@
 """The OpenAPI document as the API behaves. Bodies are parsed by `parse_body` (strict JSON,
 clean 400s), so FastAPI does not see them: `request_body` puts their schema in all the
 same. Bad input is always a 400 in OpenAI's error shape, so FastAPI's default 422
-(which never happens here) gives way to that 400."""
+(which never happens here) gives way to that 400, and every other error status is
+documented in the same shape."""
 
 from __future__ import annotations
 
@@ -23,9 +24,12 @@ ERROR = {
                        "param": NULLABLE_STRING, "code": NULLABLE_STRING},
     }},
 }
+AS_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
 BAD_REQUEST = {"description": "Invalid request: the error names the field (`param`)",
-               "content": {"application/json": {
-                   "schema": {"$ref": "#/components/schemas/Error"}}}}
+               "content": AS_ERROR}
+# 401, 403, 404, 413, 429 (with retry-after), 503 (with retry-after): all in one shape
+OTHER_ERRORS = {"description": "Any other refusal or failure, in the same shape",
+                "content": AS_ERROR}
 LOCAL_REF = "#/$defs/"
 COMPONENT_REF = "#/components/schemas/"
 
@@ -52,6 +56,7 @@ def describe(app: FastAPI) -> dict[str, Any]:
             responses.pop("422", None)
             if "requestBody" in operation or operation.get("parameters"):
                 responses.setdefault("400", BAD_REQUEST)
+            responses.setdefault("default", OTHER_ERRORS)
             for media in operation.get("requestBody", {}).get("content", {}).values():
                 media["schema"] = _hoist(media.get("schema", {}), schemas)
     app.openapi_schema = doc
@@ -72,7 +77,8 @@ def _hoist(schema: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
         names[name] = unique
     for name, definition in defs.items():
         schemas[names[name]] = _relinked(definition, names)
-    return _relinked(schema, names)
+    hoisted: dict[str, Any] = _relinked(schema, names)
+    return hoisted
 
 
 def _relinked(node: Any, names: dict[str, str]) -> Any:
