@@ -9,10 +9,12 @@ import asyncio
 import os
 import re
 import secrets
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -278,3 +280,40 @@ def test_a_corrupt_model_file_is_one_line_not_a_traceback(tmp_path: Path) -> Non
     assert "Traceback" not in done.stderr and len(lines) < 15, done.stderr
     about = [line for line in lines if "truncated.gguf" in line]
     assert len(about) == 1 and "ERROR" in about[0], done.stderr
+
+
+def test_which_refusals_leave_a_usage_row(tmp_path: Path) -> None:
+    """As docs/operations.md says: a request shed from the model's line after admission
+    leaves a row with its status and no tokens (the row releases its hold); one refused
+    at admission (RPM) or at the door of a full line leaves none."""
+    srv = start_server(tmp_path / "home", "--context", "1024", "--sequences", "1",
+                       extra_env={"AICLOUD_MAX_QUEUE": "1", "AICLOUD_MAX_QUEUE_WAIT": "3"})
+    try:
+        with srv.admin() as root:
+            t = tenant(root, "refusals")
+            limited = ok(root.post("/keys", json={"project_id": t["project"]["id"],
+                                                  "name": "slow", "rpm_limit": 1}), 201)
+        assert chat(srv, limited["secret"], max_tokens=2).status_code == 200
+        assert chat(srv, limited["secret"], max_tokens=2).status_code == 429  # RPM
+        key = t["key"]["secret"]
+        counting = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 1000,
+                    "temperature": 0, "stream": True}
+        with ThreadPoolExecutor(1) as pool, httpx.stream(
+                "POST", srv.base_url + "/v1/completions", json=counting, headers=bearer(key),
+                timeout=120) as holder:  # holds the one slot throughout
+            assert holder.status_code == 200
+            assert chat(srv, key, max_tokens=2).status_code == 429  # shed after 3 s
+            waiting = pool.submit(chat, srv, key, max_tokens=2)
+            time.sleep(1.0)
+            assert chat(srv, key, max_tokens=2).status_code == 429  # the line is full
+            assert waiting.result().status_code == 429  # shed after 3 s
+    finally:
+        srv.stop()
+    with sqlite3.connect(srv.db) as conn:
+        rows = conn.execute("SELECT api_key_id, status, prompt_tokens, completion_tokens "
+                            "FROM usage ORDER BY started_at").fetchall()
+    assert [r[1] for r in rows if r[0] == limited["id"]] == ["length"]  # 2 tokens
+    mine = [r[1:] for r in rows if r[0] == t["key"]["id"]]
+    assert [r for r in mine if r[0] == "throttled"] == [("throttled", 0, 0)] * 2, rows
+    held = [r for r in mine if r[0] != "throttled"]  # the door's refusal left nothing
+    assert len(held) == 1 and held[0][0] in ("cancelled", "length") and held[0][2] > 0, rows
