@@ -310,17 +310,19 @@ class ReplicaSet:
         self._spawn(self._revive(replica))
 
     async def _revive(self, replica: Replica) -> None:
-        """Ray restarts the actor process; the first call loads the model again. Each
-        failed attempt is logged (the first with its traceback), then retried."""
+        """Ray restarts the actor process; the first call loads the model again. Failed
+        attempts are logged (the first with its traceback; then attempts 2, 4, 8...,
+        so a node that stays away does not flood the log) and retried each tick."""
         for attempt in itertools.count(1):
             if replica not in self.replicas or replica.state != "dead":
                 return
             try:
                 await asyncio.wait_for(self._ready(replica), timeout=120)
             except Exception as exc:
-                log.warning("replica %s:%d not back yet (attempt %d): %s: %s",
-                            self.model_id, replica.index, attempt, type(exc).__name__, exc,
-                            exc_info=exc if attempt == 1 else None)
+                if attempt & (attempt - 1) == 0:
+                    log.warning("replica %s:%d not back yet (attempt %d): %s: %s",
+                                self.model_id, replica.index, attempt, type(exc).__name__,
+                                exc, exc_info=exc if attempt == 1 else None)
                 await asyncio.sleep(self._tick)
 
     # -- scaling and health ----------------------------------------------------------------------
