@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from aicloud.api.deps import PoolDep, current_admin
+from aicloud.api.errors import APIError
 from aicloud.cluster.replica_set import ReplicaSet
 from aicloud.engines.base import Engine
 
@@ -32,11 +33,15 @@ def engine_view(engine: Engine, *, whereabouts: bool = True) -> dict[str, Any]:
 
 
 async def _from_admin(request: Request) -> bool:
-    """A request without credentials gets the public view; one with credentials must
-    carry a valid admin key (a wrong key is a 401, never a quietly public answer)."""
+    """Whether the request carries a valid admin key. Any other credentials (an API key
+    a client sends everywhere, a revoked admin key) get the public view, never a 401: a
+    probe must not fail over who is asking."""
     if "authorization" not in request.headers:
         return False
-    await current_admin(request)
+    try:
+        await current_admin(request)
+    except APIError:
+        return False
     return True
 
 
