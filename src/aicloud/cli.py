@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from functools import partial
 from typing import Annotated, Literal
 
 import typer
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from aicloud import admin_cli, logs
 from aicloud.cluster.replica import EngineFactory, ReplicaSpec
@@ -88,6 +90,26 @@ def on_ray(settings: Settings, model_id: str, make: EngineFactory) -> Engine:
                       address=settings.ray_address or "auto")
 
 
+class OneLineLoadErrors:
+    """A model that cannot load (a corrupt or truncated file, a wrong path) is the
+    operator's input, not a bug: say so in one line instead of uvicorn's 45-line
+    traceback of the startup. Starlette reports a failed startup from inside its
+    `except` block, so the error at hand is the one that failed it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_briefly(message: Message) -> None:
+            error = sys.exc_info()[1]
+            if message["type"] == "lifespan.startup.failed" and isinstance(
+                    error, ModelLoadError | CatalogError):
+                message = {**message, "message": f"cannot serve the model: {error}"}
+            await send(message)
+
+        await self.app(scope, receive, send_briefly if scope["type"] == "lifespan" else send)
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="address to listen on")] = None,
@@ -135,35 +157,46 @@ def serve(
                                        kv_budget_mb=kv_budget_mb, weights=weights,
                                        ray_address=ray, replicas=replicas,
                                        min_replicas=min_replicas, max_replicas=max_replicas,
-                                       replica_cpus=replica_cpus).items() if v}
+                                       replica_cpus=replica_cpus).items()
+                 if v is not None}  # `--port 0` is a port: any free one
     settings = Settings(**overrides)
     log_config = logs.setup(settings.log_level)
     try:
         pool = build_pool(settings)
     except (CatalogError, ModelLoadError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--model") from None
-    uvicorn.run(create_app(settings, pool), host=settings.host, port=settings.port,
-                log_level=settings.log_level, log_config=log_config, loop="auto", http="auto")
+    # with port 0 the OS picks a free port; uvicorn's "running on" line names it
+    uvicorn.run(OneLineLoadErrors(create_app(settings, pool)), host=settings.host,
+                port=settings.port, log_level=settings.log_level, log_config=log_config,
+                loop="auto", http="auto")
 
 
 @app.command()
 def status(url: Annotated[str | None, typer.Option(
-        help="the server (default: http://AICLOUD_HOST:AICLOUD_PORT)")] = None) -> None:
+        help="the server (default: http://AICLOUD_HOST:AICLOUD_PORT)")] = None,
+           admin_key: Annotated[str | None, typer.Option(
+        envvar="AICLOUD_ADMIN_KEY",
+        help="an admin key, to see the node and process of each replica")] = None) -> None:
     """Models, their load and, on Ray, where every replica runs."""
     import httpx
 
     settings = Settings()
     base = url or f"http://{settings.host}:{settings.port}"
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
     try:
-        health = httpx.get(f"{base}/healthz", timeout=10).json()
+        resp = httpx.get(f"{base}/healthz", headers=headers, timeout=10)
     except httpx.HTTPError as exc:
         typer.echo(f"error: {base} is not answering ({type(exc).__name__})", err=True)
         raise typer.Exit(1) from None
+    if resp.status_code != 200:
+        typer.echo(f"error: {base}: {resp.json()['error']['message']}", err=True)
+        raise typer.Exit(1)
+    health = resp.json()
     typer.echo(f"{base}: {health['status']}")
     for model, view in health["models"].items():
         typer.echo(f"{model}: {view['running']} running, {view['waiting']} waiting, "
                    f"{view['tokens_per_second']} tok/s")
         for r in view.get("placement", {}).get("replicas", []):
-            typer.echo(f"  replica {r['index']}: {r['state']:<9} node {r['node_ip']} "
-                       f"pid {r['pid']}  {r['running']}/{r['capacity']} running, "
-                       f"{r['served']} served")
+            where = f"node {r['node_ip']} pid {r['pid']}" if "pid" in r else ""
+            typer.echo(f"  replica {r['index']}: {r['state']:<9} {where}  "
+                       f"{r['running']}/{r['capacity']} running, {r['served']} served")

@@ -4,9 +4,12 @@ by the server's lifespan or by a CLI command, so both run the very same code."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,6 +26,8 @@ from aicloud.limits.buckets import Limiter, MemoryLimiter
 from aicloud.limits.policy import RateLimits
 from aicloud.store import db
 from aicloud.store.direct import DatabaseUnavailable, Direct, vacuum_churn_tables
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -41,13 +46,22 @@ class Cloud:
     async def maintain(self, every: float = 5.0, vacuum_every: int = 2) -> None:
         """The server's housekeeping task: write spooled usage once the database is back,
         drop budget holds that outlived their (crashed) request, and (every
-        `vacuum_every` rounds) vacuum the request path's tables if nothing else does."""
+        `vacuum_every` rounds) vacuum the request path's tables if nothing else does.
+        Each chore fails alone: an error is logged and the next round runs all the same
+        (an unreachable database is expected during an outage and only noted at debug)."""
         for round_ in itertools.count(1):
-            with contextlib.suppress(DBAPIError, DatabaseUnavailable):
-                await self.ledger.replay()
-                await self.budgets.purge_expired()
-                if round_ % vacuum_every == 0:
-                    await self.direct.run(vacuum_churn_tables)
+            chores: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+                ("spool replay", self.ledger.replay), ("hold purge", self.budgets.purge_expired)]
+            if round_ % vacuum_every == 0:
+                chores.append(("vacuum", partial(self.direct.run, vacuum_churn_tables)))
+            for name, chore in chores:
+                try:
+                    await chore()
+                except (DBAPIError, DatabaseUnavailable) as exc:
+                    log.debug("housekeeping waits for the database: %s", type(exc).__name__)
+                    break
+                except Exception:
+                    log.exception("housekeeping: %s failed; the next round retries", name)
             await asyncio.sleep(every)
 
     async def close(self) -> None:

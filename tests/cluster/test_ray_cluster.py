@@ -47,7 +47,10 @@ def cluster_server(ray_address: str, tmp_path_factory: pytest.TempPathFactory
 
 
 def placement(server: Server) -> dict[str, Any]:
-    return httpx.get(server.base_url + "/healthz").json()["models"][MODEL]["placement"]
+    """As an admin sees it: node addresses and process ids are not for anyone else."""
+    admin = server.keys.setdefault("admin", server.admin_key())
+    return httpx.get(server.base_url + "/healthz", headers={"Authorization": f"Bearer {admin}"}
+                     ).json()["models"][MODEL]["placement"]
 
 
 def wait_for(check: Any, timeout: float = 90) -> Any:

@@ -261,3 +261,90 @@ def test_expiry_follows_arrival_order_across_pops() -> None:
     clock.now = 16.0
     assert [item for item, _ in q.expired()] == ["a-1"]
     assert q.next_expiry() is None
+
+
+def serve_one(q: FairQueue, item: str, tenant: str, tokens: int) -> None:
+    """One request from arrival to finish, `tokens` output tokens."""
+    q.push(item, tenant)
+    assert q.pop() == item
+    q.started(tenant)
+    q.charge(tenant, output_tokens=tokens)
+    q.finished(tenant)
+
+
+def tenants_of(q: FairQueue) -> dict[str, float]:
+    return {t.tenant: t.counter for t in q.metrics()}
+
+
+def test_idle_tenants_are_forgotten_so_state_stays_bounded() -> None:
+    clock = Clock()
+    q = FairQueue(SchedulingConfig(forget_after=100.0), clock)
+    for i in range(50):  # a churn of one-request tenants (keys that come and go)
+        serve_one(q, f"t{i}-0", f"t{i}", tokens=5)
+        clock.now += 10
+    # only those seen within the last 100 s, plus the sweep's lag of 25 s
+    assert 10 <= len(tenants_of(q)) <= 13
+    clock.now += 200
+    assert tenants_of(q) == {}  # nobody waits or runs: every label set is gone
+    q.push("late-0", "late")
+    # the floor survives its tenant: the newcomer starts where t49 left, not at zero
+    assert tenants_of(q) == {"late": 500.0}
+
+
+def test_busy_tenants_are_never_forgotten() -> None:
+    clock = Clock()
+    q = FairQueue(SchedulingConfig(forget_after=100.0, max_wait=1e9), clock)
+    q.push("waits-0", "waits")
+    q.started("runs")  # a generation that outlasts the idle period
+    clock.now += 1000
+    assert set(tenants_of(q)) == {"waits", "runs"}
+    q.finished("runs")
+    clock.now += 99
+    assert set(tenants_of(q)) == {"waits", "runs"}  # idle since it finished: too soon
+    clock.now += 30
+    assert set(tenants_of(q)) == {"waits"}
+
+
+def test_a_forgotten_tenant_returns_lifted_and_banks_nothing() -> None:
+    clock = Clock()
+    q = FairQueue(SchedulingConfig(forget_after=100.0), clock)
+    serve_one(q, "idle-0", "idle", tokens=10)  # counter 20, then away
+    for i in range(30):
+        q.push(f"busy-{i}", "busy")
+    for _ in range(10):
+        q.pop()
+        q.charge("busy", output_tokens=10)  # busy keeps being served: counter 220
+        clock.now += 30
+    assert "idle" not in tenants_of(q)
+    for i in range(10):
+        q.push(f"idle-{i}", "idle")
+    assert tenants_of(q)["idle"] == tenants_of(q)["busy"] == 220.0  # level with busy
+    assert Counter(drain(q)[:10]) == {"idle": 5, "busy": 5}
+
+
+def test_the_last_to_leave_returns_to_its_own_counter() -> None:
+    clock = Clock()
+    q = FairQueue(SchedulingConfig(forget_after=100.0), clock)
+    serve_one(q, "a-0", "a", tokens=20)  # a is the last to leave, counter 40
+    clock.now += 500
+    assert tenants_of(q) == {}
+    q.push("a-1", "a")
+    q.push("b-0", "b")
+    assert tenants_of(q) == {"a": 40.0, "b": 40.0}
+
+
+def test_a_tenant_ahead_of_everyone_keeps_its_debt_while_idle() -> None:
+    clock = Clock()
+    q = FairQueue(SchedulingConfig(forget_after=100.0), clock)
+    serve_one(q, "heavy-0", "heavy", tokens=500)  # counter 1000
+    serve_one(q, "light-0", "light", tokens=5)  # lifted to 1000, then 1010
+    serve_one(q, "mid-0", "mid", tokens=1)  # 1012: the level, the last to leave
+    q.charge("heavy", output_tokens=1000)  # a long stream's tail: 3000, far ahead
+    clock.now += 1000
+    assert set(tenants_of(q)) == {"heavy"}  # forgetting it would wipe a debt
+    for i in range(3):
+        q.push(f"newbie-{i}", "newbie")  # lifted to the level, 1012
+    for i in range(3):
+        q.push(f"heavy-{i + 1}", "heavy")  # keeps 3000
+    assert tenants_of(q) == {"heavy": 3000.0, "newbie": 1012.0}
+    assert drain(q, tokens=1)[:3] == ["newbie"] * 3

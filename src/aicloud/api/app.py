@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from aicloud.api import errors
+from aicloud.api import errors, openapi
 from aicloud.api.body_limit import BodyLimit
 from aicloud.api.routes import admin, health, metrics, openai
 from aicloud.api.telemetry import Telemetry
@@ -17,6 +17,7 @@ from aicloud.config import Settings
 from aicloud.models.pool import ModelPool
 from aicloud.services import open_cloud
 from aicloud.store import migrate
+from aicloud.tasks import supervised
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         app.state.telemetry = Telemetry()
         app.state.fair_share_by = settings.fair_share_by
         app.state.metrics_public = settings.metrics_public
-        housekeeping = asyncio.create_task(cloud.maintain())
+        housekeeping = asyncio.create_task(supervised("housekeeping", cloud.maintain))
         log.info("serving models: %s", ", ".join(c.id for c in pool.cards()))
         try:
             yield
@@ -53,4 +54,5 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.openapi = lambda: openapi.describe(app)  # type: ignore[method-assign]
     return app

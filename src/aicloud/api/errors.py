@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aicloud.accounts.base import AccountError, Forbidden, NotFound
 from aicloud.billing.money import MoneyError
+from aicloud.engines.base import EngineUnavailable
 from aicloud.store.direct import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,11 @@ def install(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = "not found" if exc.status_code == 404 else str(exc.detail)
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(EngineUnavailable)
+    async def _unavailable(_: Request, exc: EngineUnavailable) -> JSONResponse:
+        return error_response(503, exc.message, code="model_unavailable",
+                              headers={"retry-after": str(max(1, round(exc.retry_after)))})
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)

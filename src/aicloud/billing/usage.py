@@ -5,6 +5,8 @@ monthly spend counters in the same transaction (the counters only when the row i
 If the database stays away longer than the retries, the entry goes to a spool file in
 the server's home (appended and fsynced before the response finishes) and is written
 later by a background task. Rows are keyed by request id, so replaying twice is harmless.
+A spooled line that can never be written (torn by a crash mid-append, refused by the
+database) moves to a quarantine file instead of blocking the lines after it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from aicloud.store.direct import Conn, DatabaseUnavailable, Direct
 log = logging.getLogger(__name__)
 
 RETRY_DELAYS = (0.05, 0.2, 1.0)
-SPOOL_GLOB = "usage-spool-*.jsonl"
+SPOOL_PREFIX, SPOOL_SUFFIX = "usage-spool-", ".jsonl"
+SPOOL_GLOB = f"{SPOOL_PREFIX}*{SPOOL_SUFFIX}"
+# lines that can never be replayed, kept for a person to look at (outside SPOOL_GLOB)
+QUARANTINE = "usage-quarantine.jsonl"
 
 
 @dataclass(slots=True, frozen=True)
@@ -105,6 +110,29 @@ def _write(conn: Conn, entry: UsageEntry, hold: Hold | None) -> None:
             release_where(conn, "request_id = :r", {"r": hold.request_id})
 
 
+def _append_fsynced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _spool_pid(path: Path) -> int | None:
+    """The process id in `usage-spool-<pid>.jsonl`, or None for any other name."""
+    pid = path.name[len(SPOOL_PREFIX):-len(SPOOL_SUFFIX)]
+    return int(pid) if pid.isascii() and pid.isdigit() and 0 < len(pid) < 10 else None
+
+
+def _refused_row(exc: Exception) -> bool:
+    """The database (or the driver, binding values) refuses the row itself: it always
+    will. DB-API drivers name these DataError and IntegrityError."""
+    if isinstance(exc, ValueError | TypeError | OverflowError):
+        return True
+    return any(c.__name__ in ("DataError", "IntegrityError") for c in type(exc).__mro__)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -121,6 +149,7 @@ class UsageLedger:
         self._spool_dir = spool_dir
         self._spool = spool_dir / f"usage-spool-{os.getpid()}.jsonl" if spool_dir else None
         self._lock = asyncio.Lock()
+        self._odd: set[str] = set()  # spool-looking files already reported as not ours
 
     async def record(self, entry: UsageEntry, hold: Hold | None = None) -> None:
         """Idempotent by request id. Retried briefly; then spooled, so a caller can send
@@ -146,21 +175,24 @@ class UsageLedger:
 
     def _append_sync(self, line: str) -> None:
         assert self._spool is not None
-        fd = os.open(self._spool, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            os.write(fd, line.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append_fsynced(self._spool, line.encode())
 
     async def replay(self) -> int:
         """Write spooled entries: this process's, and those of processes that died.
-        Returns how many were written; stops at the first failure and keeps the rest."""
+        Returns how many were written; stops at the first failure to reach the database
+        and keeps the rest. A file whose name carries no process id is left alone (and
+        reported once); a line that cannot be read or written is quarantined."""
         if self._spool_dir is None:
             return 0
         written = 0
         for path in sorted(self._spool_dir.glob(SPOOL_GLOB)):
-            pid = int(path.stem.rsplit("-", 1)[1])
+            pid = _spool_pid(path)
+            if pid is None:
+                if path.name not in self._odd:
+                    self._odd.add(path.name)
+                    log.warning("ignoring %s in the spool folder: not a usage-spool-<pid> "
+                                "file of ours", path.name)
+                continue
             if path != self._spool and _pid_alive(pid):
                 continue
             written += await self._replay_file(path)
@@ -168,27 +200,53 @@ class UsageLedger:
 
     async def _replay_file(self, path: Path) -> int:
         async with self._lock:
-            lines = await asyncio.to_thread(path.read_text)
-            entries = [_decode(line) for line in lines.splitlines() if line.strip()]
-            done = 0
+            lines = (await asyncio.to_thread(path.read_bytes)).splitlines(keepends=True)
+            done = written = 0
             try:
-                for entry, hold in entries:
-                    await self._insert(entry, hold)
+                for number, line in enumerate(lines, 1):
+                    if line.strip():
+                        written += await self._replay_line(path, number, line)
                     done += 1
             finally:
-                rest = lines.splitlines(keepends=True)[done:]
-                await asyncio.to_thread(self._rewrite, path, rest)
-            if done:
-                log.info("wrote %d spooled usage rows from %s", done, path.name)
-            return done
+                await asyncio.to_thread(self._rewrite, path, lines[done:])
+            if written:
+                log.info("wrote %d spooled usage rows from %s", written, path.name)
+            return written
+
+    async def _replay_line(self, path: Path, number: int, line: bytes) -> bool:
+        """Write one spooled entry; False if it went to quarantine. A failure to reach
+        the database, or one that is not about this line, leaves it (and the rest) for
+        the next round; a line that can never be written is quarantined."""
+        try:
+            entry, hold = _decode(line.decode())
+        except Exception as exc:  # torn by a crash mid-append, or edited by hand
+            await self._quarantine(path, number, line, exc)
+            return False
+        try:
+            await self._insert(entry, hold)
+        except Exception as exc:
+            if not _refused_row(exc):
+                raise
+            await self._quarantine(path, number, line, exc)
+            return False
+        return True
+
+    async def _quarantine(self, path: Path, number: int, line: bytes,
+                          exc: Exception) -> None:
+        assert self._spool_dir is not None
+        target = self._spool_dir / QUARANTINE
+        log.error("spooled usage line %s:%d (%d bytes) cannot be replayed (%s: %s); moved "
+                  "to %s", path.name, number, len(line), type(exc).__name__, exc, target.name)
+        await asyncio.to_thread(_append_fsynced, target,
+                                line if line.endswith(b"\n") else line + b"\n")
 
     @staticmethod
-    def _rewrite(path: Path, rest: list[str]) -> None:
+    def _rewrite(path: Path, rest: list[bytes]) -> None:
         if not rest:
             path.unlink(missing_ok=True)
             return
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(rest))
+        tmp.write_bytes(b"".join(rest))
         os.replace(tmp, path)
 
     async def _insert(self, entry: UsageEntry, hold: Hold | None) -> None:

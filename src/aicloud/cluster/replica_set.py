@@ -28,6 +28,7 @@ from aicloud.engines.base import (
     EngineError,
     EngineInfo,
     EngineStats,
+    EngineUnavailable,
     FinishReason,
     GenerationRequest,
     TenantLoad,
@@ -35,6 +36,10 @@ from aicloud.engines.base import (
 )
 
 log = logging.getLogger(__name__)
+
+# how long a caller refused for want of a replica should wait: Ray restarts a dead actor
+# at once, and loading the bundled model in it takes about a second
+UNAVAILABLE_RETRY = 2.0
 
 
 @dataclass(slots=True)
@@ -146,7 +151,8 @@ class ReplicaSet:
 
     def info(self) -> EngineInfo:
         if self._info is None:
-            raise EngineError(f"model {self.model_id} is not running")
+            raise EngineUnavailable(f"model {self.model_id} is not running yet",
+                                    retry_after=UNAVAILABLE_RETRY)
         total = sum(r.capacity for r in self.replicas if r.state == "ready")
         return EngineInfo(self.model_id, self._info.context_length, max(total, 1), self.kind)
 
@@ -167,7 +173,8 @@ class ReplicaSet:
                 raise _cause(exc) from None
             except RayActorError:
                 self._lost(replica)
-        raise EngineError(f"no replica of {self.model_id} is available; retry shortly")
+        raise EngineUnavailable(f"no replica of {self.model_id} is available; retry shortly",
+                                retry_after=UNAVAILABLE_RETRY)
 
     async def generate(self, request: GenerationRequest) -> ClusterStream:
         self._check(request)
@@ -303,11 +310,19 @@ class ReplicaSet:
         self._spawn(self._revive(replica))
 
     async def _revive(self, replica: Replica) -> None:
-        """Ray restarts the actor process; the first call loads the model again."""
-        while replica in self.replicas and replica.state == "dead":
+        """Ray restarts the actor process; the first call loads the model again. Failed
+        attempts are logged (the first with its traceback; then attempts 2, 4, 8...,
+        so a node that stays away does not flood the log) and retried each tick."""
+        for attempt in itertools.count(1):
+            if replica not in self.replicas or replica.state != "dead":
+                return
             try:
                 await asyncio.wait_for(self._ready(replica), timeout=120)
-            except Exception:
+            except Exception as exc:
+                if attempt & (attempt - 1) == 0:
+                    log.warning("replica %s:%d not back yet (attempt %d): %s: %s",
+                                self.model_id, replica.index, attempt, type(exc).__name__,
+                                exc, exc_info=exc if attempt == 1 else None)
                 await asyncio.sleep(self._tick)
 
     # -- scaling and health ----------------------------------------------------------------------
@@ -342,8 +357,11 @@ class ReplicaSet:
             await asyncio.sleep(min(self._tick, self.queue.next_expiry() or self._tick))
             for stream, everyone in self.queue.expired():
                 self._refuse(stream, everyone=everyone)
-            with contextlib.suppress(Exception):
+            try:
                 await self._refresh_stats()
+            except Exception as exc:  # stale numbers until the next tick; say why
+                log.warning("could not read the replicas' stats of %s: %s: %s",
+                            self.model_id, type(exc).__name__, exc)
             self._autoscale(time.monotonic())
 
     async def _refresh_stats(self) -> None:

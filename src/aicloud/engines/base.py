@@ -60,6 +60,17 @@ class EngineOverloaded(EngineError):
         self.everyone = everyone
 
 
+class EngineUnavailable(Exception):
+    """Nothing can take the request right now (every replica of the model is down or
+    still loading). Not the request's fault, so not an EngineError: the API answers 503
+    with `retry_after`, the same on every route."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
 def completion_limit(request: GenerationRequest, window: int, vocab: int | None = None) -> int:
     """Every engine refuses the same requests the same way: an empty prompt, token ids the
     model does not have (when `vocab` is known), or more tokens than a sequence holds.

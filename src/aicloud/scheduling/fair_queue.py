@@ -5,6 +5,9 @@ weighted separately, divided by the tenant's weight). The next admission goes to
 waiting tenant with the smallest counter; a tenant that comes back from idle is lifted to
 the smallest counter among waiting tenants, so time away cannot be banked as credit.
 Priority classes apply first: any waiting `interactive` request runs before any `batch` one.
+A tenant idle for `forget_after` seconds is forgotten once forgetting cannot change where
+it would stand on return, so the state (and the metric label sets) stay bounded by the
+tenants recently seen.
 
 Pure Python with an injectable clock: the engine thread drives it under its own lock, and
 tests drive it deterministically.
@@ -53,11 +56,12 @@ class SchedulingConfig:
     max_waiting: int = 1024
     max_wait: float = 60.0
     reserve: int | None = None
+    forget_after: float = 600.0
 
     def __post_init__(self) -> None:
         self.mode = Mode(self.mode)
-        if self.max_waiting < 1 or self.max_wait <= 0:
-            raise ValueError("max_waiting and max_wait must be positive")
+        if self.max_waiting < 1 or self.max_wait <= 0 or self.forget_after <= 0:
+            raise ValueError("max_waiting, max_wait and forget_after must be positive")
         if min(self.input_weight, self.output_weight) < 0:
             raise ValueError("token weights cannot be negative")
 
@@ -82,12 +86,17 @@ class TenantState:
     running: int = 0
     served_input: int = 0
     served_output: int = 0
+    seen: float = 0.0  # when it last queued, started, was served or finished
     waiting: dict[Priority, deque[Entry]] = field(
         default_factory=lambda: {p: deque() for p in Priority})
 
     @property
     def n_waiting(self) -> int:
         return sum(len(q) for q in self.waiting.values())
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.n_waiting)
 
 
 @dataclass(slots=True, eq=False)
@@ -112,6 +121,8 @@ class FairQueue:
         self._entries: dict[Hashable, Entry] = {}
         self._arrivals = 0
         self._last_left: str | None = None  # whose request left the line last
+        self._left_counter = 0.0  # its counter, once it is forgotten
+        self._next_sweep = clock() + self.config.forget_after
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -123,8 +134,9 @@ class FairQueue:
         """Queue `item`; returns items evicted to make room (the caller refuses them with
         a 429), or raises EngineOverloaded. Called when a request arrives."""
         priority = _valid(priority, weight)
+        self._sweep()
         evicted = self._make_room(tenant) if len(self) >= self.config.max_waiting else []
-        state = self._tenants.setdefault(tenant, TenantState())
+        state = self._state(tenant)
         state.weight = weight
         if state.n_waiting == 0:
             self._lift(tenant, state)
@@ -137,11 +149,43 @@ class FairQueue:
     def _lift(self, tenant: str, state: TenantState) -> None:
         """No banking: a returning tenant starts level with the least-served waiting one
         (or with whoever left the line last, when nobody waits)."""
+        state.counter = max(state.counter, self._level(tenant))
+
+    def _level(self, tenant: str | None = None) -> float:
+        """Where a tenant (other than `tenant`) coming back from idle starts: the smallest
+        counter among waiting tenants, or whoever left the line last when nobody waits."""
         others = [s.counter for t, s in self._tenants.items() if t != tenant and s.n_waiting]
         if others:
-            state.counter = max(state.counter, min(others))
-        elif self._last_left and self._last_left != tenant:
-            state.counter = max(state.counter, self._tenants[self._last_left].counter)
+            return min(others)
+        left = self._tenants.get(self._last_left) if self._last_left else None
+        if left is None:  # nobody left yet, or whoever did was forgotten
+            return self._left_counter
+        return 0.0 if self._last_left == tenant else left.counter
+
+    def _state(self, tenant: str) -> TenantState:
+        state = self._tenants.get(tenant)
+        if state is None:
+            state = self._tenants[tenant] = TenantState()
+        state.seen = self._clock()
+        return state
+
+    def _sweep(self) -> None:
+        """Forget tenants idle for `forget_after` seconds whose counter is at or below the
+        level they would be lifted to on return: then returning as a stranger puts them
+        exactly where remembering them would. A tenant still ahead of everyone (served
+        more than the level) keeps its counter until the others catch up, so idling never
+        wipes a debt. Runs at most once per `forget_after / 4` seconds."""
+        now = self._clock()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.config.forget_after / 4
+        level = self._level()
+        idle = [t for t, s in self._tenants.items() if not s.busy
+                and now - s.seen >= self.config.forget_after and s.counter <= level]
+        for tenant in idle:
+            if tenant == self._last_left:
+                self._left_counter, self._last_left = self._tenants[tenant].counter, None
+            del self._tenants[tenant]
 
     def _make_room(self, tenant: str) -> list[Hashable]:
         """The line is full. If another tenant holds more of it than the newcomer would,
@@ -184,7 +228,9 @@ class FairQueue:
         entry = self._entries.pop(item, None)
         if entry is None:
             return False
-        self._tenants[entry.tenant].waiting[entry.priority].remove(entry)
+        state = self._tenants[entry.tenant]
+        state.waiting[entry.priority].remove(entry)
+        state.seen = self._clock()
         return True
 
     def expired(self) -> list[tuple[Hashable, bool]]:
@@ -221,12 +267,13 @@ class FairQueue:
     # -- service ------------------------------------------------------------------------------
 
     def started(self, tenant: str) -> None:
-        self._tenants.setdefault(tenant, TenantState()).running += 1
+        self._state(tenant).running += 1
 
     def finished(self, tenant: str) -> None:
         state = self._tenants.get(tenant)
         if state is not None and state.running > 0:
             state.running -= 1
+            state.seen = self._clock()
 
     def running(self, tenant: str) -> int:
         state = self._tenants.get(tenant)
@@ -251,13 +298,14 @@ class FairQueue:
 
     def charge(self, tenant: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
         """Count service as it happens: prompt tokens when prefilled, each token made."""
-        state = self._tenants.setdefault(tenant, TenantState())
+        state = self._state(tenant)
         state.served_input += input_tokens
         state.served_output += output_tokens
         cost = self.config.input_weight * input_tokens + self.config.output_weight * output_tokens
         state.counter += cost / state.weight
 
     def metrics(self) -> list[TenantLoad]:
+        self._sweep()
         return [TenantLoad(t, s.n_waiting, s.running, s.served_input, s.served_output,
                               round(s.counter, 3), s.weight)
                 for t, s in sorted(self._tenants.items())]

@@ -1,7 +1,8 @@
 """Prometheus metrics: engine load, per-tenant scheduling state, latency histograms.
 
 Tenant ids are customer data, so `/metrics` wants an admin key (Prometheus sends it with
-`authorization: {credentials: ...}`) unless AICLOUD_METRICS_PUBLIC is set.
+`authorization: {credentials: ...}`) unless AICLOUD_METRICS_PUBLIC is set, and shows an
+organization's key only that organization's tenants, as `/admin/v1/models` does.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 
-from aicloud.api.deps import PoolDep, current_admin
+from aicloud.accounts.base import AdminScope
+from aicloud.api.deps import CloudDep, PoolDep, current_admin
 from aicloud.api.telemetry import Histogram, Telemetry
 from aicloud.engines.base import Engine, TenantLoad
+from aicloud.services import Cloud
 
 router = APIRouter()
 
@@ -31,13 +34,25 @@ def _labels(**labels: str) -> str:
     return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels.items()) + "}"
 
 
-def tenants_of(engine: Engine) -> list[TenantLoad]:
+async def visible_tenants(scope: AdminScope, cloud: Cloud) -> set[str] | None:
+    """Tenant ids (project, key or organization ids) an admin key may see; None: all."""
+    if scope.installation_wide:
+        return None
+    projects = await cloud.orgs.list_projects(scope)
+    keys = await cloud.keys.list_keys(scope)
+    return {scope.organization_id or "", *(p.id for p in projects), *(k.id for k in keys)}
+
+
+def tenants_of(engine: Engine, visible: set[str] | None = None) -> list[TenantLoad]:
+    """The engine's tenants, only those in `visible` unless that is None."""
     tenants = getattr(engine, "tenants", None)
-    return tenants() if tenants is not None else []
+    loads: list[TenantLoad] = tenants() if tenants is not None else []
+    return [t for t in loads if visible is None or t.tenant in visible]
 
 
-def _tenant_lines(models: list[tuple[str, Engine]]) -> Iterator[str]:
-    loads = [(mid, t) for mid, engine in models for t in tenants_of(engine)]
+def _tenant_lines(models: list[tuple[str, Engine]],
+                  visible: set[str] | None) -> Iterator[str]:
+    loads = [(mid, t) for mid, engine in models for t in tenants_of(engine, visible)]
     for name, text, attr in GAUGES:
         yield f"# HELP {name} {text}\n# TYPE {name} gauge"
         for mid, t in loads:
@@ -72,8 +87,9 @@ def _histogram_lines(name: str, text: str, by_model: dict[str, Histogram]) -> It
         yield f"{name}_count{_labels(model=mid)} {h.n}"
 
 
-def render(models: list[tuple[str, Engine]], telemetry: Telemetry) -> str:
-    lines = [*_engine_lines(models), *_tenant_lines(models)]
+def render(models: list[tuple[str, Engine]], telemetry: Telemetry,
+           visible: set[str] | None = None) -> str:
+    lines = [*_engine_lines(models), *_tenant_lines(models, visible)]
     lines += _histogram_lines("aicloud_time_to_first_token_seconds",
                               "Time from request to first token", telemetry.ttft)
     lines += _histogram_lines("aicloud_inter_token_latency_seconds",
@@ -86,8 +102,9 @@ def render(models: list[tuple[str, Engine]], telemetry: Telemetry) -> str:
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-async def metrics(request: Request, pool: PoolDep) -> PlainTextResponse:
+async def metrics(request: Request, pool: PoolDep, cloud: CloudDep) -> PlainTextResponse:
+    visible = None
     if not request.app.state.metrics_public:
-        await current_admin(request)
-    return PlainTextResponse(render(pool.items(), request.app.state.telemetry),
+        visible = await visible_tenants(await current_admin(request), cloud)
+    return PlainTextResponse(render(pool.items(), request.app.state.telemetry, visible),
                              media_type="text/plain; version=0.0.4")

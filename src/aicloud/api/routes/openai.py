@@ -18,6 +18,7 @@ from aicloud.api.generation import (
     stream_events,
     usage_json,
 )
+from aicloud.api.openapi import request_body
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest
 from aicloud.engines.base import ChatMessage, Engine, EngineError, Usage
 from aicloud.models.pool import ModelPool, UnknownModel
@@ -93,7 +94,8 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post("/chat/completions", response_model=None,
+             **request_body(ChatCompletionRequest))
 async def chat_completions(request: Request, principal: CurrentPrincipal,
                            pool: PoolDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, ChatCompletionRequest)
@@ -108,7 +110,7 @@ async def chat_completions(request: Request, principal: CurrentPrincipal,
     return await _respond(request, run, ChatFormat(), body.stream, _include_usage(body))
 
 
-@router.post("/completions", response_model=None)
+@router.post("/completions", response_model=None, **request_body(CompletionRequest))
 async def completions(request: Request, principal: CurrentPrincipal,
                       pool: PoolDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, CompletionRequest)

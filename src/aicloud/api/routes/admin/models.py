@@ -8,15 +8,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import Field
 
-from aicloud.accounts.base import AccountError, AdminScope, Role
+from aicloud.accounts.base import AccountError, NotFound, Role
 from aicloud.api.deps import CloudDep, CurrentAdmin, PoolDep, parse_body
 from aicloud.api.routes.admin.schemas import Strict, documented, listing
 from aicloud.api.routes.health import engine_view
-from aicloud.api.routes.metrics import tenants_of
+from aicloud.api.routes.metrics import tenants_of, visible_tenants
 from aicloud.cluster.replica_set import ReplicaSet
 from aicloud.engines.base import EngineError
 from aicloud.models.pool import UnknownModel
-from aicloud.services import Cloud
 
 router = APIRouter()
 
@@ -29,15 +28,6 @@ class ReplicaUpdate(Strict):
     max_replicas: Count = Field(default=None, ge=1, le=256)
 
 
-async def visible_tenants(scope: AdminScope, cloud: Cloud) -> set[str] | None:
-    """Tenant ids (project, key or organization ids) an admin key may see; None: all."""
-    if scope.installation_wide:
-        return None
-    projects = await cloud.orgs.list_projects(scope)
-    keys = await cloud.keys.list_keys(scope)
-    return {scope.organization_id or "", *(p.id for p in projects), *(k.id for k in keys)}
-
-
 @router.get("/models")
 async def list_models(scope: CurrentAdmin, cloud: CloudDep, pool: PoolDep) -> dict[str, Any]:
     """Each model's load, its tenants' scheduling state (waiting, running, served tokens,
@@ -45,8 +35,7 @@ async def list_models(scope: CurrentAdmin, cloud: CloudDep, pool: PoolDep) -> di
     visible = await visible_tenants(scope, cloud)
     return listing([{"object": "model", "id": mid, "engine": engine.info().kind,
                      **engine_view(engine),
-                     "tenants": [asdict(t) for t in tenants_of(engine)
-                                 if visible is None or t.tenant in visible]}
+                     "tenants": [asdict(t) for t in tenants_of(engine, visible)]}
                     for mid, engine in pool.items()])
 
 
@@ -60,7 +49,7 @@ async def scale_model(model: str, request: Request, scope: CurrentAdmin,
     try:
         engine = pool.get(model)
     except UnknownModel:
-        raise AccountError(f"no model '{model[:128]}'", "model") from None
+        raise NotFound("model", model) from None
     if not isinstance(engine, ReplicaSet):
         raise AccountError("replicas can only be changed for models served on Ray "
                            "(aicloud serve --ray ...)", "replicas")
