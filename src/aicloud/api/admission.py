@@ -3,9 +3,8 @@
 Order matters, cheapest first: the request bucket (RPM) and a bound on the prompt's
 characters are checked before the prompt is tokenized (refusing a 7 MiB prompt took 12-17 s
 and +318 MiB of peak memory when it was tokenized first; 0.6 s and +22 MiB now), the token
-buckets (TPM) once its tokens are
-counted, and the database transaction of the budget hold last; a refused budget gives the
-tokens back.
+buckets (TPM) once its tokens are counted, and the database transaction of the budget hold
+last; a refused budget gives the tokens back.
 """
 
 from __future__ import annotations
