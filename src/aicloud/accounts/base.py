@@ -122,7 +122,8 @@ def check_moment(moment: datetime | None, what: str) -> datetime | None:
         return None
     if not isinstance(moment, datetime):
         raise AccountError(f"{what} must be a date and time", what)
-    moment = aware(moment)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
     if not EARLIEST <= moment < LATEST:
         raise AccountError(f"{what} must be between {EARLIEST.year} and {LATEST.year} (UTC)",
                            what)

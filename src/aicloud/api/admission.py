@@ -44,9 +44,9 @@ class Admission:
 
 
 async def _take(cloud: Cloud, principal: Principal, tokens: int,
-                kinds: tuple[str, ...]) -> Ticket:
+                buckets: tuple[str, ...]) -> Ticket:
     try:
-        return await cloud.limits.admit(principal, tokens, kinds=kinds)
+        return await cloud.limits.admit(principal, tokens, buckets=buckets)
     except RateLimited as exc:
         raise APIError(429, str(exc), code="rate_limit_exceeded", headers=exc.headers) from None
 
