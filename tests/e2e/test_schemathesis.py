@@ -120,8 +120,12 @@ def fuzz_server(request: pytest.FixtureRequest,
         env["AICLOUD_DATABASE_URL"] = f"{base.rsplit('/', 1)[0]}/{database}"
     srv = start_server(tmp_path_factory.mktemp(f"fuzz-{request.param}"), "--context", "256",
                        "--sequences", "4", extra_env=env)
-    srv.keys["api"] = srv.new_key("fuzz")
     srv.keys["admin"] = srv.admin_key("owner")
+    with srv.admin(srv.keys["admin"]) as admin:  # one CLI start fewer than `new_key`
+        org = admin.post("/organizations", json={"name": "fuzz"}).json()
+        project = admin.post("/projects", json={"organization_id": org["id"],
+                                                "name": "fuzz"}).json()
+        srv.keys["api"] = admin.post("/keys", json={"project_id": project["id"]}).json()["secret"]
     yield srv
     srv.stop()
     if database is not None:

@@ -85,7 +85,7 @@ def test_expiry_with_a_utc_offset_ends_on_time(db_server: Server, root: httpx.Cl
                                               project: dict[str, Any]) -> None:
     """SQLite stored the wall clock of `+10:00` and read it as UTC: a key set to expire in
     seconds worked 10 more hours, and one given at -08:00 was dead from the start."""
-    deadline = datetime.now(UTC) + timedelta(seconds=4)
+    deadline = datetime.now(UTC) + timedelta(seconds=8)
     keys = []
     for hours in (10, -8):
         local = deadline.astimezone(timezone(timedelta(hours=hours)))
