@@ -120,8 +120,11 @@ async def completions(request: Request, principal: CurrentPrincipal,
     engine = _engine(pool, body.model, principal)
     requests = await admit_request(cloud, principal)
     prompt = body.prompt
-    check_prompt_size(len(prompt), engine.info().context_length, "prompt")
-    tokens = await engine.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
+    if isinstance(prompt, str):  # token ids need no tokenizing: the engine counts them
+        check_prompt_size(len(prompt), engine.info().context_length, "prompt")
+        tokens = await engine.encode_text(prompt)
+    else:
+        tokens = list(prompt)
     run = await open_run(request, engine, principal, body.model, tokens, body,
                          body.max_tokens if body.max_tokens is not None else 16, "cmpl",
                          requests)
