@@ -11,6 +11,13 @@ from datetime import UTC, datetime
 
 NAME_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 ID_SHAPE = re.compile(r"^[a-z]{2,6}_[0-9a-f]{24}$")
+# rate limits are stored in 32-bit columns; 2.1 billion a minute is no limit anyway
+MAX_LIMIT = 2**31 - 1
+# moments the API accepts, in UTC: Python's datetime ends at year 9999, so an expiry of
+# 9999-12-31T23:59:59-12:00 (year 10000 in UTC) could be stored by PostgreSQL and then
+# never read back, failing every listing that met it
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 
 
 class AccountError(ValueError):
@@ -102,9 +109,25 @@ def check_name(name: str, what: str) -> str:
 
 
 def check_limit(value: int | None, what: str) -> int | None:
-    if value is not None and not (isinstance(value, int) and 1 <= value <= 10**12):
-        raise AccountError(f"{what} must be a positive integer or null", what)
+    if value is not None and not (isinstance(value, int) and 1 <= value <= MAX_LIMIT):
+        raise AccountError(f"{what} must be an integer from 1 to {MAX_LIMIT}, or null", what)
     return value
+
+
+def check_moment(moment: datetime | None, what: str) -> datetime | None:
+    """A moment from a caller, in UTC and within what every database stores and reads back.
+    Naive values are UTC; the comparison is made before any conversion, which could
+    overflow."""
+    if moment is None:
+        return None
+    if not isinstance(moment, datetime):
+        raise AccountError(f"{what} must be a date and time", what)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    if not EARLIEST <= moment < LATEST:
+        raise AccountError(f"{what} must be between {EARLIEST.year} and {LATEST.year} (UTC)",
+                           what)
+    return moment.astimezone(UTC)
 
 
 def now() -> datetime:

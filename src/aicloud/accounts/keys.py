@@ -21,6 +21,7 @@ from aicloud.accounts.base import (
     Role,
     aware,
     check_limit,
+    check_moment,
     check_name,
     hash_secret,
     new_id,
@@ -103,9 +104,10 @@ def _check_models(models: list[str] | tuple[str, ...] | None) -> list[str] | Non
 
 
 def _check_expiry(moment: datetime | None) -> datetime | None:
-    if moment is not None and aware(moment) <= now():
+    moment = check_moment(moment, "expires_at")
+    if moment is not None and moment <= now():
         raise AccountError("expires_at must be in the future", "expires_at")
-    return aware(moment)
+    return moment
 
 
 KEY_FIELDS = {

@@ -7,10 +7,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from aicloud.api import errors, openapi
 from aicloud.api.body_limit import BodyLimit
+from aicloud.api.deps import clean_params
 from aicloud.api.routes import admin, health, metrics, openai
 from aicloud.api.telemetry import Telemetry
 from aicloud.config import Settings
@@ -47,7 +48,8 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
             await pool.close()
             await cloud.close()
 
-    app = FastAPI(title="aicloud", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="aicloud", version="0.1.0", lifespan=lifespan,
+                  dependencies=[Depends(clean_params)])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     errors.install(app)
     app.include_router(openai.router)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, TypeVar
+import re
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
 from pydantic import BaseModel, ValidationError
@@ -61,8 +62,58 @@ CloudDep = Annotated[Cloud, Depends(cloud)]
 PoolDep = Annotated[ModelPool, Depends(model_pool)]
 
 
-async def parse_body(request: Request, schema: type[Body]) -> Body:
-    """Parse JSON ourselves: deep nesting or bad UTF-8 become a 400, not a 500."""
+# JSON may carry "\u0000" and lone surrogates ("\ud800"), valid in a Python str: neither
+# can be stored (PostgreSQL text refuses NUL; UTF-8 has no lone surrogates), nor encoded
+# for a tokenizer, so both used to surface as 500s from deep inside
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _flaw(text: str, pattern: re.Pattern[str]) -> str | None:
+    found = pattern.search(text)
+    if found is None:
+        return None
+    return "a NUL character" if found[0] == "\x00" else "a lone surrogate (invalid Unicode)"
+
+
+def check_text(data: Any, text_fields: tuple[str, ...] = ()) -> None:
+    """Refuse, by its path (`messages.0.content`), the first string in a parsed body that
+    no database or tokenizer can take. Strings under `text_fields` are text for the model
+    and never stored, so NUL is allowed there; lone surrogates nowhere."""
+    stack: list[tuple[str, Any, bool]] = [("", data, False)]
+    while stack:
+        path, value, free = stack.pop()
+        if isinstance(value, str):
+            flaw = _flaw(value, LONE_SURROGATE if free else UNSTORABLE)
+            if flaw:
+                raise invalid(f"{path}: the string contains {flaw}", path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if flaw := _flaw(key, UNSTORABLE):
+                    raise invalid(f"{path or 'request'}: a field name contains {flaw}",
+                                  path or None)
+                stack.append((f"{path}.{key}" if path else key, item,
+                              free or (not path and key in text_fields)))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", item, free) for i, item in enumerate(value))
+
+
+async def clean_params(request: Request) -> None:
+    """Path and query parameters reach the database too (ids, filters): a NUL in one
+    (`%00`) is a 400 naming it, on every route."""
+    for name, value in (*request.path_params.items(), *request.query_params.multi_items()):
+        if not isinstance(value, str):
+            continue
+        if _flaw(name, UNSTORABLE):
+            raise invalid("a query parameter name contains a NUL character")
+        if flaw := _flaw(value, UNSTORABLE):
+            raise invalid(f"{name}: the value contains {flaw}", name)
+
+
+async def parse_body(request: Request, schema: type[Body],
+                     text_fields: tuple[str, ...] = ()) -> Body:
+    """Parse JSON ourselves: deep nesting, bad UTF-8, NUL characters and lone surrogates
+    become a 400 naming the field, not a 500. See `check_text` for `text_fields`."""
     raw = await request.body()
     try:
         data = json.loads(raw)
@@ -70,6 +121,7 @@ async def parse_body(request: Request, schema: type[Body]) -> Body:
         raise invalid("the request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise invalid("the request body must be a JSON object")
+    check_text(data, text_fields)
     try:
         return schema.model_validate(data)
     except ValidationError as exc:

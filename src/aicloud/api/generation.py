@@ -36,6 +36,7 @@ from aicloud.engines.base import (
     TokenEvent,
     Usage,
 )
+from aicloud.limits.policy import Ticket
 from aicloud.services import Cloud
 
 log = logging.getLogger(__name__)
@@ -154,14 +155,15 @@ class Run:
 
 async def open_run(request: Request, engine: Engine, principal: Principal, model: str,
                    prompt_tokens: list[int], body: SamplingFields, max_tokens: int | None,
-                   prefix: str) -> Run:
+                   prefix: str, requests: Ticket | None = None) -> Run:
+    """`requests`: the RPM already taken by `admit_request` before tokenizing."""
     cloud: Cloud = request.app.state.cloud
     sampling = sampling_from(body)
     request_id = f"{prefix}-{secrets.token_hex(12)}"
     most = max_tokens if max_tokens is not None else (
         engine.info().context_length - len(prompt_tokens))
     admission = await admit(cloud, principal, model, request_id, len(prompt_tokens),
-                            max(most, 0))
+                            max(most, 0), requests)
     gen = GenerationRequest(
         request_id=request_id, prompt_tokens=prompt_tokens,
         sampling=sampling, max_tokens=max_tokens, stop=body.stops,

@@ -19,7 +19,17 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from aicloud.accounts.base import AccountError, AdminScope, NotFound, Role, aware, iso, now
+from aicloud.accounts.base import (
+    EARLIEST,
+    LATEST,
+    AccountError,
+    AdminScope,
+    NotFound,
+    Role,
+    check_moment,
+    iso,
+    now,
+)
 from aicloud.accounts.orgs import OrgService
 from aicloud.billing.budgets import month_start
 from aicloud.billing.money import pico_to_usd
@@ -79,10 +89,14 @@ class Invoice:
 
 
 def parse_month(text: str) -> tuple[datetime, datetime]:
+    """A UTC month's bounds; only years whose both ends every database can hold."""
     match = MONTH_SHAPE.match(text)
     if not match:
         raise AccountError("month must look like 2026-11", "month")
     year, month = int(match[1]), int(match[2])
+    if not EARLIEST.year <= year < LATEST.year:
+        raise AccountError(f"month must be in the years {EARLIEST.year} to {LATEST.year - 1}",
+                           "month")
     start = datetime(year, month, 1, tzinfo=UTC)
     end = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
     return start, end
@@ -186,6 +200,9 @@ class Reports:
     # -- helpers ----------------------------------------------------------------------------
 
     async def _check(self, session: AsyncSession, scope: AdminScope, filt: UsageFilter) -> None:
+        # a year-0 or year-10000 bound can be neither converted to UTC nor stored
+        check_moment(filt.start, "start")
+        check_moment(filt.end, "end")
         if filt.organization_id is not None:
             await self._orgs.org(session, scope, filt.organization_id)
         if filt.project_id is not None:
@@ -209,9 +226,9 @@ class Reports:
             if value is not None:
                 query = query.where(column == value)
         if filt.start is not None:
-            query = query.where(UsageRecord.finished_at >= aware(filt.start))
+            query = query.where(UsageRecord.finished_at >= filt.start)
         if filt.end is not None:
-            query = query.where(UsageRecord.finished_at < aware(filt.end))
+            query = query.where(UsageRecord.finished_at < filt.end)
         return query
 
     @staticmethod

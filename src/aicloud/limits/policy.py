@@ -53,17 +53,20 @@ class RateLimits:
     def __init__(self, limiter: Limiter) -> None:
         self.limiter = limiter
 
-    async def admit(self, principal: Principal, tokens: int) -> Ticket:
+    async def admit(self, principal: Principal, tokens: int, *,
+                    buckets: tuple[str, ...] = ("rpm", "tpm")) -> Ticket:
         """Take one request and `tokens` (prompt plus the most it may generate) from every
-        bucket that applies, or raise RateLimited with when to retry."""
+        bucket that applies, or raise RateLimited with when to retry. `buckets` narrows it
+        to the request ("rpm") or token ("tpm") buckets: the API takes the request before
+        it tokenizes a prompt, and the tokens once it knows how many."""
         takes: list[Take] = []
         for scope, rpm, tpm in (("key:" + principal.api_key_id, principal.key_rpm,
                                  principal.key_tpm),
                                 ("project:" + principal.project_id, principal.project_rpm,
                                  principal.project_tpm)):
-            if rpm is not None:
+            if rpm is not None and "rpm" in buckets:
                 takes.append(Take(f"{scope}:rpm", rpm, 1))
-            if tpm is not None:
+            if tpm is not None and "tpm" in buckets:
                 if tokens > tpm:
                     raise RateLimited(
                         f"Request too large: it may use {tokens} tokens but the limit is "

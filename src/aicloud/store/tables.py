@@ -6,7 +6,8 @@ times a token count is then exact, so bills never drift by rounding.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -19,9 +20,31 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
-TS = DateTime(timezone=True)
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A moment stored as UTC on every database. SQLite's DATETIME keeps only the wall
+    clock: `12:00+10:00` was stored as `12:00` and read back as 12:00 UTC, so a key set to
+    expire in 8 s worked 10 more hours. Naive values are taken as UTC, as we read them."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if isinstance(value, datetime):
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if isinstance(value, datetime):
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value
+
+
+TS = UTCDateTime()
 BIGINT_ID = BigInteger().with_variant(Integer, "sqlite")
 
 

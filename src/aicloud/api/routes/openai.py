@@ -8,7 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from aicloud.accounts.keys import Principal
-from aicloud.api.deps import CurrentPrincipal, PoolDep, parse_body
+from aicloud.api.admission import admit_request, check_prompt_size
+from aicloud.api.deps import CloudDep, CurrentPrincipal, PoolDep, parse_body
 from aicloud.api.errors import APIError, invalid
 from aicloud.api.generation import (
     Run,
@@ -97,26 +98,36 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
 @router.post("/chat/completions", response_model=None,
              **request_body(ChatCompletionRequest))
 async def chat_completions(request: Request, principal: CurrentPrincipal,
-                           pool: PoolDep) -> StreamingResponse | JSONResponse:
-    body = await parse_body(request, ChatCompletionRequest)
+                           pool: PoolDep, cloud: CloudDep) -> StreamingResponse | JSONResponse:
+    body = await parse_body(request, ChatCompletionRequest, text_fields=("messages",))
     engine = _engine(pool, body.model, principal)
+    # cheap refusals before the prompt is tokenized: requests per minute, then its size
+    requests = await admit_request(cloud, principal)
     messages = [ChatMessage(m.role, m.text, m.name) for m in body.messages]
+    check_prompt_size(sum(len(m.content) + len(m.name or "") for m in messages),
+                      engine.info().context_length, "messages")
     try:
         tokens = await engine.encode_chat(messages)
     except EngineError as exc:
         raise invalid(exc.message, exc.param or "messages", exc.code) from None
     run = await open_run(request, engine, principal, body.model, tokens, body,
-                         body.completion_limit, "chatcmpl")
+                         body.completion_limit, "chatcmpl", requests)
     return await _respond(request, run, ChatFormat(), body.stream, _include_usage(body))
 
 
 @router.post("/completions", response_model=None, **request_body(CompletionRequest))
 async def completions(request: Request, principal: CurrentPrincipal,
-                      pool: PoolDep) -> StreamingResponse | JSONResponse:
-    body = await parse_body(request, CompletionRequest)
+                      pool: PoolDep, cloud: CloudDep) -> StreamingResponse | JSONResponse:
+    body = await parse_body(request, CompletionRequest, text_fields=("prompt",))
     engine = _engine(pool, body.model, principal)
+    requests = await admit_request(cloud, principal)
     prompt = body.prompt
-    tokens = await engine.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
+    if isinstance(prompt, str):  # token ids need no tokenizing: the engine counts them
+        check_prompt_size(len(prompt), engine.info().context_length, "prompt")
+        tokens = await engine.encode_text(prompt)
+    else:
+        tokens = list(prompt)
     run = await open_run(request, engine, principal, body.model, tokens, body,
-                         body.max_tokens if body.max_tokens is not None else 16, "cmpl")
+                         body.max_tokens if body.max_tokens is not None else 16, "cmpl",
+                         requests)
     return await _respond(request, run, TextFormat(), body.stream, _include_usage(body))
