@@ -156,3 +156,51 @@ def over_budget(client: openai.OpenAI) -> bool:
     except openai.RateLimitError as exc:
         return exc.code == "insufficient_quota"
     return False
+
+
+def test_a_server_that_never_returns_is_settled_by_another(pg_url: str, tmp_path: Path) -> None:
+    """Two servers on one PostgreSQL: A is killed and stays dead; B, streaming all along,
+    bills A's cut stream once A's heartbeat is older than the timeout, never its own."""
+    import psycopg
+
+    name = f"crash_{int(time.time() * 1000)}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"{pg_url.rsplit('/', 1)[0]}/{name}"
+    env = {"AICLOUD_DATABASE_URL": url, "AICLOUD_INSTANCE_TIMEOUT": "10"}
+    a = start_server(tmp_path / "a", *SMALL, extra_env=env)
+    b = start_server(tmp_path / "b", *SMALL, extra_env=env)
+    try:
+        secret = a.new_key("p")
+        on_a, on_b = Reader(), Reader()
+        threads = [threading.Thread(target=r.read, args=(openai.OpenAI(
+            base_url=f"{s.base_url}/v1", api_key=secret, max_retries=0),))
+            for r, s in ((on_a, a), (on_b, b))]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 120
+        while len(on_a.arrivals) < 5 or len(on_b.arrivals) < 1:
+            assert time.monotonic() < deadline and not on_a.finished
+            time.sleep(0.05)
+        time.sleep(2)
+        a.process.send_signal(signal.SIGKILL)
+        a.process.wait(10)
+        killed_at = time.monotonic()
+        while on_a.request_id not in (found := usage_rows(url)):
+            assert time.monotonic() - killed_at < 10 + 5 + 20, "A was never settled"
+            time.sleep(0.5)
+        settled_after = time.monotonic() - killed_at
+        print(f"A settled by B {settled_after:.1f} s after its kill")
+        [(status, completion, _)] = found[on_a.request_id]
+        assert status == "interrupted" and completion >= 5
+        assert settled_after >= 9, "A was settled before its heartbeat went stale"
+        # B streamed all along: alive, so nothing of it was settled
+        assert on_b.cut_by is None and len(on_b.arrivals) > 1
+        assert all(s != "interrupted" for s, *_ in found.get(on_b.request_id, []))
+    finally:
+        a.stop()
+        b.stop()
+        for thread in threads:
+            thread.join(60)
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
