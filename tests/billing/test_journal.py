@@ -144,3 +144,28 @@ def test_one_tick_writes_every_running_request(db_url: str, tmp_path: Path) -> N
     assert sorted(left) == sorted((f"r{i}", 40) for i in range(16, 32))
     print(f"\n{db_url.split(':')[0]}: one tick with 32 running requests: "
           f"median {statistics.median(took) * 1e3:.2f} ms, max {max(took) * 1e3:.2f} ms")
+
+
+def test_a_server_taken_for_dead_registers_again(db_url: str, tmp_path: Path) -> None:
+    """A server whose heartbeats could not reach the database for the timeout is settled
+    by another; its next tick notices, registers again and journals its requests anew,
+    so they are not lost a second time."""
+    async def scenario(a: Cloud, b: Cloud) -> None:
+        p = await tenant(a)
+        await a.journal.start(None, "127.0.0.1", 0)
+        run = a.journal.track("slow", p, "m", 7, DOLLAR_PER_TOKEN, None, datetime.now(UTC))
+        run.completion_tokens = 3
+        await a.journal.tick()
+        await asyncio.sleep(0.3)
+        assert await Journal(b.direct, b.ledger, new_instance_id(),
+                             stale_after=0.2).settle_dead() == 1
+        run.completion_tokens = 4
+        await a.journal.tick()  # the heartbeat finds no row: registered again, rewritten
+        await a.journal.tick()
+
+    with_clouds(db_url, tmp_path, scenario, processes=2)
+    assert len(rows(db_url, "SELECT id FROM server_instances")) == 1
+    assert rows(db_url, "SELECT request_id, completion_tokens FROM progress_journal") == [
+        ("slow", 4)]
+    assert rows(db_url, "SELECT request_id, status, completion_tokens FROM usage") == [
+        ("slow", "interrupted", 3)]
