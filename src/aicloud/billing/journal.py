@@ -64,7 +64,7 @@ FORGET = "DELETE FROM progress_journal WHERE request_id = :request_id"
 HEARTBEAT = "UPDATE server_instances SET heartbeat_at = :at WHERE id = :instance RETURNING id"
 # PostgreSQL: the whole tick is one statement over arrays (one round trip, whatever the
 # number of requests), and its text never changes, so it stays prepared. With 32 running
-# requests a tick took 2.4 ms here (median, heavily loaded 2-core machine); SQLite's one
+# requests a tick took 2.4-5.6 ms here (median, heavily loaded 2-core machine); SQLite's one
 # transaction of prepared upserts 0.7 ms (tests/billing/test_journal.py prints both).
 _ARRAYS = ", ".join(f"CAST(:{c} AS {t}[])" for c, t in zip(COLUMNS, TYPES, strict=True))
 TICK_POSTGRES = f"""
