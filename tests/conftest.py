@@ -80,8 +80,8 @@ class Server:
 
 
 def start_server(home: Path, *args: str, extra_env: dict[str, str] | None = None,
-                 ready_within: float = 120) -> Server:
-    port = free_port()
+                 ready_within: float = 120, port: int | None = None) -> Server:
+    port = port or free_port()
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("AICLOUD_")}
     env = {**inherited, "AICLOUD_HOME": str(home), **(extra_env or {})}
     log = home / "server.log"

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, description="share rate limits through Redis")
     hold_seconds: float = Field(default=3600, ge=10,
                                 description="how long a budget hold outlives a crashed server")
+    instance_timeout: float = Field(
+        default=60, ge=10, description="a server whose heartbeat is this old is dead: any "
+        "other server bills its running requests as interrupted and releases its holds")
     log_level: str = "info"
 
     @property

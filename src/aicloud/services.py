@@ -18,6 +18,7 @@ from aicloud.accounts.admin_keys import AdminKeyService
 from aicloud.accounts.keys import KeyService
 from aicloud.accounts.orgs import OrgService
 from aicloud.billing.budgets import Budgets
+from aicloud.billing.journal import Journal, new_instance_id
 from aicloud.billing.prices import PriceBook
 from aicloud.billing.reports import Reports
 from aicloud.billing.usage import UsageLedger
@@ -42,6 +43,7 @@ class Cloud:
     ledger: UsageLedger
     reports: Reports
     limits: RateLimits
+    journal: Journal
 
     async def maintain(self, every: float = 5.0, vacuum_every: int = 2) -> None:
         """The server's housekeeping task: write spooled usage once the database is back,
@@ -83,8 +85,10 @@ def open_cloud(settings: Settings) -> Cloud:
         limiter = RedisLimiter(settings.redis_url)
     else:
         limiter = MemoryLimiter()
+    instance = new_instance_id()  # this process, as the holds and the journal name it
+    ledger = UsageLedger(direct, settings.home_dir)
     return Cloud(database, direct, orgs, KeyService(sessions, direct, orgs),
                  AdminKeyService(sessions), PriceBook(sessions),
-                 Budgets(sessions, direct, settings.hold_seconds),
-                 UsageLedger(direct, settings.home_dir), Reports(sessions, orgs),
-                 RateLimits(limiter))
+                 Budgets(sessions, direct, settings.hold_seconds, instance),
+                 ledger, Reports(sessions, orgs), RateLimits(limiter),
+                 Journal(direct, ledger, instance, settings.instance_timeout))

@@ -36,6 +36,9 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         app.state.telemetry = Telemetry()
         app.state.fair_share_by = settings.fair_share_by
         app.state.metrics_public = settings.metrics_public
+        # bill what crashed servers were running, then keep this one's progress journal
+        await cloud.journal.start(settings.home_dir, settings.host, settings.port)
+        journal = asyncio.create_task(supervised("progress journal", cloud.journal.run))
         housekeeping = asyncio.create_task(supervised("housekeeping", cloud.maintain))
         log.info("serving models: %s", ", ".join(c.id for c in pool.cards()))
         try:
@@ -45,7 +48,9 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
             if pending:
                 await asyncio.wait(pending, timeout=10)
             housekeeping.cancel()
+            journal.cancel()
             await pool.close()
+            await cloud.journal.close()
             await cloud.close()
 
     app = FastAPI(title="aicloud", version="0.1.0", lifespan=lifespan,

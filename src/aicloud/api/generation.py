@@ -24,6 +24,7 @@ from aicloud.api.admission import Admission, admit, withdraw
 from aicloud.api.errors import APIError, error_body, invalid
 from aicloud.api.schemas import SamplingFields
 from aicloud.api.telemetry import Telemetry
+from aicloud.billing.journal import InFlight
 from aicloud.billing.usage import UsageEntry
 from aicloud.engines.base import (
     Engine,
@@ -105,11 +106,15 @@ class Run:
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     created: int = field(default_factory=lambda: int(time.time()))
     recorded: bool = False
+    progress: InFlight | None = None  # its entry in the progress journal
     _clock: float = field(default_factory=time.perf_counter)
     _tokens: int = 0
 
     def observe(self, event: TokenEvent) -> None:
-        """Feed the latency histograms: the first token, then the gaps between tokens."""
+        """Feed the latency histograms: the first token, then the gaps between tokens;
+        and the progress journal its count."""
+        if self.progress is not None:
+            self.progress.completion_tokens = event.completion_tokens
         made = event.completion_tokens - self._tokens
         if made <= 0:
             return
@@ -135,6 +140,8 @@ class Run:
             started_at=self.started_at, finished_at=datetime.now(UTC),
         ), self.admission.hold)
         self.recorded = True
+        if self.progress is not None:
+            self.cloud.journal.finish(self.progress)
         await self.cloud.limits.settle(self.admission.ticket, usage.total_tokens)
 
     def abandon(self) -> None:
@@ -182,8 +189,11 @@ async def open_run(request: Request, engine: Engine, principal: Principal, model
     except BaseException:
         await withdraw(cloud, admission)
         raise
-    return Run(request_id, model, admission, stream, cloud, request.app.state.background,
-               request.app.state.telemetry)
+    run = Run(request_id, model, admission, stream, cloud, request.app.state.background,
+              request.app.state.telemetry)
+    run.progress = cloud.journal.track(request_id, principal, model, len(prompt_tokens),
+                                       admission.rates, admission.hold, run.started_at)
+    return run
 
 
 class Format(Protocol):

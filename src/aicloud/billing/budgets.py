@@ -78,8 +78,9 @@ FROM projects p JOIN organizations o ON o.id = p.organization_id WHERE p.id = :p
 """
 # the check and the insert are one statement, so the hold needs no round trip in between
 HOLD_IF_IT_FITS = f"""
-INSERT INTO reservations (request_id, organization_id, project_id, amount_pico, expires_at)
-SELECT :request_id, :org, :project, :amount, :expires FROM ({COMMITTED}) c
+INSERT INTO reservations (request_id, organization_id, project_id, amount_pico, expires_at,
+                          instance_id)
+SELECT :request_id, :org, :project, :amount, :expires, :instance FROM ({COMMITTED}) c
 WHERE (c.project_budget IS NULL OR c.project_committed + :amount <= c.project_budget)
   AND (c.org_budget IS NULL OR c.org_committed + :amount <= c.org_budget)
 RETURNING amount_pico
@@ -104,8 +105,10 @@ def scopes(project_id: str, organization_id: str) -> dict[str, str]:
             "org_scope": f"organization:{organization_id}"}
 
 
-def _params(hold: Hold, at: datetime, expires: datetime, conn: Conn) -> dict[str, object]:
+def _params(hold: Hold, at: datetime, expires: datetime, instance: str | None,
+            conn: Conn) -> dict[str, object]:
     return {**scopes(hold.project_id, hold.organization_id), "month": month_key(at),
+            "instance": instance,
             "project": hold.project_id, "org": hold.organization_id,
             "request_id": hold.request_id, "amount": hold.amount_pico,
             "expires": conn.time(expires)}
@@ -123,13 +126,14 @@ def _unhold(conn: Conn, released: list[tuple[str, str, int]]) -> None:
         conn.run(ADD_HELD, {"scope": scope, "amount": -amount})
 
 
-def _hold(conn: Conn, hold: Hold, at: datetime, expires: datetime) -> None:
+def _hold(conn: Conn, hold: Hold, at: datetime, expires: datetime,
+          instance: str | None) -> None:
     """One transaction under the organization's lock (so every other hold of that
     organization is either committed and counted, or waits): insert the hold if it fits.
     A refusal reads the numbers for its message; if a hold was freed in between, it is
     tried again. A hold is committed without waiting for the disk: it only has to be
     visible to the next hold, and it is gone once its request settles anyway."""
-    params = _params(hold, at, expires, conn)
+    params = _params(hold, at, expires, instance, conn)
     for _ in range(3):
         if _try_hold(conn, hold, params):
             return
@@ -172,9 +176,11 @@ def _release(conn: Conn, where: str, params: dict[str, object]) -> int:
 
 class Budgets:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], direct: Direct,
-                 hold_seconds: float) -> None:
+                 hold_seconds: float, instance_id: str | None = None) -> None:
         self._sessions = sessions
         self._direct = direct
+        # holds name the server that took them, so its restart can release them at once
+        self.instance_id = instance_id
         # a hold outlives a crashed process by this much at most
         self._hold_for = timedelta(seconds=hold_seconds)
 
@@ -184,7 +190,8 @@ class Budgets:
             return None
         hold = Hold(request_id, principal.organization_id, principal.project_id, amount_pico)
         at = now()
-        await self._direct.run(lambda conn: _hold(conn, hold, at, at + self._hold_for))
+        await self._direct.run(lambda conn: _hold(conn, hold, at, at + self._hold_for,
+                                                  self.instance_id))
         return hold
 
     async def release(self, hold: Hold) -> None:
@@ -193,8 +200,9 @@ class Budgets:
             conn, "request_id = :r", {"r": hold.request_id}))
 
     async def purge_expired(self) -> int:
-        """Holds of requests whose server died: every server runs this every few seconds,
-        and until then an expired hold still counts against its budget."""
+        """Holds of requests whose server died and was never recognised as dead (see
+        `billing/journal.py`): every server runs this every few seconds, and until then an
+        expired hold still counts against its budget."""
         at = now()
         return await self._direct.run(lambda conn: _release(
             conn, "expires_at <= :at", {"at": conn.time(at)}))

@@ -70,6 +70,17 @@ class Conn:
         """Execute a write; returns the rows it changed."""
         return self.raw.execute(self._sql(sql), params or {}).rowcount
 
+    def run_many(self, sql: str, rows: list[Mapping[str, Any]]) -> None:
+        """Execute one write for each of `rows` (SQLite: one prepared statement, no round
+        trips to save; PostgreSQL batches should rather be one statement over arrays)."""
+        if not rows:
+            return
+        if self.dialect == "sqlite":
+            self.raw.executemany(sql, rows)
+            return
+        with self.raw.cursor() as cursor:
+            cursor.executemany(_pyformat(sql), rows)
+
     @contextmanager
     def transaction(self, lock_organization: str | None = None) -> Iterator[None]:
         """All or nothing. With `lock_organization`, transactions naming the same

@@ -154,6 +154,44 @@ class Reservation(Base):
     project_id: Mapped[str] = mapped_column(String(40), index=True)
     amount_pico: Mapped[int] = mapped_column(BigInteger)
     expires_at: Mapped[datetime] = mapped_column(TS)
+    # the server instance that runs the request: released when that server is known dead
+    instance_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+
+
+class ServerInstance(Base):
+    """A running server process, alive while its heartbeat is recent."""
+
+    __tablename__ = "server_instances"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # host, home and port: a new server that takes their lock proves this one dead
+    slot: Mapped[str | None] = mapped_column(String(600), nullable=True, index=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(TS)
+    heartbeat_at: Mapped[datetime] = mapped_column(TS, index=True)
+
+
+class JournalEntry(Base):
+    """A running request's progress, written about once a second for all of them at once;
+    what its usage row would say if its server died now (status `interrupted`)."""
+
+    __tablename__ = "progress_journal"
+
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    instance_id: Mapped[str] = mapped_column(String(32), index=True)
+    organization_id: Mapped[str] = mapped_column(String(40))
+    project_id: Mapped[str] = mapped_column(String(40))
+    api_key_id: Mapped[str] = mapped_column(String(40))
+    model: Mapped[str] = mapped_column(String(128))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    cached_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    input_micro: Mapped[int] = mapped_column(BigInteger)  # the price it was admitted at
+    cached_input_micro: Mapped[int] = mapped_column(BigInteger)
+    output_micro: Mapped[int] = mapped_column(BigInteger)
+    hold_pico: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(TS)
+    progress_at: Mapped[datetime] = mapped_column(TS)
 
 
 class MonthlySpend(Base):
