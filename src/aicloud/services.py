@@ -21,6 +21,7 @@ from aicloud.billing.usage import UsageLedger
 from aicloud.config import Settings
 from aicloud.limits.buckets import Limiter, MemoryLimiter
 from aicloud.limits.policy import RateLimits
+from aicloud.responses.store import ResponseStore
 from aicloud.store import db
 from aicloud.store.direct import DatabaseUnavailable, Direct, vacuum_churn_tables
 
@@ -37,6 +38,7 @@ class Cloud:
     ledger: UsageLedger
     reports: Reports
     limits: RateLimits
+    responses: ResponseStore
 
     async def maintain(self, every: float = 5.0, vacuum_every: int = 2) -> None:
         """The server's housekeeping task: write spooled usage once the database is back,
@@ -73,4 +75,4 @@ def open_cloud(settings: Settings) -> Cloud:
                  AdminKeyService(sessions), PriceBook(sessions),
                  Budgets(sessions, direct, settings.hold_seconds),
                  UsageLedger(direct, settings.home_dir), Reports(sessions, orgs),
-                 RateLimits(limiter))
+                 RateLimits(limiter), ResponseStore(sessions))

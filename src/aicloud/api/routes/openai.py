@@ -97,6 +97,14 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
 async def chat_completions(request: Request, principal: CurrentPrincipal,
                            pool: PoolDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, ChatCompletionRequest)
+    return await run_chat(request, principal, pool, body)
+
+
+async def run_chat(request: Request, principal: Principal, pool: ModelPool,
+                   body: ChatCompletionRequest, id_prefix: str = "chatcmpl"
+                   ) -> StreamingResponse | JSONResponse:
+    """One chat completion, whoever asked for it (the chat route, or a Responses call,
+    whose ledger rows then carry the response's id)."""
     engine = _engine(pool, body.model, principal)
     messages = [ChatMessage(m.role, m.text, m.name) for m in body.messages]
     try:
@@ -104,7 +112,7 @@ async def chat_completions(request: Request, principal: CurrentPrincipal,
     except EngineError as exc:
         raise invalid(exc.message, exc.param or "messages", exc.code) from None
     run = await open_run(request, engine, principal, body.model, tokens, body,
-                         body.completion_limit, "chatcmpl")
+                         body.completion_limit, id_prefix)
     return await _respond(request, run, ChatFormat(), body.stream, _include_usage(body))
 
 
