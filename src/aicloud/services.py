@@ -25,6 +25,7 @@ from aicloud.billing.usage import UsageLedger
 from aicloud.config import Settings
 from aicloud.limits.buckets import Limiter, MemoryLimiter
 from aicloud.limits.policy import RateLimits
+from aicloud.responses.store import ResponseStore
 from aicloud.store import db
 from aicloud.store.direct import DatabaseUnavailable, Direct, vacuum_churn_tables
 
@@ -44,6 +45,7 @@ class Cloud:
     reports: Reports
     limits: RateLimits
     journal: Journal
+    responses: ResponseStore
 
     async def maintain(self, every: float = 5.0, vacuum_every: int = 2) -> None:
         """The server's housekeeping task: write spooled usage once the database is back,
@@ -91,4 +93,5 @@ def open_cloud(settings: Settings) -> Cloud:
                  AdminKeyService(sessions), PriceBook(sessions),
                  Budgets(sessions, direct, settings.hold_seconds, instance),
                  ledger, Reports(sessions, orgs), RateLimits(limiter),
-                 Journal(direct, ledger, instance, settings.instance_timeout))
+                 Journal(direct, ledger, instance, settings.instance_timeout),
+                 ResponseStore(sessions))

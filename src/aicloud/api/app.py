@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI
 from aicloud.api import errors, openapi
 from aicloud.api.body_limit import BodyLimit
 from aicloud.api.deps import clean_params
-from aicloud.api.routes import admin, health, metrics, openai
+from aicloud.api.routes import admin, health, metrics, openai, responses
 from aicloud.api.telemetry import Telemetry
 from aicloud.config import Settings
 from aicloud.models.pool import ModelPool
@@ -58,6 +58,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     errors.install(app)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

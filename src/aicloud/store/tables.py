@@ -226,3 +226,18 @@ class Credit(Base):
     amount_pico: Mapped[int] = mapped_column(BigInteger)
     note: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(TS, index=True)
+
+
+class StoredResponse(Base):
+    """A response of `/v1/responses`, kept for `GET` and `previous_response_id`: readable
+    only by its own project. `context` is the whole conversation up to and including its
+    output, so a follow-up never walks a chain (and survives a deleted predecessor)."""
+
+    __tablename__ = "responses"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(40), index=True)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)  # the response object
+    input_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    context: Mapped[list[dict[str, Any]]] = mapped_column(JSON)

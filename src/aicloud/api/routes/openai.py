@@ -23,6 +23,7 @@ from aicloud.api.openapi import request_body
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest
 from aicloud.engines.base import ChatMessage, Engine, EngineError, Usage
 from aicloud.models.pool import ModelPool, UnknownModel
+from aicloud.services import Cloud
 
 router = APIRouter(prefix="/v1")
 
@@ -98,8 +99,17 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
 @router.post("/chat/completions", response_model=None,
              **request_body(ChatCompletionRequest))
 async def chat_completions(request: Request, principal: CurrentPrincipal,
-                           pool: PoolDep, cloud: CloudDep) -> StreamingResponse | JSONResponse:
+                           pool: PoolDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, ChatCompletionRequest, text_fields=("messages",))
+    return await run_chat(request, principal, pool, body)
+
+
+async def run_chat(request: Request, principal: Principal, pool: ModelPool,
+                   body: ChatCompletionRequest, id_prefix: str = "chatcmpl"
+                   ) -> StreamingResponse | JSONResponse:
+    """One chat completion, whoever asked for it (the chat route, or a Responses call,
+    whose ledger rows then carry the response's id)."""
+    cloud: Cloud = request.app.state.cloud
     engine = _engine(pool, body.model, principal)
     # cheap refusals before the prompt is tokenized: requests per minute, then its size
     requests = await admit_request(cloud, principal)
@@ -111,7 +121,7 @@ async def chat_completions(request: Request, principal: CurrentPrincipal,
     except EngineError as exc:
         raise invalid(exc.message, exc.param or "messages", exc.code) from None
     run = await open_run(request, engine, principal, body.model, tokens, body,
-                         body.completion_limit, "chatcmpl", requests)
+                         body.completion_limit, id_prefix, requests)
     return await _respond(request, run, ChatFormat(), body.stream, _include_usage(body))
 
 
