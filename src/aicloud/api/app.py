@@ -33,6 +33,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         app.state.background = set()
         app.state.telemetry = Telemetry()
         app.state.fair_share_by = settings.fair_share_by
+        app.state.prefix_cache_scope = settings.prefix_cache_scope
         app.state.metrics_public = settings.metrics_public
         housekeeping = asyncio.create_task(cloud.maintain())
         log.info("serving models: %s", ", ".join(c.id for c in pool.cards()))

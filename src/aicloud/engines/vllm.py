@@ -185,9 +185,10 @@ class VllmEngine:
         from vllm.inputs import tokens_input
 
         params = self._sampling(request, self._check(request))
-        outputs = await self.llm.add_request(
-            request.request_id, tokens_input(request.prompt_tokens),
-            params, priority=request.priority)
+        # vLLM mixes the salt into its block hashes: no prefix is shared across scopes
+        prompt = tokens_input(request.prompt_tokens, cache_salt=request.cache_scope or None)
+        outputs = await self.llm.add_request(request.request_id, prompt, params,
+                                             priority=request.priority)
         stream = VllmStream(self, request.request_id, len(request.prompt_tokens), outputs)
         self._streams[request.request_id] = stream
         return stream
