@@ -84,9 +84,18 @@ class ControlTokens:
                 yield match.start(1), match.end(1)
 
     def touches(self, text: str, spans: tuple[Span, ...]) -> bool:
-        """Whether any control token's text overlaps one of `spans`."""
-        return bool(spans) and any(start < b and end > a for start, end in
-                                   self.occurrences(text) for a, b in spans)
+        """Whether any control token's text overlaps one of `spans`. Only the spans (and
+        a token's length around them) are searched, first for any token at all."""
+        if self._pattern is None:
+            return False
+        reach = max(map(len, self.ids)) - 1
+        for a, b in spans:
+            lo = max(0, a - reach)
+            window = text[lo:b + reach]
+            if self._pattern.search(window) and any(
+                    lo + start < b and lo + end > a for start, end in self.occurrences(window)):
+                return True
+        return False
 
     def segments(self, text: str, user_spans: tuple[Span, ...]) -> list[Segment]:
         """`text` cut at the control tokens outside `user_spans`; the rest plain text."""
