@@ -129,7 +129,9 @@ class ControlTokens:
 class ChatTokenizer(Protocol):
     """What `ChatTemplate.encode` needs of a model's tokenizer."""
 
-    controls: ControlTokens
+    @property
+    def controls(self) -> ControlTokens:
+        """The vocabulary's control tokens."""
 
     def encode_prompt(self, text: str) -> list[int]:
         """A whole rendered prompt: control tokens read, BOS/EOS added as the model does."""

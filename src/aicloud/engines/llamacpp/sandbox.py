@@ -178,7 +178,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     # -- hooks the compiled template calls -----------------------------------------------
 
-    def concat(self, parts: Iterable[str]) -> str:  # type: ignore[override]
+    def concat(self, parts: Iterable[str]) -> str:
         """Block captures (`{% set %}…{% endset %}`, macros, `{% filter %}`)."""
         items = list(parts)
         self.budget.charge(sum(map(len, items)))
