@@ -5,9 +5,9 @@ only in a sandbox (`sandbox.BoundedSandbox`: Jinja's immutable sandbox, as Huggi
 uses, bounded in time and size), on a thread of their own, never on the event loop.
 
 Control tokens (`<|im_start|>`…) may come only from the template, never from what a user
-typed: the template is rendered with each message's text replaced by a random sentinel,
-the real text put back where the sentinels landed, and only the template's own text is
-read for control tokens (`ControlTokens.segments`). Where no message text contains a
+typed: the template is rendered with each message's text (and name) replaced by a random
+sentinel, the real text put back where the sentinels landed, and only the template's own
+text is read for control tokens (`ControlTokens.segments`). Where no message text contains a
 control token's text (nearly always) the prompt is tokenized whole, exactly as before.
 A template that changes the text it is given (`| trim`, `.split(...)`, a branch on what the
 text says) would not reproduce the real render from sentinels; then each control-token
@@ -59,7 +59,7 @@ def _raise(message: str) -> None:
 
 @dataclass(slots=True, frozen=True)
 class Rendered:
-    """A rendered prompt and the spans of it that came from message text."""
+    """A rendered prompt and the spans of it that came from messages (text and names)."""
 
     text: str
     user_spans: tuple[Span, ...] = ()
@@ -185,16 +185,17 @@ class ChatTemplate:
 
     def render(self, messages: list[ChatMessage], **extra: Any) -> str:
         """The prompt as text (blocking: call it off the event loop)."""
-        return self._render([_payload(m, m.content) for m in messages], extra)
+        return self._render([_payload(m.role, m.content, m.name) for m in messages], extra)
 
     def render_marked(self, messages: list[ChatMessage], controls: ControlTokens,
                       **extra: Any) -> Rendered:
         """The prompt, with the spans that hold message text (see the module's doc)."""
         nonce = secrets.token_hex(8)
-        marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(messages))]
-        skeleton = self._render([_payload(m, s) for m, s in zip(messages, marks, strict=True)],
-                                extra)
-        text, spans = _fill(skeleton, nonce, [m.content for m in messages])
+        texts = [m.content for m in messages] + [m.name or "" for m in messages]
+        marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(texts))]
+        skeleton = self._render([_payload(m.role, marks[i], m.name and marks[len(messages) + i])
+                                 for i, m in enumerate(messages)], extra)
+        text, spans = _fill(skeleton, nonce, texts)
         real = self.render(messages, **extra)
         if real == text:
             return Rendered(text, spans)
@@ -213,7 +214,8 @@ class ChatTemplate:
                 pos = end
             return "".join([*out, content[pos:]])
 
-        payload = [_payload(m, escape(m.content)) for m in messages]
+        payload = [_payload(m.role, escape(m.content), m.name and escape(m.name))
+                   for m in messages]
         text, spans = _fill(self._render(payload, extra), nonce, pieces)
         return Rendered(text, spans)
 
@@ -238,9 +240,8 @@ class ChatTemplate:
             ) from exc
 
 
-def _payload(message: ChatMessage, content: str) -> dict[str, Any]:
-    return {"role": message.role, "content": content} | (
-        {"name": message.name} if message.name else {})
+def _payload(role: str, content: str, name: str | None) -> dict[str, Any]:
+    return {"role": role, "content": content} | ({"name": name} if name else {})
 
 
 def _fill(skeleton: str, nonce: str, texts: list[str]) -> tuple[str, tuple[Span, ...]]:
