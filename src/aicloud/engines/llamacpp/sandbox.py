@@ -7,7 +7,7 @@ per-render budget *before* it runs (intercepted `*`, `**`, `+`, `%`; `~` and blo
 through `concat`; calls of methods, globals and filters, with estimates for the ones that
 amplify: `replace`, `join`, `expandtabs`, `format`, `indent`, `wordwrap`, `tojson`), integer
 arguments of calls are capped like `range`, and a render that passes its deadline is
-stopped at its next line of template code (a trace function on the render thread).
+interrupted in its thread (`_Watchdog`).
 
 Limits: an operation not listed above still runs, its result charged afterwards (so a
 budget is overrun by at most one such step, and those steps are bounded by their inputs);
@@ -16,14 +16,13 @@ a single C-level call cannot be interrupted by the deadline, only refused by its
 
 from __future__ import annotations
 
+import ctypes
 import re
 import string
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 from jinja2 import nodes
@@ -134,6 +133,71 @@ class _BoundedCodeGenerator(CodeGenerator):
         self.write("))")
 
 
+class _Expired(TemplateLimitError):
+    """Raised inside a render thread past its deadline (by `_Watchdog`, with no args)."""
+
+    def __init__(self) -> None:
+        super().__init__("the model's chat template took too long to render these "
+                         "messages", param="messages")
+
+
+def _raise_in(thread_id: int, exc: type[BaseException] | None) -> None:
+    """Raise `exc` in that thread at its next bytecode; None withdraws a pending one."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                               ctypes.py_object(exc) if exc else None)
+
+
+class _Watchdog:
+    """Stops renders that pass their deadline by raising `_Expired` in their thread. Free
+    while a render is on time, unlike a trace function checking the clock (which made a
+    4096-message render 3.7x slower, measured). A thread inside one long C call (a huge
+    `str.replace`, say) is stopped only after it: the budget refuses those beforehand.
+    Its own thread runs only while some render is being watched."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._deadlines: dict[int, float] = {}
+        self._fired: set[int] = set()
+        self._running = False
+
+    def start(self, seconds: float) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            self._deadlines[me] = time.monotonic() + seconds
+            self._fired.discard(me)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, name="template-watchdog",
+                                 daemon=True).start()
+            self._cond.notify()
+
+    def stop(self) -> None:
+        """Stop watching this thread; an interruption not delivered yet is withdrawn."""
+        me = threading.get_ident()
+        while True:
+            try:
+                with self._cond:
+                    self._deadlines.pop(me, None)
+                    if me in self._fired:
+                        self._fired.discard(me)
+                        _raise_in(me, None)
+                return
+            except _Expired:  # it landed on the way out: the render is over anyway
+                continue
+
+    def _run(self) -> None:
+        with self._cond:
+            while self._deadlines:
+                now = time.monotonic()
+                for thread_id, deadline in self._deadlines.items():
+                    if deadline <= now and thread_id not in self._fired:
+                        self._fired.add(thread_id)
+                        _raise_in(thread_id, _Expired)
+                waiting = [d for t, d in self._deadlines.items() if t not in self._fired]
+                self._cond.wait(max(0.0, min(waiting) - now) if waiting else 0.05)
+            self._running = False
+
+
 class BoundedSandbox(ImmutableSandboxedEnvironment):
     """The immutable sandbox, charging a per-thread `_Budget` (set by `bounded`)."""
 
@@ -143,6 +207,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self._local = threading.local()
+        self._watchdog = _Watchdog()
         self.globals.pop("lipsum", None)  # n paragraphs of filler: no template needs it
         self.filters = {name: self._bounded_filter(name, f) for name, f in self.filters.items()}
 
@@ -159,13 +224,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         """Consume a template's `generate()` on this thread within `limits`."""
         budget = _Budget(limits, input_chars)
         self._local.budget = budget
-        previous = sys.gettrace()
-
-        def tracer(frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
-            budget.check_time()
-            return tracer if frame.f_code.co_filename == "<template>" else None
-
-        sys.settrace(tracer)
+        self._watchdog.start(limits.seconds)
         try:
             out: list[str] = []
             for chunk in chunks:
@@ -173,7 +232,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 out.append(chunk)
             return "".join(out)
         finally:
-            sys.settrace(previous)
+            self._watchdog.stop()
             self._local.budget = None
 
     # -- hooks the compiled template calls -----------------------------------------------
