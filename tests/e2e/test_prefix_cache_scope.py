@@ -38,10 +38,15 @@ def secret_prompt() -> str:
             "Litware for 40 million; announce it on Friday. ") * 4
 
 
+def fresh_project(server: Server, name: str) -> openai.OpenAI:
+    """A key of a project new to the server: nothing of its scope is cached yet (not even
+    the template's `<|im_start|>system` that every chat starts with)."""
+    return client(server, server.new_key(f"{name}-{secrets.token_hex(3)}"))
+
+
 def test_another_project_gets_no_hit_on_a_cached_prompt(server: Server,
                                                         secret_prompt: str) -> None:
-    alpha = client(server, server.keys["alpha"])
-    beta = client(server, server.keys.setdefault("beta", server.new_key("beta")))
+    alpha, beta = fresh_project(server, "a"), fresh_project(server, "b")
     assert cached(alpha, secret_prompt) == 0
     assert cached(alpha, secret_prompt) > 50  # A's own second request is a hit
     assert cached(beta, secret_prompt) == 0  # 54 of 56 before
@@ -49,9 +54,9 @@ def test_another_project_gets_no_hit_on_a_cached_prompt(server: Server,
 
 
 def test_cache_salt_partitions_within_a_project(server: Server, secret_prompt: str) -> None:
-    alpha = client(server, server.keys["alpha"])
+    alpha = fresh_project(server, "a")
     system = secret_prompt.replace("Litware", "Tailspin")
-    cached(alpha, system)
+    assert cached(alpha, system) == 0
     assert cached(alpha, system) > 50
     assert cached(alpha, system, cache_salt="user-1") == 0
     assert cached(alpha, system, cache_salt="user-1") > 50
