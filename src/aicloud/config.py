@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     scheduling: Literal["vtc", "fcfs"] = Field(default="vtc",
                                                description="vtc (tenant-fair) or fcfs")
     fair_share_by: Literal["project", "key", "organization"] = "project"
+    prefix_cache_scope: Literal["project", "key", "organization"] = Field(
+        default="project", description="who may reuse a cached prompt prefix (and see it in "
+        "cached_tokens): the same project, key or organization; cache_salt narrows it")
     max_queue: int = Field(default=1024, ge=1, description="waiting requests per model")
     max_queue_wait: float = Field(default=60.0, gt=0, description="seconds before a 429/503")
     input_token_weight: float = Field(default=1.0, ge=0)

@@ -35,6 +35,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         app.state.background = set()
         app.state.telemetry = Telemetry()
         app.state.fair_share_by = settings.fair_share_by
+        app.state.prefix_cache_scope = settings.prefix_cache_scope
         app.state.metrics_public = settings.metrics_public
         # bill what crashed servers were running, then keep this one's progress journal
         await cloud.journal.start(settings.home_dir, settings.host, settings.port)

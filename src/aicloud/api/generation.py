@@ -8,6 +8,7 @@ billed by a background task once the engine confirms the final count.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import secrets
@@ -68,6 +69,13 @@ def refusal(reason: FinishReason, retry_after: float = 1.0) -> APIError:
 def tenant_of(principal: Principal, share_by: str) -> str:
     return {"key": principal.api_key_id,
             "organization": principal.organization_id}.get(share_by, principal.project_id)
+
+
+def cache_scope_of(principal: Principal, scope_by: str, salt: str | None) -> str:
+    """Who may reuse whose cached prompt prefixes: the engines compare it as an opaque
+    string, so it is hashed (no tenant id or salt travels to replicas or vLLM)."""
+    material = f"{scope_by}\x1f{tenant_of(principal, scope_by)}\x1f{salt or ''}"
+    return hashlib.blake2b(material.encode(), digest_size=16).hexdigest()
 
 
 def sampling_from(body: SamplingFields) -> SamplingParams:
@@ -176,6 +184,8 @@ async def open_run(request: Request, engine: Engine, principal: Principal, model
         sampling=sampling, max_tokens=max_tokens, stop=body.stops,
         tenant=tenant_of(principal, request.app.state.fair_share_by),
         priority=body.priority, weight=principal.weight,
+        cache_scope=cache_scope_of(principal, request.app.state.prefix_cache_scope,
+                                   body.cache_salt),
     )
     try:
         stream = await engine.generate(gen)

@@ -58,6 +58,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
+    # as vLLM's: requests share cached prompt prefixes only with the same salt (and scope)
+    cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     logprobs: Any = None
     # OpenAI's tiers: "flex" is slower and cheaper, so it runs in the batch class here
     service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = None

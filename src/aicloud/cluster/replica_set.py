@@ -242,7 +242,8 @@ class ReplicaSet:
                 if not isinstance(stream, ClusterStream):
                     break  # whoever waits is at their share of the slots
                 self._waiting.discard(stream)
-                replica = self._router.pick(self.replicas, stream.request.prompt_tokens)
+                replica = self._router.pick(self.replicas, stream.request.prompt_tokens,
+                                           stream.request.cache_scope)
                 if replica is None:  # raced with a death: put it back and wait
                     self._enqueue(stream)
                     break

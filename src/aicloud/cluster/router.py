@@ -1,5 +1,9 @@
 """Which replica gets a request: the least outstanding tokens, unless a replica that
-already holds the request's prompt prefix in its KV cache is nearly as free."""
+already holds the request's prompt prefix in its KV cache is nearly as free.
+
+A prefix is keyed with the request's cache scope: replicas never share a cached prefix
+across scopes, and routing by another tenant's prompt would let its placement (and so its
+speed) depend on what that tenant sent."""
 
 from __future__ import annotations
 
@@ -31,23 +35,24 @@ class Slotted:
         return self.alive and len(self.outstanding) < self.capacity
 
 
-def prefix_key(prompt: Sequence[int]) -> str | None:
+def prefix_key(prompt: Sequence[int], scope: str = "") -> str | None:
     if len(prompt) < PREFIX_TOKENS:
         return None
     head = ",".join(map(str, prompt[:PREFIX_TOKENS])).encode()
-    return hashlib.blake2b(head, digest_size=8).hexdigest()
+    return hashlib.blake2b(head, digest_size=8, key=scope.encode()[:64]).hexdigest()
 
 
 class Router:
     def __init__(self) -> None:
         self._homes: OrderedDict[str, int] = OrderedDict()  # prefix → replica index
 
-    def pick(self, replicas: Sequence[Slotted], prompt: Sequence[int]) -> Slotted | None:
+    def pick(self, replicas: Sequence[Slotted], prompt: Sequence[int],
+             scope: str = "") -> Slotted | None:
         open_ = [r for r in replicas if r.has_room]
         if not open_:
             return None
         best = min(open_, key=lambda r: (r.load, len(r.outstanding), r.index))
-        key = prefix_key(prompt)
+        key = prefix_key(prompt, scope)
         home = self._homes.get(key) if key else None
         chosen = best
         if home is not None:

@@ -148,6 +148,7 @@ class GenerationRequest:
     tenant: str = ""  # whose share this is (opaque to engines)
     priority: int = 0  # 0 interactive, 1 batch: lower runs first
     weight: float = 1.0  # the tenant's share relative to others
+    cache_scope: str = ""  # prompt-prefix caches are shared only within one scope (opaque)
 
 
 @dataclass(slots=True, frozen=True)

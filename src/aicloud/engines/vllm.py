@@ -27,7 +27,7 @@ from aicloud.engines.base import (
 )
 from aicloud.engines.events import EventQueue
 from aicloud.engines.llamacpp.batcher import RateMeter
-from aicloud.engines.llamacpp.chat import ChatTemplate
+from aicloud.engines.llamacpp.chat import ChatTemplate, ControlTokens
 from aicloud.engines.llamacpp.model import ContextConfig
 from aicloud.engines.llamacpp.weights import DEFAULT_CACHE
 from aicloud.engines.vllm_convert import ensure_hf_folder
@@ -109,6 +109,31 @@ class VllmStream(EventQueue):
         self.put(TokenEvent(text, self.completion_tokens, reason, usage))
 
 
+class HfChatTokenizer:
+    """A Hugging Face tokenizer as `chat.ChatTokenizer`: its control tokens are the added
+    tokens marked special (what `split_special_tokens=True` leaves as text)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.controls = ControlTokens({token.content: token_id for token_id, token in
+                                       tokenizer.added_tokens_decoder.items()
+                                       if token.special})
+        plain = self.encode_plain("a")
+        whole = list(tokenizer("a")["input_ids"])
+        at = next((i for i in range(len(whole)) if whole[i:i + len(plain)] == plain), 0)
+        self._affixes = whole[:at], whole[at + len(plain):]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return list(self._tokenizer(text, split_special_tokens=False)["input_ids"])
+
+    def encode_plain(self, text: str) -> list[int]:
+        return list(self._tokenizer(text, add_special_tokens=False,
+                                    split_special_tokens=True)["input_ids"])
+
+    def affixes(self) -> tuple[list[int], list[int]]:
+        return list(self._affixes[0]), list(self._affixes[1])
+
+
 class VllmEngine:
     kind = "vllm"
 
@@ -121,6 +146,7 @@ class VllmEngine:
         self._requested = config or ContextConfig()
         self._llm: AsyncLLM | None = None
         self._template: ChatTemplate | None = None
+        self._chat_tokenizer: HfChatTokenizer | None = None
         self._streams: dict[str, VllmStream] = {}
         self._aborts: set[asyncio.Task[None]] = set()
         self.meter = RateMeter()
@@ -131,7 +157,9 @@ class VllmEngine:
         self._llm = await asyncio.to_thread(self._create, folder)
         tokenizer = self.tokenizer
         self._template = ChatTemplate(tokenizer.chat_template, bos_token=tokenizer.bos_token
-                                      or "", eos_token=tokenizer.eos_token or "")
+                                      or "", eos_token=tokenizer.eos_token or "",
+                                      model=self.model_id)
+        self._chat_tokenizer = await asyncio.to_thread(HfChatTokenizer, tokenizer)
 
     def _create(self, folder: Path) -> AsyncLLM:
         from vllm import AsyncEngineArgs
@@ -149,6 +177,8 @@ class VllmEngine:
         return AsyncLLM.from_engine_args(args)
 
     async def close(self) -> None:
+        if self._template is not None:
+            self._template.close()
         for stream in list(self._streams.values()):
             stream.stop()
         if self._llm is not None:
@@ -166,9 +196,11 @@ class VllmEngine:
         return self.llm.get_tokenizer()
 
     async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        if self._template is None:
+        """As the llama.cpp engine: rendered off the loop within the template's limits,
+        control tokens only from the template."""
+        if self._template is None or self._chat_tokenizer is None:
             raise EngineError(f"model {self.model_id} is not loaded")
-        return await self._tokenize(self._template.render(messages), special=True)
+        return await self._template.encode_async(messages, self._chat_tokenizer)
 
     async def encode_text(self, text: str) -> list[int]:
         return await self._tokenize(text, special=False)
@@ -185,9 +217,10 @@ class VllmEngine:
         from vllm.inputs import tokens_input
 
         params = self._sampling(request, self._check(request))
-        outputs = await self.llm.add_request(
-            request.request_id, tokens_input(request.prompt_tokens),
-            params, priority=request.priority)
+        # vLLM mixes the salt into its block hashes: no prefix is shared across scopes
+        prompt = tokens_input(request.prompt_tokens, cache_salt=request.cache_scope or None)
+        outputs = await self.llm.add_request(request.request_id, prompt, params,
+                                             priority=request.priority)
         stream = VllmStream(self, request.request_id, len(request.prompt_tokens), outputs)
         self._streams[request.request_id] = stream
         return stream

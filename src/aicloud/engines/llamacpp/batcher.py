@@ -152,7 +152,7 @@ class Batcher:
 
     def _admit(self) -> None:
         while self.slots.free and (seq := self.queue.pop(self._may_run)) is not None:
-            slot, reuse = self.slots.acquire(seq.prompt)
+            slot, reuse = self.slots.acquire(seq.prompt, seq.request.cache_scope)
             seq.slot, seq.n_past, seq.cached_tokens = slot.seq_id, reuse, reuse
             seq.sampler = build_sampler(seq.request.sampling, self.model.n_vocab)
             seq.state = SeqState.PREFILL

@@ -66,12 +66,16 @@ class LlamaCppEngine:
         self._model = model
         self._template = ChatTemplate(
             model.metadata("tokenizer.chat_template"),
-            bos_token=model.bos_text, eos_token=model.eos_text,
+            bos_token=model.bos_text, eos_token=model.eos_text, model=self.model_id,
         )
+        await asyncio.to_thread(lambda: model.controls)  # read the vocabulary once, off-loop
         self._batcher = Batcher(model, self.queue)
         self._batcher.start()
 
     async def close(self) -> None:
+        if self._template is not None:
+            self._template.close()
+            self._template = None
         if self._batcher is not None:
             await asyncio.to_thread(self._batcher.stop)
             self._batcher = None
@@ -96,9 +100,11 @@ class LlamaCppEngine:
         return self.model.config
 
     async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        """Rendered and tokenized on the template's own threads (bounded in time and
+        size); control tokens come only from the template, never from message text."""
         if self._template is None:
             raise EngineError(f"model {self.model_id} is not loaded")
-        return await self._tokenize(self._template.render(messages), special=True)
+        return await self._template.encode_async(messages, self.model)
 
     async def encode_text(self, text: str) -> list[int]:
         return await self._tokenize(text, special=False)

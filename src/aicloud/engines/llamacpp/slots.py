@@ -6,6 +6,12 @@ the generated tokens, which are freed at once), so a later request with the same
 prompt starts from there. A prefix held by any slot, busy or idle, can be shared into
 another slot with `llama_memory_seq_cp`: in a unified cache it adds the sequence id to the
 same cells, across streams it copies them; either way, no prefill.
+
+Reuse never crosses an isolation scope (`GenerationRequest.cache_scope`: a project, key or
+organization, maybe salted): a slot remembers whose prompt it holds, a prefix is shared
+only from a slot of the same scope, and an idle slot holding another scope's prompt is
+simply emptied. So a tenant learns nothing about another's prompts, neither from
+`cached_tokens` nor from how fast its first token comes.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class Slot:
     seq_id: int
     busy: bool = False
+    scope: str = ""  # whose prompt the cells hold (the cache scope of the last request)
     tokens: list[int] = field(default_factory=list)  # token at each KV position
     cells: list[int] = field(default_factory=list)  # identity of the cell at each position
 
@@ -46,20 +53,24 @@ class SlotTable:
     def cells_used(self) -> int:
         return len(set().union(*(s.cells for s in self.slots)))
 
-    def acquire(self, prompt: list[int]) -> tuple[Slot, int]:
-        """Take the idle slot that best matches `prompt`; return it and how many prompt
-        tokens are already in its cache. At least two prompt tokens are left to decode (one
-        for the logits sampling needs; two because llama.cpp computes a lone row with other
-        kernels, so a fully cached prompt would not give the text it gives cold)."""
+    def acquire(self, prompt: list[int], scope: str = "") -> tuple[Slot, int]:
+        """Take the idle slot that best matches `prompt` within `scope`; return it and how
+        many prompt tokens are already in its cache. At least two prompt tokens are left to
+        decode (one for the logits sampling needs; two because llama.cpp computes a lone row
+        with other kernels, so a fully cached prompt would not give the text it gives
+        cold). A slot of another scope matches nothing, so it is only ever emptied."""
+        def match(s: Slot) -> int:
+            return common_prefix(s.tokens, prompt) if s.scope == scope else 0
+
         idle = [s for s in self.slots if not s.busy]
-        slot = max(idle, key=lambda s: (common_prefix(s.tokens, prompt), -len(s.tokens)))
-        source = max(self.slots, key=lambda s: common_prefix(s.tokens, prompt))
-        reuse = max(0, min(common_prefix(source.tokens, prompt), len(prompt) - 2))
-        if reuse > common_prefix(slot.tokens, prompt):
+        slot = max(idle, key=lambda s: (match(s), -len(s.tokens)))
+        source = max(self.slots, key=match)
+        reuse = max(0, min(match(source), len(prompt) - 2))
+        if reuse > match(slot):
             self._share(source, slot, reuse)
         else:
-            self.truncate(slot, reuse)
-        slot.busy = True
+            self.truncate(slot, reuse)  # 0 for a slot of another scope
+        slot.busy, slot.scope = True, scope
         return slot, reuse
 
     def _share(self, source: Slot, slot: Slot, n: int) -> None:
