@@ -62,8 +62,11 @@ def main() -> None:
     parser.add_argument("--unified-kv", action="store_true",
                         help="one KV cache shared by all sequences (default: one stream each)")
     parser.add_argument("--flash-attention", action="store_true")
+    parser.add_argument("--fixed-threads", action="store_true",
+                        help="every core for every decode, never re-decided (threads.py)")
     args = parser.parse_args()
-    layout = {"unified_kv": args.unified_kv, "flash_attention": args.flash_attention}
+    layout = {"unified_kv": args.unified_kv, "flash_attention": args.flash_attention,
+              "adapt_threads": not args.fixed_threads}
     print("| weights | step | " + " | ".join(f"c={c} tok/s" for c in args.concurrency) + " |")
     print("|---" * (len(args.concurrency) + 2) + "|")
     with tempfile.TemporaryDirectory() as cache:

@@ -104,6 +104,8 @@ def peers(port: int, args: argparse.Namespace, home: Path) -> dict[str, Peer]:
         "aicloud": Peer("aicloud", aicloud, "smollm2-135m-instruct", env),
         "aicloud-q4_0": Peer("aicloud --weights q4_0", [*aicloud, "--weights", "q4_0"],
                              "smollm2-135m-instruct", env),
+        "aicloud-fixed": Peer("aicloud, fixed threads", aicloud, "smollm2-135m-instruct",
+                              {**env, "AICLOUD_ADAPT_THREADS": "false"}),
         "llamacpp": Peer("llama-cpp-python server", [
             str(VENVS / "llamacpp/bin/python"), "-m", "llama_cpp.server", "--model", str(gguf),
             "--port", str(port), "--n_ctx", "4096", "--model_alias", "smollm2",
@@ -283,7 +285,7 @@ def plot(results: list[Result], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    names = ["aicloud", "aicloud-q4_0", "llamacpp", "vllm"]
+    names = ["aicloud", "aicloud-q4_0", "aicloud-fixed", "llamacpp", "vllm"]
     parser.add_argument("--peers", nargs="+", default=names, choices=names)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--tokens", type=int, default=128)
@@ -292,11 +294,20 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=None, help="aicloud --sequences")
     parser.add_argument("--hf-model", type=Path, default=ROOT / "bench" / ".models" / "smollm2")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "serving.png")
+    parser.add_argument("--busy", type=int, default=0,
+                        help="busy-looping processes running beside every peer (a shared CPU)")
     args = parser.parse_args()
     results = []
-    for key in args.peers:
-        print(f"== {key}", flush=True)
-        results.append(run_peer(key, args))
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(args.busy)]
+    try:
+        for key in args.peers:
+            print(f"== {key}" + (f" (with {args.busy} busy processes)" if busy else ""),
+                  flush=True)
+            results.append(run_peer(key, args))
+    finally:
+        for proc in busy:
+            proc.kill()
     print(table(results))
     if args.plot:
         plot(results, args.plot)

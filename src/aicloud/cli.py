@@ -37,7 +37,7 @@ def build_pool(settings: Settings) -> ModelPool:
         sequences=settings.sequences, context_per_sequence=settings.context,
         threads=settings.threads, step_sequences=settings.step_sequences,
         batch_tokens=settings.batch_tokens,
-        kv_budget_mb=settings.kv_budget_mb,
+        kv_budget_mb=settings.kv_budget_mb, adapt_threads=settings.adapt_threads,
     )
     specs = resolve_models(settings.models)
     if settings.engine == "vllm":

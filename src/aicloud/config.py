@@ -31,6 +31,8 @@ class Settings(BaseSettings):
         default=None, ge=1, le=256, description="sequences decoded per step, in turns "
         "(default: 8 per thread)")
     batch_tokens: int = Field(default=512, ge=16, le=8192)
+    adapt_threads: bool = Field(default=True, description="re-decide the decode thread "
+                                "count by measuring (a busy neighbour makes fewer faster)")
     kv_budget_mb: int = Field(default=2048, ge=16)
     weights: str = Field(default="native", description="native, q4_0, q8_0, bf16 or f16")
     max_body_bytes: int = Field(default=8 << 20, ge=1024)

@@ -29,6 +29,7 @@ from aicloud.engines.llamacpp.model import LlamaModel
 from aicloud.engines.llamacpp.sampling import build_sampler, free_sampler
 from aicloud.engines.llamacpp.sequence import SeqState, Sequence
 from aicloud.engines.llamacpp.slots import Slot, SlotTable
+from aicloud.engines.llamacpp.threads import ThreadTuner
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class Batcher:
         self.running: list[Sequence] = []
         self.steps = 0
         self.meter = RateMeter()
+        self.threads = ThreadTuner(self.config.threads or 1)
+        self._threads_set = self.config.threads or 1
         self._batch = llama_cpp.llama_batch_init(self.config.batch_tokens, 0, 1)
         self._wake = threading.Condition()
         self._stopping = False
@@ -205,9 +208,9 @@ class Batcher:
         out: list[Outcome] = []
         for k, group in enumerate(groups):
             outputs = self._fill(group)
-            status = llama_cpp.llama_decode(self.model.ctx, self._batch)
+            status = self._llama_decode(all(len(tokens) == 1 for _, tokens, _ in group))
             if status == 1 and self.slots.drop_idle_caches():
-                status = llama_cpp.llama_decode(self.model.ctx, self._batch)
+                status = self._llama_decode(measured=False)
             if status != 0:
                 log.error("llama_decode failed with status %d", status)
                 with self._wake:
@@ -223,6 +226,19 @@ class Batcher:
             with self._wake:
                 out += [self._account(seq, token) for seq, token in sampled]
         return out
+
+    def _llama_decode(self, measured: bool) -> int:
+        """One llama_decode with the tuner's thread count. Only calls of next tokens are
+        timed for it: a prompt chunk is other work, its speed would not compare."""
+        n = self.threads.threads() if self.config.adapt_threads else self._threads_set
+        if n != self._threads_set:
+            llama_cpp.llama_set_n_threads(self.model.ctx, n, n)
+            self._threads_set = n
+        start = time.perf_counter()
+        status = llama_cpp.llama_decode(self.model.ctx, self._batch)
+        if measured and status == 0:
+            self.threads.record(self._batch.n_tokens, time.perf_counter() - start)
+        return status
 
     def _fill(self, plan: list[PlanItem]) -> list[tuple[Sequence, int]]:
         batch, i = self._batch, 0

@@ -48,6 +48,7 @@ class ContextConfig:
     kv_budget_mb: int = 2048
     flash_attention: bool = False
     unified_kv: bool = False
+    adapt_threads: bool = True  # `threads` is then the most a decode uses (threads.py)
 
     @property
     def n_ctx(self) -> int:

@@ -1,0 +1,92 @@
+"""How many threads each decode uses, chosen by measuring rather than by counting cores.
+
+llama.cpp's workers spin at barriers inside every graph computation, so a thread that the
+OS deschedules stalls all the others. On a quiet machine two threads beat one (68 against
+54 tok/s at one sequence here, 148 against 92 at 32), but beside one busy process the same
+two threads fell to 13 / 27 tok/s while one thread kept 54 / 92, and through the server a
+busy neighbour brought a stream down to 0.6 tok/s. A server always shares its cores (the
+event loop, database threads, other models, whatever else runs on the host), so the count
+is re-decided while serving: the tuner times the decode steps at the current count and,
+every so often, a few steps at a neighbouring count, and keeps whichever made rows
+fastest. Probing costs a few slow steps per period when the current count was right.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, frozen=True)
+class TunerConfig:
+    """`probe_every` decode steps at the current count, then `probe_steps` at another;
+    a probe wins only if it is `margin` faster, so noise does not flip the count."""
+
+    probe_every: int = 120
+    probe_steps: int = 6
+    margin: float = 1.15
+
+    def __post_init__(self) -> None:
+        if self.probe_every < 1 or self.probe_steps < 1 or self.margin < 1.0:
+            raise ValueError("probe_every and probe_steps must be >= 1, margin >= 1")
+
+
+class ThreadTuner:
+    """Driven by the engine thread: `threads()` before a decode, `record()` after it."""
+
+    def __init__(self, max_threads: int, config: TunerConfig | None = None) -> None:
+        self.max_threads = max(1, max_threads)
+        self.config = config or TunerConfig()
+        self.current = self.max_threads
+        self._probe: int | None = None  # the count being tried, if any
+        self._since_probe = 0
+        self._recent: deque[tuple[int, float]] = deque(maxlen=self.config.probe_steps)
+        self._probed: list[tuple[int, float]] = []
+        self._next_candidate = 0
+        self.switches = 0
+
+    def threads(self) -> int:
+        """The count the next measured decode should use."""
+        return self._probe if self._probe is not None else self.current
+
+    def record(self, rows: int, seconds: float) -> None:
+        """One decode of `rows` token rows took `seconds` at `threads()` threads."""
+        if rows <= 0 or seconds <= 0:
+            return
+        if self._probe is None:
+            self._recent.append((rows, seconds))
+            self._since_probe += 1
+            if self._since_probe >= self.config.probe_every and self.max_threads > 1:
+                self._start_probe()
+            return
+        self._probed.append((rows, seconds))
+        if len(self._probed) >= self.config.probe_steps:
+            self._end_probe()
+
+    def _start_probe(self) -> None:
+        candidates = self._candidates()
+        self._probe = candidates[self._next_candidate % len(candidates)]
+        self._next_candidate += 1
+        self._probed = []
+
+    def _candidates(self) -> list[int]:
+        """Half and double the current count (hill climbing: on a few cores that is every
+        count worth trying, on many it moves in a few probes)."""
+        below, above = max(1, self.current // 2), min(self.max_threads, self.current * 2)
+        return [n for n in dict.fromkeys((below, above)) if n != self.current]
+
+    def _end_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        self._since_probe = 0
+        if probe is not None and _rate(self._probed) > self.config.margin * _rate(
+                list(self._recent)):
+            self.current = probe
+            self.switches += 1
+            self._recent.clear()
+        self._probed = []
+
+
+def _rate(samples: list[tuple[int, float]]) -> float:
+    """Rows per second over the samples (0 when there are none)."""
+    seconds = sum(s for _, s in samples)
+    return sum(r for r, _ in samples) / seconds if seconds > 0 else 0.0
