@@ -144,3 +144,19 @@ def test_bad_requests_name_the_field(server: Server, extra: dict, param: str) ->
 def test_unknown_response_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve("resp_doesnotexist")
+
+
+def test_prompt_cache_key_partitions_the_prefix_cache(client: openai.OpenAI) -> None:
+    """`prompt_cache_key` reuses a cached prompt only for the same key (it is the chat
+    layer's `cache_salt`)."""
+    prompt = "Describe, in one line, the colour of a ripe lemon on a sunny kitchen table."
+
+    def cached(key: str) -> int:
+        resp = client.responses.create(model=MODEL, input=prompt, max_output_tokens=2,
+                                       prompt_cache_key=key, temperature=0)
+        assert resp.usage is not None
+        return resp.usage.input_tokens_details.cached_tokens
+
+    cached("alpha-one")
+    assert cached("alpha-one") > 0
+    assert cached("alpha-two") == 0

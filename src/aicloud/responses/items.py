@@ -28,6 +28,7 @@ CHAT_PARAMS = {
     "max_completion_tokens": "max_output_tokens",
     "response_format": "text.format",
     "logprobs": "include",
+    "cache_salt": "prompt_cache_key",
 }
 
 
@@ -91,6 +92,8 @@ def chat_request(body: ResponseCreate, messages: list[dict[str, Any]]) -> dict[s
         "parallel_tool_calls": body.parallel_tool_calls,
         "user": body.user or body.safety_identifier,
         "service_tier": body.service_tier,
+        # OpenAI's cache routing key: here it partitions the prefix cache further
+        "cache_salt": body.prompt_cache_key,
     }
     chat.update({k: v for k, v in optional.items() if v is not None})
     if body.tools:

@@ -132,6 +132,7 @@ class ResponseCreate(BaseModel):
                    Annotated[str, Field(max_length=512)]] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     safety_identifier: Annotated[str, Field(max_length=256)] | None = None
+    prompt_cache_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = None
     truncation: Literal["disabled"] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
