@@ -22,6 +22,7 @@ from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 from tests.conftest import LoopThread
 
 GREEDY = SamplingParams(temperature=0.0)
+SLOW = 600  # seconds: a shared 2-core machine can decode at a token per second or less
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_siblings_started_after_the_first_token_share_the_prompt(
         others = [[e async for e in s] for s in siblings]
         return len(tokens), served_input(engine) - before, [rest, *others]
 
-    prompt, computed, runs = loop_thread.run(scenario())
+    prompt, computed, runs = loop_thread.run(scenario(), timeout=SLOW)
     leader_cached = runs[0][-1].usage.cached_tokens
     assert [r[-1].usage.cached_tokens for r in runs[1:]] == [prompt - 2] * 2
     assert computed == prompt - leader_cached + 2 * 2
@@ -80,7 +81,7 @@ def test_logprobs_only_when_asked_one_per_text_token(engine: LlamaCppEngine,
                 await events_of(engine, GenerationRequest("c", tokens, GREEDY, 16,
                                                           logprobs=5)))
 
-    plain, zero, five = loop_thread.run(scenario())
+    plain, zero, five = loop_thread.run(scenario(), timeout=SLOW)
     assert all(e.logprobs == () for e in plain)
     for events in (zero, five):
         final = events[-1]
@@ -104,13 +105,13 @@ def test_logit_bias_bans_and_forces(engine: LlamaCppEngine, loop_thread: LoopThr
         return "".join(e.text for e in await events_of(engine, request))
 
     async def scenario() -> tuple[int, list[int], list[str], str]:
-        tokens = await engine.encode_text("banana banana banana banana banana")
+        tokens = await engine.encode_text("banana banana banana banana banana banana")
         free = await events_of(engine, GenerationRequest("f", tokens, GREEDY, 6,
                                                          logprobs=0))
         chosen = [lp.chosen.token for e in free for lp in e.logprobs]
-        banned = [lp.chosen.token for seed in range(3) for e in await events_of(
+        banned = [lp.chosen.token for seed in range(2) for e in await events_of(
             engine, GenerationRequest(f"b{seed}", tokens,
-                                      SamplingParams(temperature=1.5, seed=seed), 12,
+                                      SamplingParams(temperature=1.5, seed=seed), 8,
                                       logprobs=0, logit_bias={banana[0]: -100}))
                   for lp in e.logprobs]
         forced = await text(GenerationRequest(
@@ -118,9 +119,9 @@ def test_logit_bias_bans_and_forces(engine: LlamaCppEngine, loop_thread: LoopThr
             SamplingParams(temperature=1.0, seed=4), 4, logit_bias={banana[0]: 100}))
         return chosen.count(" banana"), banana, banned, forced
 
-    free_bananas, _, banned, forced = loop_thread.run(scenario())
+    free_bananas, _, banned, forced = loop_thread.run(scenario(), timeout=SLOW)
     assert free_bananas > 0
-    assert len(banned) > 12 and " banana" not in banned
+    assert len(banned) > 8 and " banana" not in banned
     assert forced == " banana" * 4
 
 
@@ -152,5 +153,5 @@ def test_seeded_choices_differ_and_reproduce(
         assert all(f.finish_reason is not None for f in finals)
         return ["".join([e.text async for e in s]) for s in streams]
 
-    first, again = loop_thread.run(run_all()), loop_thread.run(run_all())
+    first, again = loop_thread.run(run_all(), SLOW), loop_thread.run(run_all(), SLOW)
     assert first == again and len(set(first)) == 3

@@ -189,3 +189,31 @@ def test_bad_prompts_are_refused(engine: VllmEngine, loop_thread: LoopThread) ->
         loop_thread.run(send([]))
     with pytest.raises(EngineError):
         loop_thread.run(send([10**9]))
+
+
+def test_logprobs_and_logit_bias_through_vllm(engine: VllmEngine,
+                                              loop_thread: LoopThread) -> None:
+    """vLLM's own raw logprobs in our shape (one entry per text token, k alternatives
+    best first, the greedy choice the best), and its logit bias forcing a token."""
+    banana = engine.tokenizer(" banana", add_special_tokens=False)["input_ids"]
+    assert len(banana) == 1
+
+    async def scenario() -> tuple[list[TokenEvent], str]:
+        tokens = await engine.encode_chat([ChatMessage("user", "Name a fruit.")])
+        stream = await engine.generate(GenerationRequest("lp", tokens, GREEDY, 8,
+                                                         logprobs=3))
+        events = [e async for e in stream]
+        forced = await engine.generate(GenerationRequest(
+            "lb", tokens, SamplingParams(temperature=1.0, seed=3), 4,
+            logit_bias={banana[0]: 100}))
+        return events, "".join([e.text async for e in forced])
+
+    events, forced = loop_thread.run(scenario())
+    entries = [lp for e in events for lp in e.logprobs]
+    assert len(entries) == events[-1].completion_tokens - (
+        events[-1].finish_reason is FinishReason.STOP)
+    assert "".join(lp.chosen.token for lp in entries) == "".join(e.text for e in events)
+    for lp in entries:
+        assert len(lp.top) == 3 and lp.chosen.logprob <= 0
+        assert lp.chosen.logprob == pytest.approx(lp.top[0].logprob)
+    assert forced == " banana" * 4

@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -225,7 +225,7 @@ class Run:
         self.choices.append(Choice(index, stream, aiter(stream)))
         self.choices.sort(key=lambda c: c.index)
 
-    async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
+    async def events(self) -> AsyncGenerator[tuple[int, TokenEvent]]:
         """Every choice's events as they come, each choice's head first."""
         if len(self.choices) == 1:
             async for event in _replay(self.choices[0]):

@@ -117,7 +117,7 @@ class VllmStream(EventQueue):
         eos = self._engine.eos_token_id
         out = []
         for token, ranked in zip(new.token_ids, new.logprobs, strict=False):
-            if token == eos:
+            if token == eos or not ranked or token not in ranked:
                 continue
             top = sorted(((t, e) for t, e in ranked.items() if e.rank is not None
                           and e.rank <= k), key=lambda item: item[1].rank or 0)
