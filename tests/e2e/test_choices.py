@@ -293,3 +293,20 @@ def test_best_of_equal_to_n_is_plain_n(http: httpx.Client) -> None:
                                                "temperature": 0})
     assert resp.status_code == 200, resp.text
     assert [c["index"] for c in resp.json()["choices"]] == [0, 1]
+
+
+def test_the_reservation_covers_every_choice(server: Server) -> None:
+    """Limits and budget holds are sized for n x max_tokens before anything runs."""
+    with server.admin() as root:
+        org = root.post("/organizations", json={"name": "choices-tpm"}).json()
+        proj = root.post("/projects", json={"organization_id": org["id"], "name": "main",
+                                             "tpm_limit": 1000}).json()
+        key = root.post("/keys", json={"project_id": proj["id"], "name": "k"}).json()
+    http = httpx.Client(base_url=server.base_url, timeout=120,
+                        headers={"Authorization": f"Bearer {key['secret']}"})
+    body = {**CHAT, "max_tokens": 300, "temperature": 0}
+    refused = http.post("/v1/chat/completions", json={**body, "n": 4})
+    assert refused.status_code == 429, refused.text
+    assert "tokens per minute" in refused.json()["error"]["message"]
+    small = http.post("/v1/chat/completions", json={**body, "max_tokens": 2, "n": 4})
+    assert small.status_code == 200, small.text
