@@ -19,7 +19,7 @@ from aicloud.engines.base import (
     TokenEvent,
 )
 from aicloud.engines.llamacpp.model import ContextConfig
-from aicloud.engines.vllm import VllmEngine, VllmStream
+from aicloud.engines.vllm import VllmEngine, VllmStream, vllm_logprobs
 from tests.conftest import LoopThread
 from tests.engines.checks import check_stop_string_cuts_the_text
 
@@ -217,3 +217,27 @@ def test_logprobs_and_logit_bias_through_vllm(engine: VllmEngine,
         assert len(lp.top) == 3 and lp.chosen.logprob <= 0
         assert lp.chosen.logprob == pytest.approx(lp.top[0].logprob)
     assert forced == " banana" * 4
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_vllm_logprobs_become_ours(flat: bool) -> None:
+    """vLLM's containers (a dict per position, or FlatLogprobs) as its output processor
+    fills them: the sampled token first with its rank, then the k best; the sampled token
+    outside the k best stays out of `top`; the end-of-text token is not text."""
+    from vllm.logprobs import append_logprobs_for_next_position, create_sample_logprobs
+    from vllm.outputs import CompletionOutput
+
+    container = create_sample_logprobs(flat)
+    append_logprobs_for_next_position(container, [7, 7, 9], [-0.1, -0.1, -2.5],
+                                      ["a", "a", "b"], rank=1, num_logprobs=2)
+    append_logprobs_for_next_position(container, [5, 8, 9], [-4.0, -0.3, -1.2],
+                                      ["c", "d", "b"], rank=6, num_logprobs=2)
+    append_logprobs_for_next_position(container, [2, 2, 9], [-0.01, -0.01, -5.0],
+                                      ["", "", "b"], rank=1, num_logprobs=2)
+    out = CompletionOutput(index=0, text="ac", token_ids=[7, 5, 2], cumulative_logprob=None,
+                           logprobs=container)
+    first, second = vllm_logprobs(out, 2, eos=2)
+    assert (first.chosen.token, first.chosen.logprob) == ("a", -0.1)
+    assert [(t.token, t.logprob) for t in first.top] == [("a", -0.1), ("b", -2.5)]
+    assert (second.chosen.token, second.chosen.raw) == ("c", b"c")
+    assert [t.token for t in second.top] == ["d", "b"]

@@ -108,28 +108,30 @@ class VllmStream(EventQueue):
         self._put(new.text, reason, cached=out.num_cached_tokens or 0, logprobs=logprobs)
 
     def _logprobs(self, new: CompletionOutput) -> tuple[TokenLogprobs, ...]:
-        """vLLM's own logprobs (raw, before its sampling filters): for each new token a map
-        of the sampled token and the k best, ranked. The end-of-text token is not text, so
-        its logprobs are not sent (as on llama.cpp)."""
-        k = self.top_logprobs
-        if k is None or not new.logprobs:
+        if self.top_logprobs is None:
             return ()
-        eos = self._engine.eos_token_id
-        out = []
-        for token, ranked in zip(new.token_ids, new.logprobs, strict=False):
-            if token == eos or not ranked or token not in ranked:
-                continue
-            top = sorted(((t, e) for t, e in ranked.items() if e.rank is not None
-                          and e.rank <= k), key=lambda item: item[1].rank or 0)
-            out.append(TokenLogprobs(_logprob(ranked[token]),
-                                     tuple(_logprob(e) for _, e in top)))
-        return tuple(out)
+        return vllm_logprobs(new, self.top_logprobs, self._engine.eos_token_id)
 
     def _put(self, text: str, reason: FinishReason | None, cached: int = 0,
              logprobs: tuple[TokenLogprobs, ...] = ()) -> None:
         usage = None if reason is None else Usage(self.prompt_tokens, self.completion_tokens,
                                                   cached)
         self.put(TokenEvent(text, self.completion_tokens, reason, usage, logprobs))
+
+
+def vllm_logprobs(new: CompletionOutput, k: int,
+                  eos: int | None) -> tuple[TokenLogprobs, ...]:
+    """vLLM's own logprobs (raw, before its sampling filters) in our shape: for each new
+    token vLLM maps the sampled token and the k best to their logprob and rank. The
+    end-of-text token is not text, so its logprobs are not sent (as on llama.cpp)."""
+    out = []
+    for token, ranked in zip(new.token_ids, new.logprobs or (), strict=False):
+        if token == eos or not ranked or token not in ranked:
+            continue
+        top = sorted(((t, e) for t, e in ranked.items() if e.rank is not None
+                      and e.rank <= k), key=lambda item: item[1].rank or 0)
+        out.append(TokenLogprobs(_logprob(ranked[token]), tuple(_logprob(e) for _, e in top)))
+    return tuple(out)
 
 
 def _logprob(entry: Any) -> Logprob:
