@@ -2,8 +2,9 @@
 
 OpenAI's semantics: the log-softmax of the model's raw logits at that position, before
 any sampling filter (temperature, top-k/p, penalties, logit bias), for the chosen token
-and the `k` most likely alternatives. Only sequences that asked pay for it: one pass over
-the vocabulary per token (49k floats for SmolLM2: about 0.2 ms).
+and the `k` most likely alternatives. Only sequences that asked pay for it: a few passes
+over the vocabulary per token (SmolLM2's 49k floats: 0.25 ms in float32 here, 0.35 ms
+through float64, no closer than 3e-6; picking 20 alternatives adds 0.5 ms).
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def log_softmax(ctx: llama_cpp.llama_context_p, index: int, n_vocab: int) -> Log
     into the logits (a constraint mask, the next `llama_decode`)."""
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index),
                                    shape=(n_vocab,))
-    shifted = logits.astype(np.float64) - logits.max()
-    return (shifted - np.log(np.exp(shifted).sum())).astype(np.float32)
+    row = logits - logits.max()  # a new array: the logits stay as they are
+    row -= np.float32(np.log(np.exp(row).sum(dtype=np.float64)))
+    return row
 
 
 def token_logprobs(row: LogprobRow, token: int, k: int,
@@ -40,5 +42,5 @@ def token_logprobs(row: LogprobRow, token: int, k: int,
 
 
 def _logprob(token: int, value: float, piece: Callable[[int], bytes]) -> Logprob:
-    raw = piece(token)
-    return Logprob(raw.decode("utf-8", errors="replace"), raw, value)
+    raw = piece(token)  # JSON has no -inf: floored as vLLM does
+    return Logprob(raw.decode("utf-8", errors="replace"), raw, max(value, -9999.0))
