@@ -6,11 +6,10 @@ or behind a Ray actor handle without the routes knowing.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 from collections.abc import AsyncIterator, Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 
@@ -136,7 +135,7 @@ class SamplingParams:
         but reproducible choices (seed, seed + 1, ...)."""
         if self.seed is None or index == 0:
             return self
-        return dataclasses.replace(self, seed=(self.seed + index) % 2**64)
+        return replace(self, seed=(self.seed + index) % 2**64)
 
 
 @dataclass(slots=True)
