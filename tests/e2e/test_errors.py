@@ -81,7 +81,7 @@ def test_unknown_model_is_404(http: httpx.Client) -> None:
     ({"temperature": 7}, "temperature"),
     ({"top_p": 0}, "top_p"),
     ({"top_k": -3}, "top_k"),
-    ({"n": 3}, "n"),
+    ({"n": 17}, "n"),
     ({"presence_penalty": 9}, "presence_penalty"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, None),

@@ -19,7 +19,7 @@ from aicloud.engines.base import (
     TokenEvent,
 )
 from aicloud.engines.llamacpp.model import ContextConfig
-from aicloud.engines.vllm import VllmEngine, VllmStream
+from aicloud.engines.vllm import VllmEngine, VllmStream, vllm_logprobs
 from tests.conftest import LoopThread
 from tests.engines.checks import check_stop_string_cuts_the_text
 
@@ -189,3 +189,55 @@ def test_bad_prompts_are_refused(engine: VllmEngine, loop_thread: LoopThread) ->
         loop_thread.run(send([]))
     with pytest.raises(EngineError):
         loop_thread.run(send([10**9]))
+
+
+def test_logprobs_and_logit_bias_through_vllm(engine: VllmEngine,
+                                              loop_thread: LoopThread) -> None:
+    """vLLM's own raw logprobs in our shape (one entry per text token, k alternatives
+    best first, the greedy choice the best), and its logit bias forcing a token."""
+    banana = engine.tokenizer(" banana", add_special_tokens=False)["input_ids"]
+    assert len(banana) == 1
+
+    async def scenario() -> tuple[list[TokenEvent], str]:
+        tokens = await engine.encode_chat([ChatMessage("user", "Name a fruit.")])
+        stream = await engine.generate(GenerationRequest("lp", tokens, GREEDY, 8,
+                                                         logprobs=3))
+        events = [e async for e in stream]
+        forced = await engine.generate(GenerationRequest(
+            "lb", tokens, SamplingParams(temperature=1.0, seed=3), 4,
+            logit_bias={banana[0]: 100}))
+        return events, "".join([e.text async for e in forced])
+
+    events, forced = loop_thread.run(scenario())
+    entries = [lp for e in events for lp in e.logprobs]
+    assert len(entries) == events[-1].completion_tokens - (
+        events[-1].finish_reason is FinishReason.STOP)
+    assert "".join(lp.chosen.token for lp in entries) == "".join(e.text for e in events)
+    for lp in entries:
+        assert len(lp.top) == 3 and lp.chosen.logprob <= 0
+        assert lp.chosen.logprob == pytest.approx(lp.top[0].logprob)
+    assert forced == " banana" * 4
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_vllm_logprobs_become_ours(flat: bool) -> None:
+    """vLLM's containers (a dict per position, or FlatLogprobs) as its output processor
+    fills them: the sampled token first with its rank, then the k best; the sampled token
+    outside the k best stays out of `top`; the end-of-text token is not text."""
+    from vllm.logprobs import append_logprobs_for_next_position, create_sample_logprobs
+    from vllm.outputs import CompletionOutput
+
+    container = create_sample_logprobs(flat)
+    append_logprobs_for_next_position(container, [7, 7, 9], [-0.1, -0.1, -2.5],
+                                      ["a", "a", "b"], rank=1, num_logprobs=2)
+    append_logprobs_for_next_position(container, [5, 8, 9], [-4.0, -0.3, -1.2],
+                                      ["c", "d", "b"], rank=6, num_logprobs=2)
+    append_logprobs_for_next_position(container, [2, 2, 9], [-0.01, -0.01, -5.0],
+                                      ["", "", "b"], rank=1, num_logprobs=2)
+    out = CompletionOutput(index=0, text="ac", token_ids=[7, 5, 2], cumulative_logprob=None,
+                           logprobs=container)
+    first, second = vllm_logprobs(out, 2, eos=2)
+    assert (first.chosen.token, first.chosen.logprob) == ("a", -0.1)
+    assert [(t.token, t.logprob) for t in first.top] == [("a", -0.1), ("b", -2.5)]
+    assert (second.chosen.token, second.chosen.raw) == ("c", b"c")
+    assert [t.token for t in second.top] == ["d", "b"]

@@ -1,19 +1,27 @@
 """Running one generation for a caller: start it, stream or collect it, and bill it.
 
+A request is one or more choices (`n`, and on /v1/completions several prompts), each its
+own sequence in the engine. The first choice of each prompt starts at once; the others
+start when it has produced its first token, so the engine finds the prompt in its cache
+and shares it instead of computing it again (the llama.cpp slot table copies it from the
+busy slot). Usage counts each prompt once, as OpenAI does, and every choice's tokens.
+
 Usage is written before the last byte of the response leaves (so a 200 always has its
-row); a client that goes away cancels the sequence, and the tokens it already produced are
-billed by a background task once the engine confirms the final count.
+row); a client that goes away cancels every choice, and the tokens they already produced
+are billed by a background task once the engine confirms the final counts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections import defaultdict
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -23,7 +31,7 @@ from starlette.requests import Request
 from aicloud.accounts.keys import Principal
 from aicloud.api.admission import Admission, admit, withdraw
 from aicloud.api.errors import APIError, error_body, invalid
-from aicloud.api.schemas import SamplingFields
+from aicloud.api.schemas import MAX_CHOICES, SamplingFields
 from aicloud.api.telemetry import Telemetry
 from aicloud.billing.journal import InFlight
 from aicloud.billing.usage import UsageEntry
@@ -36,6 +44,7 @@ from aicloud.engines.base import (
     GenerationStream,
     SamplingParams,
     TokenEvent,
+    TokenLogprobs,
     Usage,
 )
 from aicloud.limits.policy import Ticket
@@ -44,6 +53,9 @@ from aicloud.services import Cloud
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# a request's status is its choices' worst outcome, in this order
+OUTCOMES = (FinishReason.ERROR, FinishReason.OVERLOADED, FinishReason.THROTTLED,
+            FinishReason.CANCELLED, FinishReason.LENGTH, FinishReason.STOP)
 STATUS = {
     FinishReason.STOP: "completed",
     FinishReason.LENGTH: "length",
@@ -93,6 +105,12 @@ def sampling_from(body: SamplingFields) -> SamplingParams:
         raise invalid(exc.message, exc.param) from None
 
 
+def failed(event: TokenEvent) -> bool:
+    """A choice that ended without an answer: the whole request fails with it."""
+    reason = event.finish_reason
+    return reason is not None and (reason.refused or reason is FinishReason.ERROR)
+
+
 def usage_json(usage: Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
@@ -103,26 +121,53 @@ def usage_json(usage: Usage) -> dict[str, Any]:
 
 
 @dataclass(slots=True)
+class Choice:
+    """One choice of a request: its own sequence in the engine."""
+
+    index: int  # prompt index * n + sample index, as OpenAI numbers them
+    stream: GenerationStream
+    events: AsyncIterator[TokenEvent]
+    head: TokenEvent | None = None  # the first event, read before the response began
+
+
+@dataclass(slots=True)
+class Completed:
+    """A finished choice, for a whole (non-streamed) response."""
+
+    index: int
+    text: str
+    finish: str
+    logprobs: list[TokenLogprobs]
+
+
+@dataclass(slots=True)
 class Run:
     request_id: str
     model: str
     admission: Admission
-    stream: GenerationStream
+    engine: Engine
+    n: int  # choices per prompt
     cloud: Cloud
     background: set[asyncio.Task[None]]
     telemetry: Telemetry
+    choices: list[Choice] = field(default_factory=list)  # started, by index
+    siblings: list[tuple[int, GenerationRequest]] = field(default_factory=list)  # not yet
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     created: int = field(default_factory=lambda: int(time.time()))
     recorded: bool = False
     progress: InFlight | None = None  # its entry in the progress journal
     _clock: float = field(default_factory=time.perf_counter)
     _tokens: int = 0
+    _made: dict[int, int] = field(default_factory=dict)  # completion tokens by choice
 
-    def observe(self, event: TokenEvent) -> None:
-        """Feed the latency histograms: the first token, then the gaps between tokens;
-        and the progress journal its count."""
+    def observe(self, index: int, event: TokenEvent) -> None:
+        """Feed the progress journal every choice's count, and the latency histograms
+        the first choice's: the first token, then the gaps between tokens."""
         if self.progress is not None:
-            self.progress.completion_tokens = event.completion_tokens
+            self._made[index] = event.completion_tokens
+            self.progress.completion_tokens = sum(self._made.values())
+        if index != 0:
+            return
         made = event.completion_tokens - self._tokens
         if made <= 0:
             return
@@ -134,84 +179,209 @@ class Run:
         self.telemetry.next_tokens(self.model, elapsed, made)
         self._clock, self._tokens = now, event.completion_tokens
 
-    async def record(self, final: TokenEvent) -> None:
+    def usage(self, finals: list[TokenEvent]) -> Usage:
+        """Each prompt once (with its first choice, which computed it), every choice's
+        completion tokens. `finals` are in the order of `choices`."""
+        prompt = cached = completion = 0
+        for choice, final in zip(self.choices, finals, strict=True):
+            usage = final.usage or Usage(0, final.completion_tokens)
+            completion += usage.completion_tokens
+            if choice.index % self.n == 0:
+                prompt += usage.prompt_tokens
+                cached += usage.cached_tokens
+        return Usage(prompt, completion, cached)
+
+    async def record(self, finals: list[TokenEvent]) -> None:
         """Write the usage row and settle the hold in one transaction, then return the
         rate-limit tokens the request did not use."""
-        usage = final.usage or Usage(0, final.completion_tokens)
+        usage = self.usage(finals)
+        reasons = {final.finish_reason or FinishReason.ERROR for final in finals}
+        outcome = next(r for r in OUTCOMES if r in reasons)
         principal = self.admission.principal
         await self.cloud.ledger.record(UsageEntry(
             request_id=self.request_id, organization_id=principal.organization_id,
             api_key_id=principal.api_key_id, project_id=principal.project_id, model=self.model,
             prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
             completion_tokens=usage.completion_tokens, cost_pico=self.admission.cost(usage),
-            status=STATUS[final.finish_reason or FinishReason.ERROR],
-            started_at=self.started_at, finished_at=datetime.now(UTC),
+            status=STATUS[outcome], started_at=self.started_at, finished_at=datetime.now(UTC),
         ), self.admission.hold)
         self.recorded = True
         if self.progress is not None:
             self.cloud.journal.finish(self.progress)
         await self.cloud.limits.settle(self.admission.ticket, usage.total_tokens)
 
+    def cancel(self) -> None:
+        """Cancel every choice (a no-op for finished ones) and start no more."""
+        self.siblings.clear()
+        for choice in self.choices:
+            choice.stream.cancel()
+
+    async def stop(self) -> list[TokenEvent]:
+        """Cancel every choice; return their final events, in the order of `choices`."""
+        self.cancel()
+        return list(await asyncio.gather(*(c.stream.final() for c in self.choices)))
+
     def abandon(self) -> None:
-        """The client left: stop the sequence and bill what it produced, off this task."""
+        """The client left: stop every choice and bill what they produced, off this task."""
         if self.recorded:
             return
-        self.stream.cancel()
+        self.cancel()
         task = asyncio.get_running_loop().create_task(self._record_when_final())
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
     async def _record_when_final(self) -> None:
         try:
-            await self.record(await self.stream.final())
+            await self.record(await self.stop())
         except Exception:
             log.exception("could not record usage of abandoned request %s", self.request_id)
 
+    async def start(self, index: int, request: GenerationRequest) -> None:
+        """Start one choice; the engine's refusal propagates."""
+        stream = await self.engine.generate(request)
+        self.choices.append(Choice(index, stream, aiter(stream)))
+        self.choices.sort(key=lambda c: c.index)
+
+    async def events(self) -> AsyncGenerator[tuple[int, TokenEvent]]:
+        """Every choice's events as they come, each choice's head first."""
+        if len(self.choices) == 1:
+            async for event in _replay(self.choices[0]):
+                yield 0, event
+            return
+        queue: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
+
+        async def pump(choice: Choice) -> None:
+            try:
+                async for event in _replay(choice):
+                    queue.put_nowait((choice.index, event))
+            except Exception:  # the choice still ends, so the response does
+                log.exception("choice %d of %s failed", choice.index, self.request_id)
+                queue.put_nowait((choice.index, TokenEvent("", 0, FinishReason.ERROR)))
+
+        pumps = [asyncio.ensure_future(pump(c)) for c in self.choices]
+        try:
+            for _ in range(len(pumps)):
+                while True:
+                    index, event = await queue.get()
+                    yield index, event
+                    if event.finish_reason is not None:
+                        break
+        finally:
+            for task in pumps:
+                task.cancel()
+
+
+def choice_id(request_id: str, index: int) -> str:
+    """Each choice is its own request in the engine (vLLM and Ray key on the id)."""
+    return request_id if index == 0 else f"{request_id}-{index}"
+
+
+async def _replay(choice: Choice) -> AsyncIterator[TokenEvent]:
+    if choice.head is not None:
+        yield choice.head
+        if choice.head.finish_reason is not None:
+            return
+    async for event in choice.events:
+        yield event
+        if event.finish_reason is not None:
+            return
+
 
 async def open_run(request: Request, engine: Engine, principal: Principal, model: str,
-                   prompt_tokens: list[int], body: SamplingFields, max_tokens: int | None,
-                   prefix: str, requests: Ticket | None = None) -> Run:
-    """`requests`: the RPM already taken by `admit_request` before tokenizing."""
+                   prompts: list[list[int]], body: SamplingFields, max_tokens: int | None,
+                   prefix: str, logprobs: int | None = None,
+                   requests: Ticket | None = None) -> Run:
+    """Admit the request (its hold covers every choice's max_tokens) and start the first
+    choice of each prompt; `begin` starts the others. `requests`: the RPM already taken
+    by `admit_request` before tokenizing."""
     cloud: Cloud = request.app.state.cloud
     sampling = sampling_from(body)
+    n = body.choices
+    if n * len(prompts) > MAX_CHOICES:
+        raise invalid(f"at most {MAX_CHOICES} choices (prompts x n) per request", "n")
     request_id = f"{prefix}-{secrets.token_hex(12)}"
-    most = max_tokens if max_tokens is not None else (
-        engine.info().context_length - len(prompt_tokens))
-    admission = await admit(cloud, principal, model, request_id, len(prompt_tokens),
-                            max(most, 0), requests)
-    gen = GenerationRequest(
-        request_id=request_id, prompt_tokens=prompt_tokens,
-        sampling=sampling, max_tokens=max_tokens, stop=body.stops,
-        tenant=tenant_of(principal, request.app.state.fair_share_by),
-        priority=body.priority, weight=principal.weight,
-        cache_scope=cache_scope_of(principal, request.app.state.prefix_cache_scope,
-                                   body.cache_salt),
-    )
-    try:
-        stream = await engine.generate(gen)
-    except EngineOverloaded as exc:
-        await withdraw(cloud, admission)
-        raise refusal(FinishReason.OVERLOADED if exc.everyone else FinishReason.THROTTLED,
-                      exc.retry_after) from None
-    except EngineError as exc:
-        await withdraw(cloud, admission)
-        raise invalid(exc.message, exc.param, exc.code) from None
-    except BaseException:
-        await withdraw(cloud, admission)
-        raise
-    run = Run(request_id, model, admission, stream, cloud, request.app.state.background,
+    window = engine.info().context_length
+    most = sum(max(max_tokens if max_tokens is not None else window - len(p), 0)
+               for p in prompts)
+    prompt_tokens = sum(len(p) for p in prompts)
+    admission = await admit(cloud, principal, model, request_id, prompt_tokens, most * n,
+                            requests)
+    run = Run(request_id, model, admission, engine, n, cloud, request.app.state.background,
               request.app.state.telemetry)
-    run.progress = cloud.journal.track(request_id, principal, model, len(prompt_tokens),
+    scope = cache_scope_of(principal, request.app.state.prefix_cache_scope, body.cache_salt)
+    try:
+        generations = [GenerationRequest(
+            request_id=choice_id(request_id, k), prompt_tokens=prompts[k // n],
+            sampling=sampling.for_choice(k % n), max_tokens=max_tokens,
+            stop=body.stops, tenant=tenant_of(principal, request.app.state.fair_share_by),
+            priority=body.priority, weight=principal.weight, logprobs=logprobs,
+            logit_bias=dict(body.logit_bias or {}), cache_scope=scope,
+        ) for k in range(n * len(prompts))]
+        run.siblings = [(k, g) for k, g in enumerate(generations) if k % n]
+        for k in range(0, len(generations), n):
+            await run.start(k, generations[k])
+    except BaseException as exc:
+        await _unwind(run)
+        if isinstance(exc, EngineOverloaded):
+            raise refusal(FinishReason.OVERLOADED if exc.everyone else FinishReason.THROTTLED,
+                          exc.retry_after) from None
+        if isinstance(exc, EngineError):
+            raise invalid(exc.message, exc.param, exc.code) from None
+        raise
+    run.progress = cloud.journal.track(request_id, principal, model, prompt_tokens,
                                        admission.rates, admission.hold, run.started_at)
     return run
+
+
+async def _unwind(run: Run) -> None:
+    """Opening failed part way: stop what started; bill what it made, if anything."""
+    finals = await run.stop()
+    if any(f.completion_tokens or (f.usage and f.usage.prompt_tokens) for f in finals):
+        await run.record(finals)
+    else:
+        await withdraw(run.cloud, run.admission)
+
+
+async def begin(run: Run, request: Request) -> None:
+    """Wait for each prompt's first event before answering, so a request shed from the
+    queue still gets a real 429/503 instead of a 200 with an error inside; then start
+    the other choices, whose prompt the engine now holds."""
+    leaders = list(run.choices)
+    heads = await until_disconnect(run, request, asyncio.gather(
+        *(anext(c.events) for c in leaders)))
+    for choice, head in zip(leaders, heads, strict=True):
+        choice.head = head
+    bad = next((head for head in heads if failed(head)), None)
+    if bad is not None:
+        raise await fail(run, bad.finish_reason or FinishReason.ERROR)
+    try:
+        while run.siblings:
+            await run.start(*run.siblings.pop(0))
+    except EngineOverloaded as exc:
+        raise await fail(run, FinishReason.OVERLOADED if exc.everyone
+                         else FinishReason.THROTTLED, exc.retry_after) from None
+    except EngineError as exc:
+        raise await fail(run, FinishReason.ERROR, message=exc.message) from None
+
+
+async def fail(run: Run, reason: FinishReason, retry_after: float = 1.0,
+               message: str = "the engine failed while generating") -> APIError:
+    """A choice ended without an answer: stop the others, bill what was produced (a
+    request shed before it ran costs nothing), and say why: 429/503 for a refusal."""
+    await run.record(await run.stop())
+    if reason.refused:
+        run.telemetry.refused[(run.model, reason.value)] += 1
+        return refusal(reason, retry_after)
+    return APIError(500, message)
 
 
 class Format(Protocol):
     """How chat and text completions differ: only the JSON they wrap text in."""
 
-    def chunk(self, run: Run, text: str, finish: str | None, first: bool) -> dict[str, Any]: ...
+    def chunk(self, run: Run, index: int, text: str, finish: str | None, first: bool,
+              logprobs: list[TokenLogprobs]) -> dict[str, Any]: ...
 
-    def whole(self, run: Run, text: str, finish: str, usage: Usage) -> dict[str, Any]: ...
+    def whole(self, run: Run, choices: list[Completed], usage: Usage) -> dict[str, Any]: ...
 
 
 def sse(payload: dict[str, Any] | str) -> bytes:
@@ -220,7 +390,7 @@ def sse(payload: dict[str, Any] | str) -> bytes:
 
 
 async def until_disconnect(run: Run, request: Request, work: Awaitable[T]) -> T:
-    """Await `work` unless the client goes first: then stop the sequence, bill what it
+    """Await `work` unless the client goes first: then stop every choice, bill what they
     made, and answer 499."""
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
@@ -239,77 +409,72 @@ async def until_disconnect(run: Run, request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def refused(run: Run, event: TokenEvent) -> APIError:
-    """The scheduler shed the request before it ran: bill nothing, answer 429 or 503."""
-    await run.record(event)
-    reason = event.finish_reason or FinishReason.THROTTLED
-    run.telemetry.refused[(run.model, reason.value)] += 1
-    return refusal(reason)
+async def stream_events(run: Run, fmt: Format, include_usage: bool) -> AsyncIterator[bytes]:
+    """SSE body, after `begin`. Each choice's first chunk comes even when empty (the chat
+    role); logprobs of tokens whose text is still held back wait for the next chunk. If
+    this generator is cancelled (client gone), the run is abandoned."""
+    finals: dict[int, TokenEvent] = {}
+    waiting: dict[int, list[TokenLogprobs]] = defaultdict(list)
+    opened: set[int] = set()
 
+    def chunk(index: int, text: str) -> bytes:
+        first = index not in opened
+        opened.add(index)
+        logprobs, waiting[index] = waiting[index], []
+        return sse(fmt.chunk(run, index, text, None, first, logprobs))
 
-async def first_event(run: Run, request: Request) -> tuple[AsyncIterator[TokenEvent],
-                                                          TokenEvent]:
-    """Wait for the first event before sending any header, so a request shed from the
-    queue still gets a real 429/503 instead of a 200 with an error inside."""
-    events = aiter(run.stream)
-    first = await until_disconnect(run, request, anext(events))
-    if first.finish_reason is not None and first.finish_reason.refused:
-        raise await refused(run, first)
-    return events, first
-
-
-async def stream_events(run: Run, fmt: Format, include_usage: bool,
-                        events: AsyncIterator[TokenEvent],
-                        first_event: TokenEvent) -> AsyncIterator[bytes]:
-    """SSE body. If this generator is cancelled (client gone), the run is abandoned."""
-    first = True
     try:
-        async for event in _chain(first_event, events):
-            run.observe(event)
-            if event.finish_reason is None:
-                if event.text or first:
-                    yield sse(fmt.chunk(run, event.text, None, first))
-                    first = False
-                continue
-            await run.record(event)
-            if event.finish_reason is FinishReason.ERROR:
-                yield sse(error_body(500, "the engine failed while generating"))
-                return
-            if event.text:
-                yield sse(fmt.chunk(run, event.text, None, first))
-            yield sse(fmt.chunk(run, "", event.finish_reason.openai, False))
-            if include_usage and event.usage is not None:
-                yield sse({**fmt.chunk(run, "", None, False), "choices": [],
-                           "usage": usage_json(event.usage)})
-            yield sse("[DONE]")
+        async with contextlib.aclosing(run.events()) as events:
+            async for index, event in events:
+                run.observe(index, event)
+                waiting[index].extend(event.logprobs)
+                if event.finish_reason is None:
+                    if event.text or index not in opened:
+                        yield chunk(index, event.text)
+                    continue
+                finals[index] = event
+                if failed(event):
+                    await run.record(await run.stop())
+                    yield sse(error_body(500, "the engine failed while generating"))
+                    return
+                if len(finals) == len(run.choices):  # the last byte waits for the row
+                    await run.record([finals[c.index] for c in run.choices])
+                if event.text or waiting[index] or index not in opened:
+                    yield chunk(index, event.text)
+                yield sse(fmt.chunk(run, index, "", event.finish_reason.openai, False, []))
+        if include_usage:
+            usage = run.usage([finals[c.index] for c in run.choices])
+            yield sse({**fmt.chunk(run, 0, "", None, False, []), "choices": [],
+                       "usage": usage_json(usage)})
+        yield sse("[DONE]")
     finally:
         run.abandon()
 
 
-async def _chain(first: TokenEvent, rest: AsyncIterator[TokenEvent]
-                 ) -> AsyncIterator[TokenEvent]:
-    yield first
-    if first.finish_reason is None:
-        async for event in rest:
-            yield event
+async def collect(run: Run, request: Request) -> tuple[list[Completed], Usage]:
+    """Gather every choice's whole text (after `begin`), cancelling them all if the
+    client disconnects first."""
+    texts: dict[int, list[str]] = defaultdict(list)
+    logprobs: dict[int, list[TokenLogprobs]] = defaultdict(list)
+    finals: dict[int, TokenEvent] = {}
 
+    async def drain() -> TokenEvent | None:
+        async with contextlib.aclosing(run.events()) as events:
+            async for index, event in events:
+                run.observe(index, event)
+                texts[index].append(event.text)
+                logprobs[index].extend(event.logprobs)
+                if event.finish_reason is not None:
+                    finals[index] = event
+                    if failed(event):
+                        return event
+        return None
 
-async def collect(run: Run, request: Request) -> tuple[str, str, Usage]:
-    """Gather the whole text, cancelling the sequence if the client disconnects first."""
-    async def gather() -> tuple[str, TokenEvent]:
-        parts: list[str] = []
-        async for event in run.stream:
-            run.observe(event)
-            parts.append(event.text)
-            if event.finish_reason is not None:
-                return "".join(parts), event
-        raise RuntimeError("stream ended without a final event")
-
-    text, final = await until_disconnect(run, request, gather())
-    reason = final.finish_reason or FinishReason.ERROR
-    if reason.refused:
-        raise await refused(run, final)
-    await run.record(final)
-    if reason is FinishReason.ERROR:
-        raise APIError(500, "the engine failed while generating")
-    return text, reason.openai, final.usage or Usage(0, final.completion_tokens)
+    bad = await until_disconnect(run, request, drain())
+    if bad is not None:
+        raise await fail(run, bad.finish_reason or FinishReason.ERROR)
+    ordered = [finals[c.index] for c in run.choices]
+    await run.record(ordered)
+    return [Completed(c.index, "".join(texts[c.index]),
+                      (finals[c.index].finish_reason or FinishReason.ERROR).openai,
+                      logprobs[c.index]) for c in run.choices], run.usage(ordered)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import AsyncIterator, Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 
@@ -90,7 +90,14 @@ def completion_limit(request: GenerationRequest, window: int, vocab: int | None 
             f"This model's maximum context length is {window} tokens. However, you "
             f"requested {n + request.max_tokens} tokens ({n} in the prompt, "
             f"{request.max_tokens} for the completion).", param="max_tokens")
+    if request.logit_bias and vocab is not None and any(
+            not 0 <= t < vocab for t in request.logit_bias):
+        raise EngineError("logit_bias names token ids outside the vocabulary",
+                          param="logit_bias")
     return min(request.max_tokens or window, window - n)
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on alternatives per token
 
 
 @dataclass(slots=True, frozen=True)
@@ -134,6 +141,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def for_choice(self, index: int) -> SamplingParams:
+        """Choice `index` of a request samples on its own: a seeded request gives different
+        but reproducible choices (seed, seed + 1, ...)."""
+        if self.seed is None or index == 0:
+            return self
+        return replace(self, seed=(self.seed + index) % 2**64)
+
 
 @dataclass(slots=True)
 class GenerationRequest:
@@ -149,6 +163,16 @@ class GenerationRequest:
     priority: int = 0  # 0 interactive, 1 batch: lower runs first
     weight: float = 1.0  # the tenant's share relative to others
     cache_scope: str = ""  # prompt-prefix caches are shared only within one scope (opaque)
+    logprobs: int | None = None  # None: none; k: the chosen token's and k alternatives
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the raw logits
+
+    def __post_init__(self) -> None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise EngineError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+                              param="top_logprobs")
+        if any(not math.isfinite(b) or abs(b) > 100 for b in self.logit_bias.values()):
+            raise EngineError("logit_bias values must be between -100 and 100",
+                              param="logit_bias")
 
 
 @dataclass(slots=True, frozen=True)
@@ -163,14 +187,35 @@ class Usage:
 
 
 @dataclass(slots=True, frozen=True)
+class Logprob:
+    """One token's log-probability under the model's raw distribution (log-softmax of the
+    logits, before any sampling filter), as OpenAI reports it."""
+
+    token: str
+    raw: bytes  # the token's bytes (a piece of a UTF-8 character is not valid text alone)
+    logprob: float
+
+
+@dataclass(slots=True, frozen=True)
+class TokenLogprobs:
+    """The sampled token and the most likely alternatives at its position, best first."""
+
+    chosen: Logprob
+    top: tuple[Logprob, ...] = ()
+
+
+@dataclass(slots=True, frozen=True)
 class TokenEvent:
     """A step of one sequence: new text (maybe empty while bytes are incomplete) and,
-    on the last event, why it finished and the exact usage."""
+    on the last event, why it finished and the exact usage. `logprobs` holds one entry
+    per token the event accounts for, when the request asked for them (the text of those
+    tokens may arrive in a later event: incomplete bytes and stop strings are held back)."""
 
     text: str
     completion_tokens: int
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    logprobs: tuple[TokenLogprobs, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)

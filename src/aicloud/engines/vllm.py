@@ -21,7 +21,9 @@ from aicloud.engines.base import (
     EngineStats,
     FinishReason,
     GenerationRequest,
+    Logprob,
     TokenEvent,
+    TokenLogprobs,
     Usage,
     completion_limit,
 )
@@ -33,7 +35,7 @@ from aicloud.engines.llamacpp.weights import DEFAULT_CACHE
 from aicloud.engines.vllm_convert import ensure_hf_folder
 
 if TYPE_CHECKING:
-    from vllm.outputs import RequestOutput
+    from vllm.outputs import CompletionOutput, RequestOutput
     from vllm.v1.engine.async_llm import AsyncLLM
     from vllm.v1.engine.output_processor import RequestOutputCollector
 
@@ -58,11 +60,12 @@ class VllmStream(EventQueue):
     """The outputs of one vLLM request, turned into our events by a task on the loop."""
 
     def __init__(self, engine: VllmEngine, request_id: str, prompt_tokens: int,
-                 outputs: RequestOutputCollector) -> None:
+                 outputs: RequestOutputCollector, top_logprobs: int | None = None) -> None:
         super().__init__()
         self._engine = engine
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
+        self.top_logprobs = top_logprobs  # None: not asked for
         self.completion_tokens = 0
         self.started = False  # vLLM has scheduled it and sent a first output
         self._pump = asyncio.create_task(self._run(outputs))
@@ -96,17 +99,44 @@ class VllmStream(EventQueue):
         new = out.outputs[0]
         self.completion_tokens += len(new.token_ids)  # a delta: tokens made since last time
         self._engine.meter.add(len(new.token_ids))
+        logprobs = self._logprobs(new)
         if not out.finished:
-            if new.text:
-                self._put(new.text, None)
+            if new.text or logprobs:
+                self._put(new.text, None, logprobs=logprobs)
             return
         reason = FINISH.get(str(new.finish_reason), FinishReason.ERROR)
-        self._put(new.text, reason, cached=out.num_cached_tokens or 0)
+        self._put(new.text, reason, cached=out.num_cached_tokens or 0, logprobs=logprobs)
 
-    def _put(self, text: str, reason: FinishReason | None, cached: int = 0) -> None:
+    def _logprobs(self, new: CompletionOutput) -> tuple[TokenLogprobs, ...]:
+        if self.top_logprobs is None:
+            return ()
+        return vllm_logprobs(new, self.top_logprobs, self._engine.eos_token_id)
+
+    def _put(self, text: str, reason: FinishReason | None, cached: int = 0,
+             logprobs: tuple[TokenLogprobs, ...] = ()) -> None:
         usage = None if reason is None else Usage(self.prompt_tokens, self.completion_tokens,
                                                   cached)
-        self.put(TokenEvent(text, self.completion_tokens, reason, usage))
+        self.put(TokenEvent(text, self.completion_tokens, reason, usage, logprobs))
+
+
+def vllm_logprobs(new: CompletionOutput, k: int,
+                  eos: int | None) -> tuple[TokenLogprobs, ...]:
+    """vLLM's own logprobs (raw, before its sampling filters) in our shape: for each new
+    token vLLM maps the sampled token and the k best to their logprob and rank. The
+    end-of-text token is not text, so its logprobs are not sent (as on llama.cpp)."""
+    out = []
+    for token, ranked in zip(new.token_ids, new.logprobs or (), strict=False):
+        if token == eos or not ranked or token not in ranked:
+            continue
+        top = sorted(((t, e) for t, e in ranked.items() if e.rank is not None
+                      and e.rank <= k), key=lambda item: item[1].rank or 0)
+        out.append(TokenLogprobs(_logprob(ranked[token]), tuple(_logprob(e) for _, e in top)))
+    return tuple(out)
+
+
+def _logprob(entry: Any) -> Logprob:
+    text = entry.decoded_token or ""
+    return Logprob(text, text.encode(), max(float(entry.logprob), -9999.0))
 
 
 class HfChatTokenizer:
@@ -195,6 +225,10 @@ class VllmEngine:
     def tokenizer(self) -> Any:
         return self.llm.get_tokenizer()
 
+    @property
+    def eos_token_id(self) -> int | None:
+        return getattr(self.tokenizer, "eos_token_id", None)
+
     async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         """As the llama.cpp engine: rendered off the loop within the template's limits,
         control tokens only from the template."""
@@ -221,7 +255,8 @@ class VllmEngine:
         prompt = tokens_input(request.prompt_tokens, cache_salt=request.cache_scope or None)
         outputs = await self.llm.add_request(request.request_id, prompt, params,
                                              priority=request.priority)
-        stream = VllmStream(self, request.request_id, len(request.prompt_tokens), outputs)
+        stream = VllmStream(self, request.request_id, len(request.prompt_tokens), outputs,
+                            request.logprobs)
         self._streams[request.request_id] = stream
         return stream
 
@@ -236,7 +271,8 @@ class VllmEngine:
             seed=s.seed, presence_penalty=s.presence_penalty,
             frequency_penalty=s.frequency_penalty, repetition_penalty=s.repetition_penalty,
             max_tokens=max_tokens, stop=list(request.stop),
-            output_kind=RequestOutputKind.DELTA,
+            output_kind=RequestOutputKind.DELTA, logprobs=request.logprobs,
+            logit_bias=dict(request.logit_bias) or None,
         )
 
     def _check(self, request: GenerationRequest) -> int:

@@ -12,16 +12,24 @@ from aicloud.api.admission import admit_request, check_prompt_size
 from aicloud.api.deps import CloudDep, CurrentPrincipal, PoolDep, parse_body
 from aicloud.api.errors import APIError, invalid
 from aicloud.api.generation import (
+    Completed,
     Run,
+    begin,
     collect,
-    first_event,
     open_run,
     stream_events,
     usage_json,
 )
 from aicloud.api.openapi import request_body
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest
-from aicloud.engines.base import ChatMessage, Engine, EngineError, Usage
+from aicloud.engines.base import (
+    ChatMessage,
+    Engine,
+    EngineError,
+    Logprob,
+    TokenLogprobs,
+    Usage,
+)
 from aicloud.models.pool import ModelPool, UnknownModel
 from aicloud.services import Cloud
 
@@ -49,47 +57,108 @@ async def list_models(principal: CurrentPrincipal, pool: PoolDep) -> dict[str, A
     ]}
 
 
+def _chat_logprob(lp: Logprob) -> dict[str, Any]:
+    return {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.raw)}
+
+
 class ChatFormat:
+    """`logprobs`: OpenAI's `choices[].logprobs.content[]`, one entry per token."""
+
     object_chunk = "chat.completion.chunk"
 
-    def chunk(self, run: Run, text: str, finish: str | None, first: bool) -> dict[str, Any]:
+    def __init__(self, logprobs: bool = False) -> None:
+        self.logprobs = logprobs
+
+    def _logprobs(self, tokens: list[TokenLogprobs], *, whole: bool) -> dict[str, Any] | None:
+        if not self.logprobs or not (tokens or whole):
+            return None
+        return {"content": [{**_chat_logprob(t.chosen),
+                             "top_logprobs": [_chat_logprob(a) for a in t.top]}
+                            for t in tokens], "refusal": None}
+
+    def chunk(self, run: Run, index: int, text: str, finish: str | None, first: bool,
+              logprobs: list[TokenLogprobs]) -> dict[str, Any]:
         delta = {"role": "assistant", "content": text} if first else (
             {"content": text} if text else {})
         return {"id": run.request_id, "object": self.object_chunk, "created": run.created,
                 "model": run.model, "system_fingerprint": None,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                "choices": [{"index": index, "delta": delta,
+                             "logprobs": self._logprobs(logprobs, whole=False),
                              "finish_reason": finish}]}
 
-    def whole(self, run: Run, text: str, finish: str, usage: Usage) -> dict[str, Any]:
+    def whole(self, run: Run, choices: list[Completed], usage: Usage) -> dict[str, Any]:
         return {"id": run.request_id, "object": "chat.completion", "created": run.created,
                 "model": run.model, "system_fingerprint": None,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": finish}],
+                "choices": [{"index": c.index,
+                             "message": {"role": "assistant", "content": c.text},
+                             "logprobs": self._logprobs(c.logprobs, whole=True),
+                             "finish_reason": c.finish} for c in choices],
                 "usage": usage_json(usage)}
 
 
 class TextFormat:
+    """`logprobs`: the legacy `{tokens, token_logprobs, top_logprobs, text_offset}`, where
+    `top_logprobs` maps the k best tokens and the chosen one to their logprobs. `echo`:
+    each prompt's text, put before its choices' text."""
+
     object_chunk = "text_completion"
 
-    def chunk(self, run: Run, text: str, finish: str | None, first: bool) -> dict[str, Any]:
-        return {"id": run.request_id, "object": self.object_chunk, "created": run.created,
-                "model": run.model, "system_fingerprint": None,
-                "choices": [{"index": 0, "text": text, "logprobs": None,
-                             "finish_reason": finish}]}
+    def __init__(self, n: int = 1, logprobs: int | None = None,
+                 echo: list[str] | None = None) -> None:
+        self.n = n
+        self.logprobs = logprobs
+        self.echo = echo
+        self._offsets: dict[int, int] = {}  # streamed text so far, per choice
 
-    def whole(self, run: Run, text: str, finish: str, usage: Usage) -> dict[str, Any]:
-        return {**self.chunk(run, text, finish, True), "usage": usage_json(usage)}
+    def _logprobs(self, tokens: list[TokenLogprobs], offset: int) -> dict[str, Any]:
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.chosen.token)
+        return {"tokens": [t.chosen.token for t in tokens],
+                "token_logprobs": [t.chosen.logprob for t in tokens],
+                "top_logprobs": [{**{a.token: a.logprob for a in t.top},
+                                  t.chosen.token: t.chosen.logprob} for t in tokens],
+                "text_offset": offsets}
+
+    def _prefix(self, index: int) -> str:
+        return self.echo[index // self.n] if self.echo else ""
+
+    def _choice(self, index: int, text: str, finish: str | None,
+                logprobs: dict[str, Any] | None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def _envelope(self, run: Run, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"id": run.request_id, "object": self.object_chunk, "created": run.created,
+                "model": run.model, "system_fingerprint": None, "choices": choices}
+
+    def chunk(self, run: Run, index: int, text: str, finish: str | None, first: bool,
+              logprobs: list[TokenLogprobs]) -> dict[str, Any]:
+        if first:
+            text = self._prefix(index) + text
+        lps = None
+        if self.logprobs is not None and logprobs:
+            offset = self._offsets.get(index, 0)
+            lps = self._logprobs(logprobs, offset)
+            self._offsets[index] = offset + sum(len(t.chosen.token) for t in logprobs)
+        return self._envelope(run, [self._choice(index, text, finish, lps)])
+
+    def whole(self, run: Run, choices: list[Completed], usage: Usage) -> dict[str, Any]:
+        return {**self._envelope(run, [self._choice(
+            c.index, self._prefix(c.index) + c.text, c.finish,
+            None if self.logprobs is None else self._logprobs(c.logprobs, 0))
+            for c in choices]), "usage": usage_json(usage)}
 
 
 async def _respond(request: Request, run: Run, fmt: ChatFormat | TextFormat,
                    stream: bool, include_usage: bool) -> StreamingResponse | JSONResponse:
+    await begin(run, request)
     if stream:
-        events, first = await first_event(run, request)
-        return StreamingResponse(stream_events(run, fmt, include_usage, events, first),
+        return StreamingResponse(stream_events(run, fmt, include_usage),
                                  media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **run.admission.headers})
-    text, finish, usage = await collect(run, request)
-    return JSONResponse(fmt.whole(run, text, finish, usage), headers=run.admission.headers)
+    choices, usage = await collect(run, request)
+    return JSONResponse(fmt.whole(run, choices, usage), headers=run.admission.headers)
 
 
 def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -120,9 +189,11 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
         tokens = await engine.encode_chat(messages)
     except EngineError as exc:
         raise invalid(exc.message, exc.param or "messages", exc.code) from None
-    run = await open_run(request, engine, principal, body.model, tokens, body,
-                         body.completion_limit, id_prefix, requests)
-    return await _respond(request, run, ChatFormat(), body.stream, _include_usage(body))
+    run = await open_run(request, engine, principal, body.model, [tokens], body,
+                         body.completion_limit, id_prefix, body.top_logprobs_wanted,
+                         requests)
+    return await _respond(request, run, ChatFormat(bool(body.logprobs)), body.stream,
+                          _include_usage(body))
 
 
 @router.post("/completions", response_model=None, **request_body(CompletionRequest))
@@ -130,14 +201,20 @@ async def completions(request: Request, principal: CurrentPrincipal,
                       pool: PoolDep, cloud: CloudDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, CompletionRequest, text_fields=("prompt",))
     engine = _engine(pool, body.model, principal)
+    prompts = body.prompts
+    if body.echo and not all(isinstance(p, str) for p in prompts):
+        raise invalid("echo needs text prompts (not token ids)", "echo")
+    # cheap refusals before any prompt is tokenized: requests per minute, then the size
+    # (token ids need no tokenizing: the engine counts them)
     requests = await admit_request(cloud, principal)
-    prompt = body.prompt
-    if isinstance(prompt, str):  # token ids need no tokenizing: the engine counts them
-        check_prompt_size(len(prompt), engine.info().context_length, "prompt")
-        tokens = await engine.encode_text(prompt)
-    else:
-        tokens = list(prompt)
+    context = engine.info().context_length
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            check_prompt_size(len(prompt), context, "prompt")
+    tokens = [await engine.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
     run = await open_run(request, engine, principal, body.model, tokens, body,
                          body.max_tokens if body.max_tokens is not None else 16, "cmpl",
-                         requests)
-    return await _respond(request, run, TextFormat(), body.stream, _include_usage(body))
+                         body.logprobs, requests)
+    echo = [p for p in prompts if isinstance(p, str)] if body.echo else None
+    fmt = TextFormat(body.choices, body.logprobs, echo)
+    return await _respond(request, run, fmt, body.stream, _include_usage(body))

@@ -24,7 +24,8 @@ from collections.abc import Callable
 
 import llama_cpp
 
-from aicloud.engines.base import AdmissionQueue, FinishReason, TokenEvent
+from aicloud.engines.base import AdmissionQueue, FinishReason, TokenEvent, TokenLogprobs
+from aicloud.engines.llamacpp.logprobs import LogprobRow, log_softmax, token_logprobs
 from aicloud.engines.llamacpp.model import LlamaModel
 from aicloud.engines.llamacpp.sampling import build_sampler, free_sampler
 from aicloud.engines.llamacpp.sequence import SeqState, Sequence
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 Delivery = tuple[Callable[[TokenEvent], None], TokenEvent]
 PlanItem = tuple[Sequence, list[int], bool]
 Outcome = tuple[Sequence, TokenEvent]
+Sampled = tuple[Sequence, int, TokenLogprobs | None]
 
 
 class RateMeter:
@@ -157,7 +159,8 @@ class Batcher:
         while self.slots.free and (seq := self.queue.pop(self._may_run)) is not None:
             slot, reuse = self.slots.acquire(seq.prompt, seq.request.cache_scope)
             seq.slot, seq.n_past, seq.cached_tokens = slot.seq_id, reuse, reuse
-            seq.sampler = build_sampler(seq.request.sampling, self.model.n_vocab)
+            seq.sampler = build_sampler(seq.request.sampling, self.model.n_vocab,
+                                        seq.request.logit_bias)
             seq.state = SeqState.PREFILL
             self.running.append(seq)
             self.queue.started(seq.request.tenant)
@@ -221,10 +224,9 @@ class Batcher:
                 if seq.state is SeqState.PREFILL:
                     seq.n_past += len(tokens)
             # sampled before the next llama_decode overwrites the logits
-            sampled = [(seq, llama_cpp.llama_sampler_sample(seq.sampler, self.model.ctx, index))
-                       for seq, index in outputs]
+            sampled = [self._sample(seq, index) for seq, index in outputs]
             with self._wake:
-                out += [self._account(seq, token) for seq, token in sampled]
+                out += [self._account(*item) for item in sampled]
         return out
 
     def _llama_decode(self, measured: bool) -> int:
@@ -239,6 +241,20 @@ class Batcher:
         if measured and status == 0:
             self.threads.record(self._batch.n_tokens, time.perf_counter() - start)
         return status
+
+    def _sample(self, seq: Sequence, index: int) -> Sampled:
+        row = self._logprob_row(seq, index)
+        token = llama_cpp.llama_sampler_sample(seq.sampler, self.model.ctx, index)
+        if row is None:
+            return seq, token, None
+        return seq, token, token_logprobs(row, token, seq.top_logprobs or 0, self.model.piece)
+
+    def _logprob_row(self, seq: Sequence, index: int) -> LogprobRow | None:
+        """The raw distribution, read before anything writes into the logits row; only
+        for sequences that asked for logprobs."""
+        if seq.top_logprobs is None:
+            return None
+        return log_softmax(self.model.ctx, index, self.model.n_vocab)
 
     def _fill(self, plan: list[PlanItem]) -> list[tuple[Sequence, int]]:
         batch, i = self._batch, 0
@@ -258,10 +274,12 @@ class Batcher:
         batch.n_tokens = i
         return outputs
 
-    def _account(self, seq: Sequence, token: int) -> Outcome:
+    def _account(self, seq: Sequence, token: int,
+                 logprobs: TokenLogprobs | None = None) -> Outcome:
         """Charge the tenant for one sampled token and retire a finished sequence."""
         seq.state = SeqState.DECODE
-        event = seq.on_token(token, self.model.piece(token), self.model.is_eog(token))
+        event = seq.on_token(token, self.model.piece(token), self.model.is_eog(token),
+                             logprobs)
         self.meter.add(1)
         self.queue.charge(seq.request.tenant, output_tokens=1)
         if event.finish_reason is not None:

@@ -7,7 +7,13 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aicloud.engines.base import FinishReason, GenerationRequest, TokenEvent, Usage
+from aicloud.engines.base import (
+    FinishReason,
+    GenerationRequest,
+    TokenEvent,
+    TokenLogprobs,
+    Usage,
+)
 from aicloud.engines.llamacpp.text import StopMatcher, Utf8Stream
 
 
@@ -55,22 +61,31 @@ class Sequence:
         prompt = len(self.prompt) if self.slot >= 0 else 0
         return Usage(prompt, self.completion_tokens, self.cached_tokens)
 
-    def on_token(self, token: int, piece: bytes, eog: bool) -> TokenEvent:
-        """Account for one sampled token and return the event to send for it."""
+    @property
+    def top_logprobs(self) -> int | None:
+        """None when the request did not ask for logprobs."""
+        return self.request.logprobs
+
+    def on_token(self, token: int, piece: bytes, eog: bool,
+                 logprobs: TokenLogprobs | None = None) -> TokenEvent:
+        """Account for one sampled token and return the event to send for it. The
+        end-of-generation token is not part of the text, so its logprobs are not sent."""
         self.completion_tokens += 1
         self.last_token = token
         if eog:
             return self.finish(FinishReason.STOP)
+        lps = () if logprobs is None else (logprobs,)
         text, hit = self.stopper.push(self.decoder.feed(piece))
         if hit:
-            return self.finish(FinishReason.STOP, text, flush=False)
+            return self.finish(FinishReason.STOP, text, flush=False, logprobs=lps)
         if self.completion_tokens >= self.max_tokens:
-            return self.finish(FinishReason.LENGTH, text)
-        return TokenEvent(text, self.completion_tokens)
+            return self.finish(FinishReason.LENGTH, text, logprobs=lps)
+        return TokenEvent(text, self.completion_tokens, logprobs=lps)
 
-    def finish(self, reason: FinishReason, text: str = "", *, flush: bool = True) -> TokenEvent:
+    def finish(self, reason: FinishReason, text: str = "", *, flush: bool = True,
+               logprobs: tuple[TokenLogprobs, ...] = ()) -> TokenEvent:
         if flush:
             tail, hit = self.stopper.push(self.decoder.flush())
             text += tail if hit else tail + self.stopper.flush()
         self.state = SeqState.FINISHED
-        return TokenEvent(text, self.completion_tokens, reason, self.usage)
+        return TokenEvent(text, self.completion_tokens, reason, self.usage, logprobs)
