@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from aicloud.api import errors
 from aicloud.api.body_limit import BodyLimit
-from aicloud.api.routes import admin, health, metrics, openai
+from aicloud.api.request_id import RequestId
+from aicloud.api.routes import admin, embeddings, health, metrics, openai
 from aicloud.api.telemetry import Telemetry
 from aicloud.config import Settings
 from aicloud.models.pool import ModelPool
@@ -19,6 +21,11 @@ from aicloud.services import open_cloud
 from aicloud.store import migrate
 
 log = logging.getLogger(__name__)
+
+# what a browser client may read from a response (the openai SDK reads all of these)
+EXPOSED_HEADERS = ["x-request-id", "retry-after", *(
+    f"x-ratelimit-{what}-{unit}" for what in ("limit", "remaining", "reset")
+    for unit in ("requests", "tokens"))]
 
 
 def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
@@ -48,8 +55,15 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
 
     app = FastAPI(title="aicloud", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)
+    if origins := settings.cors_origin_list:
+        # outermost, so a preflight is answered before the body limit or auth run
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=EXPOSED_HEADERS,
+                           max_age=600)
     errors.install(app)
     app.include_router(openai.router)
+    app.include_router(embeddings.router)
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -253,7 +253,7 @@ async def stream_events(run: Run, fmt: Format, include_usage: bool,
             if event.finish_reason is FinishReason.ERROR:
                 yield sse(error_body(500, "the engine failed while generating"))
                 return
-            if event.text:
+            if event.text or first:  # an empty answer still says whose it is
                 yield sse(fmt.chunk(run, event.text, None, first))
             yield sse(fmt.chunk(run, "", event.finish_reason.openai, False))
             if include_usage and event.usage is not None:

@@ -20,30 +20,48 @@ from aicloud.api.generation import (
 )
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest
 from aicloud.engines.base import ChatMessage, Engine, EngineError, Usage
-from aicloud.models.pool import ModelPool, UnknownModel
+from aicloud.models.pool import ModelCard, ModelPool, UnknownModel
 
 router = APIRouter(prefix="/v1")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _engine(pool: ModelPool, model: str, principal: Principal) -> Engine:
+def _no_such_model(model: str) -> APIError:
+    return APIError(404, f"The model '{model[:128]}' does not exist or you do not have "
+                    "access to it.", param="model", code="model_not_found")
+
+
+def engine_for(pool: ModelPool, model: str, principal: Principal) -> Engine:
     """A model outside the key's allow-list looks exactly like one that does not exist."""
     try:
         if not principal.may_use(model):
             raise UnknownModel(model)
         return pool.get(model)
     except UnknownModel:
-        raise APIError(404, f"The model '{model[:128]}' does not exist or you do not have "
-                       "access to it.", param="model", code="model_not_found") from None
+        raise _no_such_model(model) from None
+
+
+def _model_json(card: ModelCard) -> dict[str, Any]:
+    """OpenAI's model object, plus what the model can do ("generate", "embed")."""
+    return {"id": card.id, "object": "model", "created": card.created,
+            "owned_by": card.owned_by, "capabilities": list(card.capabilities)}
 
 
 @router.get("/models")
 async def list_models(principal: CurrentPrincipal, pool: PoolDep) -> dict[str, Any]:
     return {"object": "list", "data": [
-        {"id": c.id, "object": "model", "created": c.created, "owned_by": c.owned_by}
-        for c in pool.cards() if principal.may_use(c.id)
+        _model_json(c) for c in pool.cards() if principal.may_use(c.id)
     ]}
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(model: str, principal: CurrentPrincipal,
+                         pool: PoolDep) -> dict[str, Any]:
+    card = next((c for c in pool.cards() if c.id == model), None)
+    if card is None or not principal.may_use(model):
+        raise _no_such_model(model)
+    return _model_json(card)
 
 
 class ChatFormat:
@@ -84,9 +102,15 @@ async def _respond(request: Request, run: Run, fmt: ChatFormat | TextFormat,
         events, first = await first_event(run, request)
         return StreamingResponse(stream_events(run, fmt, include_usage, events, first),
                                  media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **run.admission.headers})
+                                 headers={**SSE_HEADERS, **_headers(run)})
     text, finish, usage = await collect(run, request)
-    return JSONResponse(fmt.whole(run, text, finish, usage), headers=run.admission.headers)
+    return JSONResponse(fmt.whole(run, text, finish, usage), headers=_headers(run))
+
+
+def _headers(run: Run) -> dict[str, str]:
+    """Rate-limit headers, and the completion id as the request id (the openai SDK's
+    `_request_id`), so a client can quote either to find the usage row."""
+    return {**run.admission.headers, "x-request-id": run.request_id}
 
 
 def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -97,7 +121,7 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
 async def chat_completions(request: Request, principal: CurrentPrincipal,
                            pool: PoolDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, ChatCompletionRequest)
-    engine = _engine(pool, body.model, principal)
+    engine = engine_for(pool, body.model, principal)
     messages = [ChatMessage(m.role, m.text, m.name) for m in body.messages]
     try:
         tokens = await engine.encode_chat(messages)
@@ -112,7 +136,7 @@ async def chat_completions(request: Request, principal: CurrentPrincipal,
 async def completions(request: Request, principal: CurrentPrincipal,
                       pool: PoolDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, CompletionRequest)
-    engine = _engine(pool, body.model, principal)
+    engine = engine_for(pool, body.model, principal)
     prompt = body.prompt
     tokens = await engine.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
     run = await open_run(request, engine, principal, body.model, tokens, body,
