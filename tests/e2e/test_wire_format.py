@@ -76,6 +76,9 @@ def test_five_stop_strings_say_at_most_four(http: httpx.Client) -> None:
     ("verbosity", "low"),
     ("metadata", {"purpose": "test"}),
     ("store", True),
+    ("moderation", {"model": "omni-moderation-latest"}),
+    ("prompt_cache_options", {"mode": "explicit"}),
+    ("prompt_cache_retention", "24h"),
 ])
 def test_fields_not_honoured_are_refused_by_name(http: httpx.Client, field: str,
                                                  value: object) -> None:
@@ -88,7 +91,7 @@ def test_fields_asking_for_nothing_are_accepted(http: httpx.Client) -> None:
     resp = http.post("/v1/chat/completions", json={
         **CHAT, "modalities": ["text"], "store": False, "metadata": None,
         "prediction": None, "reasoning_effort": None, "safety_identifier": "user-1",
-        "prompt_cache_key": "thread-9"})
+        "prompt_cache_key": "thread-9", "prompt_cache_retention": "in_memory"})
     assert resp.status_code == 200, resp.text
 
 

@@ -112,7 +112,11 @@ class ChatCompletionRequest(SamplingFields):
     web_search_options: Any = None
     verbosity: Any = None
     metadata: Any = None
+    moderation: Any = None
+    prompt_cache_options: Any = None
     store: bool | None = None
+    # kept in memory while the server runs, which is what "in_memory" asks
+    prompt_cache_retention: Literal["in_memory"] | None = None
     # accepted: identify the end user (as `user`), and a cache hint (prefix caching is
     # automatic here, keyed by the prompt's tokens)
     safety_identifier: Annotated[str, Field(max_length=256)] | None = None
@@ -126,7 +130,7 @@ class ChatCompletionRequest(SamplingFields):
         return value
 
     @field_validator("prediction", "reasoning_effort", "audio", "web_search_options",
-                     "verbosity", "metadata")
+                     "verbosity", "metadata", "moderation", "prompt_cache_options")
     @classmethod
     def _not_honoured(cls, value: Any, info: ValidationInfo) -> None:
         if value:  # null, {} or "" ask for nothing
