@@ -158,6 +158,7 @@ def test_cors_preflight_and_response_headers(cors_server: Server) -> None:
     assert pre.headers["access-control-allow-origin"] == ORIGIN
     assert "POST" in pre.headers["access-control-allow-methods"]
     assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+    assert pre.headers["x-request-id"].startswith("req_")
     denied = httpx.options(url, headers={"Origin": "https://evil.example", **PREFLIGHT})
     assert denied.status_code == 400
     assert "access-control-allow-origin" not in denied.headers

@@ -55,12 +55,12 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
 
     app = FastAPI(title="aicloud", version="0.1.0", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestId)
     if origins := settings.cors_origin_list:
-        # outermost, so a preflight is answered before the body limit or auth run
+        # outside the body limit and the routes, so a preflight never reaches auth
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
                            allow_headers=["*"], expose_headers=EXPOSED_HEADERS,
                            max_age=600)
+    app.add_middleware(RequestId)  # outermost: every response, a preflight's included
     errors.install(app)
     app.include_router(openai.router)
     app.include_router(embeddings.router)
