@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 from aicloud.engines.base import (
@@ -30,6 +31,8 @@ from aicloud.engines.llamacpp.embedder import Embedder, pooling_of
 from aicloud.engines.llamacpp.model import ContextConfig, LlamaModel
 from aicloud.engines.llamacpp.sequence import Sequence
 from aicloud.engines.llamacpp.weights import DEFAULT_CACHE, NATIVE, ensure_weights
+
+log = logging.getLogger(__name__)
 
 # Tokenizing more text than this goes to a worker thread so the loop stays responsive.
 INLINE_TOKENIZE_CHARS = 16_384
@@ -87,8 +90,12 @@ class LlamaCppEngine:
         if pooling is None:
             return None
         config = model.config
-        return Embedder(model, pooling, config.context_per_sequence or 0, config.threads or 1,
-                        config.batch_tokens, batcher.between_steps)
+        try:
+            return Embedder(model, pooling, config.context_per_sequence or 0,
+                            config.threads or 1, config.batch_tokens, batcher.between_steps)
+        except EngineError as exc:  # generation still works; the model just cannot embed
+            log.warning("%s: no embeddings: %s", model.path.name, exc.message)
+            return None
 
     async def close(self) -> None:
         if self._batcher is not None:
