@@ -120,6 +120,7 @@ class Embedder:
         self._pending: deque[Item] = deque()
         self._lock = threading.Lock()
         self._scheduled = False
+        self._closed = False
 
     def _new_context(self, threads: int) -> llama_cpp.llama_context_p:
         cparams = llama_cpp.llama_context_default_params()
@@ -228,9 +229,8 @@ class Embedder:
         return unit.astype(np.float32).tolist()
 
     def close(self) -> None:
-        if self._ctx:
-            llama_cpp.llama_free(self._ctx)
-            self._ctx = None
-        if self._batch is not None:
+        """Free the context; once, after the batcher thread (its only user) has stopped."""
+        if not self._closed:
+            self._closed = True
             llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
+            llama_cpp.llama_free(self._ctx)
