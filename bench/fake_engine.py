@@ -19,12 +19,15 @@ from pathlib import Path
 
 from aicloud.engines.base import (
     ChatMessage,
+    EmbeddingRequest,
+    Embeddings,
     EngineInfo,
     EngineStats,
     FinishReason,
     GenerationRequest,
     TokenEvent,
     Usage,
+    not_embedding,
 )
 
 MODEL = "fake-instant"
@@ -71,6 +74,9 @@ class FakeEngine:
         self.served += 1
         return InstantStream(TokenEvent(TEXT, completion, reason,
                                         Usage(len(request.prompt_tokens), completion)))
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        raise not_embedding(self._info.model_id)
 
     def info(self) -> EngineInfo:
         return self._info

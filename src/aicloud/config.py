@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     input_token_weight: float = Field(default=1.0, ge=0)
     output_token_weight: float = Field(default=2.0, ge=0)
     metrics_public: bool = Field(default=False, description="serve /metrics without a key")
+    cors_origins: str = Field(
+        default="", description="browser origins allowed to call the API, comma separated "
+        "(https://app.example.com,http://localhost:3000; * for any); empty: CORS off")
     ray_address: str | None = Field(default=None, description="auto, local or HOST:PORT")
     replicas: int = Field(default=1, ge=1, le=256)
     min_replicas: int | None = Field(default=None, ge=1, le=256)
@@ -69,6 +72,10 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or default_url(self.home_dir)
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
     def prepare_home(self) -> None:
         self.home_dir.mkdir(parents=True, exist_ok=True, mode=0o700)

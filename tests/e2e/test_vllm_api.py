@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import Server, start_server
@@ -53,3 +54,14 @@ def test_served_by_vllm(server: Server) -> None:
     key = {"Authorization": f"Bearer {server.admin_key()}"}
     models = httpx.get(f"{server.base_url}/admin/v1/models", headers=key, timeout=30).json()
     assert [(m["id"], m["engine"]) for m in models["data"]] == [(suite.MODEL, "vllm")]
+
+
+def test_vllm_model_says_it_does_not_embed(server: Server) -> None:
+    """This engine generates only: its card says so and embeddings get a 400 naming the
+    model, never a crash or a silent difference."""
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=server.keys["alpha"],
+                           max_retries=0)
+    assert client.models.retrieve(suite.MODEL).capabilities == ["generate"]  # type: ignore[attr-defined]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.embeddings.create(model=suite.MODEL, input="hello")
+    assert exc.value.param == "model" and "embeddings" in exc.value.message

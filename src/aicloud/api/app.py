@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from aicloud.api import errors, openapi
 from aicloud.api.body_limit import BodyLimit
 from aicloud.api.deps import clean_params
-from aicloud.api.routes import admin, health, metrics, openai, responses
+from aicloud.api.request_id import RequestId
+from aicloud.api.routes import admin, embeddings, health, metrics, openai, responses
 from aicloud.api.telemetry import Telemetry
 from aicloud.config import Settings
 from aicloud.models.pool import ModelPool
@@ -21,6 +23,11 @@ from aicloud.store import migrate
 from aicloud.tasks import supervised
 
 log = logging.getLogger(__name__)
+
+# what a browser client may read from a response (the openai SDK reads all of these)
+EXPOSED_HEADERS = ["x-request-id", "retry-after", *(
+    f"x-ratelimit-{what}-{unit}" for what in ("limit", "remaining", "reset")
+    for unit in ("requests", "tokens"))]
 
 
 def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
@@ -57,9 +64,16 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     app = FastAPI(title="aicloud", version="0.1.0", lifespan=lifespan,
                   dependencies=[Depends(clean_params)])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    if origins := settings.cors_origin_list:
+        # outside the body limit and the routes, so a preflight never reaches auth
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
+                           allow_headers=["*"], expose_headers=EXPOSED_HEADERS,
+                           max_age=600)
+    app.add_middleware(RequestId)  # outermost: every response, a preflight's included
     errors.install(app)
     app.include_router(openai.router)
     app.include_router(responses.router)
+    app.include_router(embeddings.router)
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

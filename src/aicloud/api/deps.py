@@ -19,11 +19,15 @@ Body = TypeVar("Body", bound=BaseModel)
 
 
 def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    """The key from `Authorization: Bearer <key>`, or from Azure OpenAI's `api-key: <key>`
+    header (what Azure-style clients send) when there is no Authorization header."""
+    header = request.headers.get("authorization")
+    if header is None and (azure := request.headers.get("api-key", "").strip()):
+        return azure
+    scheme, _, token = (header or "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise APIError(401, "Missing API key: send it as 'Authorization: Bearer <key>'.",
-                       code="invalid_api_key")
+        raise APIError(401, "Missing API key: send it as 'Authorization: Bearer <key>' "
+                       "or 'api-key: <key>'.", code="invalid_api_key")
     return token.strip()
 
 

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from aicloud.engines.base import MAX_EMBEDDING_INPUTS
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
@@ -57,7 +66,7 @@ class SamplingFields(BaseModel):
     top_k: Annotated[int, Field(ge=0, le=100_000)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
-    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    stop: str | list[str] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
@@ -74,9 +83,19 @@ class SamplingFields(BaseModel):
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(stops)}")
         if any(not s or len(s) > 256 for s in stops):
             raise ValueError("stop strings must be 1 to 256 characters")
         return stops
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None,
+                             info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
 
     @property
     def stops(self) -> tuple[str, ...]:
@@ -99,6 +118,52 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=20, strict=True)] | None = None
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
+    modalities: list[str] | None = None
+    # OpenAI request fields this server does not honour: refused by name when set
+    prediction: Any = None
+    reasoning_effort: Any = None
+    audio: Any = None
+    web_search_options: Any = None
+    verbosity: Any = None
+    metadata: Any = None
+    moderation: Any = None
+    prompt_cache_options: Any = None
+    store: bool | None = None
+    # kept in memory while the server runs, which is what "in_memory" asks
+    prompt_cache_retention: Literal["in_memory"] | None = None
+    # accepted: identify the end user (as `user`); OpenAI's cache routing key, which here
+    # partitions the project's prefix cache like `cache_salt` (Responses does the same)
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = None
+    prompt_cache_key: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+
+    @model_validator(mode="after")
+    def _cache_key_salts(self) -> ChatCompletionRequest:
+        if self.prompt_cache_key is not None and self.cache_salt is None:
+            self.cache_salt = self.prompt_cache_key
+        return self
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_out(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and value != ["text"]:
+            raise ValueError('only modalities ["text"] is supported by this server')
+        return value
+
+    @field_validator("prediction", "reasoning_effort", "audio", "web_search_options",
+                     "verbosity", "metadata", "moderation", "prompt_cache_options")
+    @classmethod
+    def _not_honoured(cls, value: Any, info: ValidationInfo) -> None:
+        if value:  # null, {} or "" ask for nothing
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return None
+
+    @field_validator("store")
+    @classmethod
+    def _not_stored(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("store is not supported by this server: completions are "
+                             "not kept")
+        return value
 
     @field_validator("response_format")
     @classmethod
@@ -186,3 +251,38 @@ class CompletionRequest(SamplingFields):
     @property
     def top_logprobs_wanted(self) -> int | None:
         return self.logprobs
+
+class EmbeddingRequest(BaseModel):
+    """`input`: a string, strings, a token array or token arrays (at most 2048)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    input: str | list[str] | list[Annotated[int, Field(ge=0)]] | list[
+        list[Annotated[int, Field(ge=0)]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _inputs(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) else value
+        if not items:
+            raise ValueError("input must not be empty")
+        if len(items) > MAX_EMBEDDING_INPUTS and not isinstance(items[0], int):
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got "
+                             f"{len(items)}")
+        if any(isinstance(item, str | list) and not item for item in items):
+            raise ValueError("input must not contain an empty string or token array")
+        return value
+
+    @property
+    def texts_or_tokens(self) -> list[str] | list[list[int]]:
+        """One entry per input: a string to tokenize, or its token ids."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if value and isinstance(value[0], int):
+            return [list(value)]  # type: ignore[arg-type]
+        return list(value)  # type: ignore[arg-type]

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from aicloud.engines.base import (
     ChatMessage,
+    EmbeddingRequest,
+    Embeddings,
     Engine,
     EngineInfo,
     EngineStats,
@@ -72,6 +74,10 @@ class EngineReplica:
     async def encode_text(self, text: str) -> list[int]:
         await self.start()
         return await self._engine.encode_text(text)
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        await self.start()
+        return await self._engine.embed(request)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[list[TokenEvent]]:
         await self.start()

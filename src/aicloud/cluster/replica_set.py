@@ -23,8 +23,11 @@ from aicloud.cluster.replica import EngineReplica, ReplicaSpec, Whereabouts
 from aicloud.cluster.router import Router, Slotted
 from aicloud.cluster.stream import ClusterStream, Phase
 from aicloud.engines.base import (
+    EMBED,
     AdmissionQueue,
     ChatMessage,
+    EmbeddingRequest,
+    Embeddings,
     EngineError,
     EngineInfo,
     EngineStats,
@@ -33,6 +36,7 @@ from aicloud.engines.base import (
     GenerationRequest,
     TenantLoad,
     completion_limit,
+    not_embedding,
 )
 
 log = logging.getLogger(__name__)
@@ -154,7 +158,8 @@ class ReplicaSet:
             raise EngineUnavailable(f"model {self.model_id} is not running yet",
                                     retry_after=UNAVAILABLE_RETRY)
         total = sum(r.capacity for r in self.replicas if r.state == "ready")
-        return EngineInfo(self.model_id, self._info.context_length, max(total, 1), self.kind)
+        return EngineInfo(self.model_id, self._info.context_length, max(total, 1), self.kind,
+                          self._info.capabilities)
 
     async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         return await self._any_replica("encode_chat", messages)
@@ -175,6 +180,13 @@ class ReplicaSet:
                 self._lost(replica)
         raise EngineUnavailable(f"no replica of {self.model_id} is available; retry shortly",
                                 retry_after=UNAVAILABLE_RETRY)
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """Straight to the least loaded replica, which batches it between its own steps;
+        embeddings take no sequence slot, so they skip the slot queue."""
+        if not self.info().can(EMBED):
+            raise not_embedding(self.model_id)
+        return await self._any_replica("embed", request)
 
     async def generate(self, request: GenerationRequest) -> ClusterStream:
         self._check(request)

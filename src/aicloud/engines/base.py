@@ -218,12 +218,25 @@ class TokenEvent:
     logprobs: tuple[TokenLogprobs, ...] = ()
 
 
+GENERATE = "generate"
+EMBED = "embed"
+# More inputs than this in one embeddings request are refused (OpenAI's own limit).
+MAX_EMBEDDING_INPUTS = 2048
+
+
 @dataclass(slots=True, frozen=True)
 class EngineInfo:
+    """What an engine serves. Callers ask `capabilities` ("generate", "embed") instead of
+    testing an engine's class, so a Ray replica set or a remote provider says the same."""
+
     model_id: str
     context_length: int
     max_sequences: int
     kind: str
+    capabilities: frozenset[str] = frozenset({GENERATE})
+
+    def can(self, capability: str) -> bool:
+        return capability in self.capabilities
 
 
 @dataclass(slots=True, frozen=True)
@@ -233,6 +246,49 @@ class EngineStats:
     tokens_per_second: float
     kv_cells_used: int
     kv_cells_total: int
+
+
+@dataclass(slots=True)
+class EmbeddingRequest:
+    """Inputs as token ids (from `Engine.encode_text`, or sent as ids), so their size is
+    known before admission; one vector comes back per input, in order."""
+
+    request_id: str
+    inputs: list[list[int]]
+    tenant: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class Embeddings:
+    """L2-normalised vectors (float32 values), one per input, and the tokens read."""
+
+    vectors: list[list[float]]
+    usage: Usage
+
+
+def check_embedding_inputs(request: EmbeddingRequest, window: int,
+                           vocab: int | None = None) -> None:
+    """Every engine refuses the same embedding inputs the same way: none, too many, an
+    empty one, ids outside the vocabulary (when known), or one longer than the model reads."""
+    if not request.inputs:
+        raise EngineError("input must not be empty", param="input")
+    if len(request.inputs) > MAX_EMBEDDING_INPUTS:
+        raise EngineError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request, got "
+                          f"{len(request.inputs)}", param="input")
+    for i, tokens in enumerate(request.inputs):
+        if not tokens:
+            raise EngineError(f"input[{i}] is empty", param="input")
+        if vocab is not None and any(not 0 <= t < vocab for t in tokens):
+            raise EngineError(f"input[{i}] contains token ids outside the vocabulary",
+                              param="input")
+        if len(tokens) > window:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {window} tokens, but input[{i}] "
+                f"has {len(tokens)} tokens.", param="input")
+
+
+def not_embedding(model_id: str) -> EngineError:
+    return EngineError(f"model {model_id} does not support embeddings", param="model")
 
 
 class GenerationStream(Protocol):
@@ -308,6 +364,10 @@ class Engine(Protocol):
 
     async def generate(self, request: GenerationRequest) -> GenerationStream:
         """Validate and enqueue; raise `EngineError` before anything is produced."""
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """One vector per input; `EngineError` for bad inputs or an engine without the
+        "embed" capability."""
 
     def info(self) -> EngineInfo: ...
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from aicloud.engines.base import (
     ChatMessage,
+    EmbeddingRequest,
+    Embeddings,
     EngineError,
     EngineInfo,
     EngineStats,
@@ -26,6 +28,7 @@ from aicloud.engines.base import (
     TokenLogprobs,
     Usage,
     completion_limit,
+    not_embedding,
 )
 from aicloud.engines.events import EventQueue
 from aicloud.engines.llamacpp.batcher import RateMeter
@@ -287,6 +290,10 @@ class VllmEngine:
 
     def forget(self, stream: VllmStream) -> None:
         self._streams.pop(stream.request_id, None)
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        """A vLLM engine runs one task; this one generates (its info says so)."""
+        raise not_embedding(self.model_id)
 
     def info(self) -> EngineInfo:
         llm = self.llm

@@ -6,7 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from aicloud.engines.base import Engine
+from aicloud.engines.base import Engine, EngineError
 
 
 class UnknownModel(LookupError):
@@ -18,6 +18,7 @@ class ModelCard:
     id: str
     created: int
     owned_by: str = "aicloud"
+    capabilities: tuple[str, ...] = ()
 
 
 class ModelPool:
@@ -38,7 +39,17 @@ class ModelPool:
             raise UnknownModel(model_id) from None
 
     def cards(self) -> list[ModelCard]:
-        return [ModelCard(mid, self._created) for mid in self._engines]
+        return [ModelCard(mid, self._created, capabilities=_capabilities(engine))
+                for mid, engine in self._engines.items()]
 
     def items(self) -> list[tuple[str, Engine]]:
         return list(self._engines.items())
+
+
+def _capabilities(engine: Engine) -> tuple[str, ...]:
+    """What the engine says it can do; nothing while it is not running (a Ray model whose
+    replicas are all starting)."""
+    try:
+        return tuple(sorted(engine.info().capabilities))
+    except EngineError:
+        return ()

@@ -30,7 +30,7 @@ from aicloud.engines.base import (
     TokenLogprobs,
     Usage,
 )
-from aicloud.models.pool import ModelPool, UnknownModel
+from aicloud.models.pool import ModelCard, ModelPool, UnknownModel
 from aicloud.services import Cloud
 
 router = APIRouter(prefix="/v1")
@@ -38,27 +38,45 @@ router = APIRouter(prefix="/v1")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _engine(pool: ModelPool, model: str, principal: Principal) -> Engine:
+def _no_such_model(model: str) -> APIError:
+    return APIError(404, f"The model '{model[:128]}' does not exist or you do not have "
+                    "access to it.", param="model", code="model_not_found")
+
+
+def engine_for(pool: ModelPool, model: str, principal: Principal) -> Engine:
     """A model outside the key's allow-list looks exactly like one that does not exist."""
     try:
         if not principal.may_use(model):
             raise UnknownModel(model)
         return pool.get(model)
     except UnknownModel:
-        raise APIError(404, f"The model '{model[:128]}' does not exist or you do not have "
-                       "access to it.", param="model", code="model_not_found") from None
+        raise _no_such_model(model) from None
+
+
+def _model_json(card: ModelCard) -> dict[str, Any]:
+    """OpenAI's model object, plus what the model can do ("generate", "embed")."""
+    return {"id": card.id, "object": "model", "created": card.created,
+            "owned_by": card.owned_by, "capabilities": list(card.capabilities)}
 
 
 @router.get("/models")
 async def list_models(principal: CurrentPrincipal, pool: PoolDep) -> dict[str, Any]:
     return {"object": "list", "data": [
-        {"id": c.id, "object": "model", "created": c.created, "owned_by": c.owned_by}
-        for c in pool.cards() if principal.may_use(c.id)
+        _model_json(c) for c in pool.cards() if principal.may_use(c.id)
     ]}
 
 
 def _chat_logprob(lp: Logprob) -> dict[str, Any]:
     return {"token": lp.token, "logprob": lp.logprob, "bytes": list(lp.raw)}
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(model: str, principal: CurrentPrincipal,
+                         pool: PoolDep) -> dict[str, Any]:
+    card = next((c for c in pool.cards() if c.id == model), None)
+    if card is None or not principal.may_use(model):
+        raise _no_such_model(model)
+    return _model_json(card)
 
 
 class ChatFormat:
@@ -156,9 +174,15 @@ async def _respond(request: Request, run: Run, fmt: ChatFormat | TextFormat,
     if stream:
         return StreamingResponse(stream_events(run, fmt, include_usage),
                                  media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **run.admission.headers})
+                                 headers={**SSE_HEADERS, **_headers(run)})
     choices, usage = await collect(run, request)
-    return JSONResponse(fmt.whole(run, choices, usage), headers=run.admission.headers)
+    return JSONResponse(fmt.whole(run, choices, usage), headers=_headers(run))
+
+
+def _headers(run: Run) -> dict[str, str]:
+    """Rate-limit headers, and the completion id as the request id (the openai SDK's
+    `_request_id`), so a client can quote either to find the usage row."""
+    return {**run.admission.headers, "x-request-id": run.request_id}
 
 
 def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
@@ -179,7 +203,7 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
     """One chat completion, whoever asked for it (the chat route, or a Responses call,
     whose ledger rows then carry the response's id)."""
     cloud: Cloud = request.app.state.cloud
-    engine = _engine(pool, body.model, principal)
+    engine = engine_for(pool, body.model, principal)
     # cheap refusals before the prompt is tokenized: requests per minute, then its size
     requests = await admit_request(cloud, principal)
     messages = [ChatMessage(m.role, m.text, m.name) for m in body.messages]
@@ -200,7 +224,7 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
 async def completions(request: Request, principal: CurrentPrincipal,
                       pool: PoolDep, cloud: CloudDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, CompletionRequest, text_fields=("prompt",))
-    engine = _engine(pool, body.model, principal)
+    engine = engine_for(pool, body.model, principal)
     prompts = body.prompts
     if body.echo and not all(isinstance(p, str) for p in prompts):
         raise invalid("echo needs text prompts (not token ids)", "echo")

@@ -79,6 +79,7 @@ class Batcher:
         self._batch = llama_cpp.llama_batch_init(self.config.batch_tokens, 0, 1)
         self._wake = threading.Condition()
         self._stopping = False
+        self._chores: deque[Callable[[], None]] = deque()
         self._thread = threading.Thread(target=self._run, name="llamacpp-batcher", daemon=True)
 
     @property
@@ -111,6 +112,18 @@ class Batcher:
             seq.cancelled = True
             self._wake.notify()
 
+    def between_steps(self, chore: Callable[[], None]) -> None:
+        """Run `chore` on the engine thread between two steps. Work on another context of
+        the same weights (embeddings) so never computes while a step does: two graphs at
+        once would split the cores, whose workers spin at barriers (4-10x slower each,
+        BRIEF section 6). One chore runs per step, so a flood of them only slows the step
+        rate, and a chore should be about one step's work."""
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("engine is shutting down")
+            self._chores.append(chore)
+            self._wake.notify()
+
     def stop(self) -> None:
         with self._wake:
             self._stopping = True
@@ -123,7 +136,8 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self.running or self._admissible()):
+                while not (self._stopping or self.running or self._admissible()
+                           or self._chores):
                     self._wake.wait(self.queue.next_expiry())
                     self._expire()
                 if self._stopping:
@@ -141,7 +155,14 @@ class Batcher:
                 with self._wake:
                     failed = self._end(self.running, FinishReason.ERROR)
                 self._deliver(failed)
+            self._run_chore()
         self._drain()
+
+    def _run_chore(self) -> None:
+        with self._wake:
+            chore = self._chores.popleft() if self._chores else None
+        if chore is not None:
+            _safely(chore)
 
     def _may_run(self, tenant: str) -> bool:
         return self.queue.can_start(tenant, self.slots.free, self.config.sequences or 1)
@@ -319,7 +340,11 @@ class Batcher:
             while (seq := self.queue.pop()) is not None:
                 waiting.append((seq, seq.finish(FinishReason.ERROR)))
             running = self._end(self.running, FinishReason.ERROR)
+            chores = list(self._chores)
+            self._chores.clear()
         self._deliver(waiting + running)
+        for chore in chores:  # each is short, and its caller is waiting for the answer
+            _safely(chore)
 
 
 def prompt_chunk(left: int, budget: int) -> int:
@@ -330,6 +355,13 @@ def prompt_chunk(left: int, budget: int) -> int:
         return left
     n = min(budget, left - 2)
     return n if n >= 2 else 0
+
+
+def _safely(chore: Callable[[], None]) -> None:
+    try:
+        chore()
+    except Exception:  # a chore reports its own failures; this is a bug in one
+        log.exception("a chore between steps failed")
 
 
 def _run_all(items: list[Delivery]) -> None:

@@ -3,25 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 from aicloud.engines.base import (
+    EMBED,
+    GENERATE,
     AdmissionQueue,
     ChatMessage,
+    EmbeddingRequest,
+    Embeddings,
     EngineError,
     EngineInfo,
     EngineStats,
     GenerationRequest,
     TenantLoad,
     TokenEvent,
+    Usage,
+    check_embedding_inputs,
     completion_limit,
+    not_embedding,
 )
 from aicloud.engines.events import EventQueue
 from aicloud.engines.llamacpp.batcher import Batcher
 from aicloud.engines.llamacpp.chat import ChatTemplate
+from aicloud.engines.llamacpp.embedder import Embedder, pooling_of
 from aicloud.engines.llamacpp.model import ContextConfig, LlamaModel
 from aicloud.engines.llamacpp.sequence import Sequence
 from aicloud.engines.llamacpp.weights import DEFAULT_CACHE, NATIVE, ensure_weights
+
+log = logging.getLogger(__name__)
 
 # Tokenizing more text than this goes to a worker thread so the loop stays responsive.
 INLINE_TOKENIZE_CHARS = 16_384
@@ -58,6 +69,7 @@ class LlamaCppEngine:
         self._model: LlamaModel | None = None
         self._batcher: Batcher | None = None
         self._template: ChatTemplate | None = None
+        self._embedder: Embedder | None = None
 
     async def start(self) -> None:
         path = await asyncio.to_thread(ensure_weights, self.path, self.weights,
@@ -70,7 +82,21 @@ class LlamaCppEngine:
         )
         await asyncio.to_thread(lambda: model.controls)  # read the vocabulary once, off-loop
         self._batcher = Batcher(model, self.queue)
+        self._embedder = await asyncio.to_thread(self._new_embedder, model, self._batcher)
         self._batcher.start()
+
+    @staticmethod
+    def _new_embedder(model: LlamaModel, batcher: Batcher) -> Embedder | None:
+        pooling = pooling_of(model)
+        if pooling is None:
+            return None
+        config = model.config
+        try:
+            return Embedder(model, pooling, config.context_per_sequence or 0,
+                            config.threads or 1, config.batch_tokens, batcher.between_steps)
+        except EngineError as exc:  # generation still works; the model just cannot embed
+            log.warning("%s: no embeddings: %s", model.path.name, exc.message)
+            return None
 
     async def close(self) -> None:
         if self._template is not None:
@@ -79,6 +105,9 @@ class LlamaCppEngine:
         if self._batcher is not None:
             await asyncio.to_thread(self._batcher.stop)
             self._batcher = None
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         if self._model is not None:
             self._model.close()
             self._model = None
@@ -123,6 +152,14 @@ class LlamaCppEngine:
         self.batcher.submit(stream.sequence)
         return stream
 
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        if self._embedder is None:
+            raise not_embedding(self.model_id)
+        check_embedding_inputs(request, self.config.context_per_sequence or 0,
+                               self.model.n_vocab)
+        vectors = await self._embedder.embed(request.inputs)
+        return Embeddings(vectors, Usage(sum(len(t) for t in request.inputs), 0))
+
     def _check(self, request: GenerationRequest) -> int:
         """Refuse what cannot run; return the effective completion limit."""
         return completion_limit(request, self.config.context_per_sequence or 0,
@@ -130,8 +167,9 @@ class LlamaCppEngine:
 
     def info(self) -> EngineInfo:
         config = self.config
+        can = frozenset({GENERATE, EMBED} if self._embedder else {GENERATE})
         return EngineInfo(self.model_id, config.context_per_sequence or 0,
-                          config.sequences or 1, self.kind)
+                          config.sequences or 1, self.kind, can)
 
     def tenants(self) -> list[TenantLoad]:
         batcher = self._batcher

@@ -1,0 +1,111 @@
+"""Embeddings on the llama.cpp engine: a second context on the same weights, decoded on
+the batcher's thread between generation steps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from aicloud.engines.base import (
+    EMBED,
+    GENERATE,
+    ChatMessage,
+    ContextLengthExceeded,
+    EmbeddingRequest,
+    EngineError,
+    GenerationRequest,
+    SamplingParams,
+)
+from aicloud.engines.llamacpp.embedder import pooling_of
+from aicloud.engines.llamacpp.engine import LlamaCppEngine
+from aicloud.engines.llamacpp.model import ContextConfig
+from aicloud.models.catalog import bundled_model
+from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
+from tests.conftest import LoopThread
+
+SENTENCES = [f"Sentence number {i} is about {topic}." for i, topic in enumerate(
+    ["the sea", "a castle", "green tea", "the moon", "old trains", "rain", "a fox", "winter"])]
+TEXTS = ["The sea is calm tonight.", "Green tea and lemon.", "A fox ran over the hill.",
+         "Trains were late again."]
+
+
+@pytest.fixture(scope="module")
+def engine(loop_thread: LoopThread) -> Iterator[LlamaCppEngine]:
+    spec = bundled_model()
+    eng = LlamaCppEngine(spec.model_id, spec.path,
+                         ContextConfig(sequences=2, context_per_sequence=256, threads=1),
+                         queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)))
+    loop_thread.run(eng.start())
+    yield eng
+    loop_thread.run(eng.close())
+
+
+async def embed(engine: LlamaCppEngine, texts: list[str]) -> np.ndarray:
+    inputs = [await engine.encode_text(t) for t in texts]
+    result = await engine.embed(EmbeddingRequest("e", inputs))
+    assert result.usage.prompt_tokens == sum(map(len, inputs))
+    return np.array(result.vectors)
+
+
+def test_decoder_model_without_pooling_gets_mean(engine: LlamaCppEngine) -> None:
+    assert engine.model.metadata("llama.pooling_type") is None
+    assert pooling_of(engine.model) == llama_cpp.LLAMA_POOLING_TYPE_MEAN
+    assert engine.info().capabilities == frozenset({GENERATE, EMBED})
+
+
+def test_vectors_are_unit_and_independent_of_the_batch(engine: LlamaCppEngine,
+                                                       loop_thread: LoopThread) -> None:
+    """Packed in any order (so at other offsets in the decode), an input keeps its vector
+    alone; unaligned packing moved some of these by up to 9e-4."""
+    alone = np.array([loop_thread.run(embed(engine, [s]))[0] for s in SENTENCES])
+    assert alone.shape == (8, 576)
+    assert np.allclose(np.linalg.norm(alone, axis=1), 1.0, atol=1e-6)
+    for order in ([7, 0], [1, 2, 3, 4, 5, 6, 7, 0], [7, 6, 5, 4, 3, 2, 1, 0]):
+        packed = loop_thread.run(embed(engine, [SENTENCES[i] for i in order]))
+        assert np.abs(packed - alone[order]).max() < 1e-6, order
+
+
+def test_embeddings_between_steps_leave_generation_unchanged(
+        engine: LlamaCppEngine, loop_thread: LoopThread) -> None:
+    """Embedding decodes run on the batcher's thread between steps, on their own context:
+    a greedy generation makes the same text with embeddings flowing meanwhile, and the
+    vectors equal those made with nothing else running."""
+    alone = loop_thread.run(embed(engine, TEXTS))
+
+    async def generate() -> str:
+        tokens = await engine.encode_chat([ChatMessage("user", "Tell me about the sea.")])
+        stream = await engine.generate(GenerationRequest(
+            "g", tokens, SamplingParams(temperature=0.0), max_tokens=12))
+        return "".join([e.text async for e in stream])
+
+    async def both() -> tuple[str, list[np.ndarray]]:
+        gen = asyncio.ensure_future(generate())
+        vectors = []
+        while not gen.done():
+            vectors.append(await embed(engine, TEXTS))
+        return await gen, vectors
+
+    quiet = loop_thread.run(generate())
+    busy, during = loop_thread.run(both())
+    assert busy == quiet
+    assert len(during) >= 2  # embeddings were served while the generation ran
+    for vectors in during:
+        assert np.abs(vectors - alone).max() < 1e-5
+
+
+def test_bad_inputs_are_refused_before_decoding(engine: LlamaCppEngine,
+                                                loop_thread: LoopThread) -> None:
+    with pytest.raises(ContextLengthExceeded) as exc:
+        loop_thread.run(engine.embed(EmbeddingRequest("e", [[1] * 257])))
+    assert exc.value.param == "input"
+    for inputs in ([], [[]], [[1, 2], [engine.model.n_vocab]], [[1]] * 2049):
+        with pytest.raises(EngineError) as exc:
+            loop_thread.run(engine.embed(EmbeddingRequest("e", inputs)))
+        assert exc.value.param == "input"
+    # the longest input the model takes still works, alone in its decode
+    (vec,) = loop_thread.run(engine.embed(EmbeddingRequest("e", [[1] * 256]))).vectors
+    assert abs(np.linalg.norm(vec) - 1.0) < 1e-5
