@@ -18,9 +18,10 @@ from aicloud.api.generation import (
     stream_events,
     usage_json,
 )
-from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest
-from aicloud.engines.base import ChatMessage, Engine, EngineError, Usage
+from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from aicloud.engines.base import ChatMessage, Constraint, Engine, EngineError, Usage
 from aicloud.models.pool import ModelPool, UnknownModel
+from aicloud.structured import SchemaError, constraint_for
 
 router = APIRouter(prefix="/v1")
 
@@ -93,18 +94,30 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
+async def _constraint(body: SamplingFields) -> Constraint | None:
+    """Compiled before admission and queueing: a schema that cannot run is a 400."""
+    fmt = body.response_format
+    if fmt is None:
+        return None
+    try:
+        return await constraint_for(fmt.type, fmt.schema_document)
+    except SchemaError as exc:
+        raise invalid(exc.message, "response_format") from None
+
+
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(request: Request, principal: CurrentPrincipal,
                            pool: PoolDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, ChatCompletionRequest)
     engine = _engine(pool, body.model, principal)
+    constraint = await _constraint(body)
     messages = [ChatMessage(m.role, m.text, m.name) for m in body.messages]
     try:
         tokens = await engine.encode_chat(messages)
     except EngineError as exc:
         raise invalid(exc.message, exc.param or "messages", exc.code) from None
     run = await open_run(request, engine, principal, body.model, tokens, body,
-                         body.completion_limit, "chatcmpl")
+                         body.completion_limit, "chatcmpl", constraint)
     return await _respond(request, run, ChatFormat(), body.stream, _include_usage(body))
 
 
@@ -113,8 +126,10 @@ async def completions(request: Request, principal: CurrentPrincipal,
                       pool: PoolDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, CompletionRequest)
     engine = _engine(pool, body.model, principal)
+    constraint = await _constraint(body)
     prompt = body.prompt
     tokens = await engine.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
     run = await open_run(request, engine, principal, body.model, tokens, body,
-                         body.max_tokens if body.max_tokens is not None else 16, "cmpl")
+                         body.max_tokens if body.max_tokens is not None else 16, "cmpl",
+                         constraint)
     return await _respond(request, run, TextFormat(), body.stream, _include_usage(body))

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import llama_cpp
 
 from aicloud.engines.base import AdmissionQueue, FinishReason, TokenEvent
+from aicloud.engines.llamacpp.constrain import Guidance
 from aicloud.engines.llamacpp.model import LlamaModel
 from aicloud.engines.llamacpp.sampling import build_sampler, free_sampler
 from aicloud.engines.llamacpp.sequence import SeqState, Sequence
@@ -71,6 +72,7 @@ class Batcher:
         self.running: list[Sequence] = []
         self.steps = 0
         self.meter = RateMeter()
+        self.guidance = Guidance(model.vocab, model.n_vocab, self.config.threads or 1)
         self._batch = llama_cpp.llama_batch_init(self.config.batch_tokens, 0, 1)
         self._wake = threading.Condition()
         self._stopping = False
@@ -217,7 +219,9 @@ class Batcher:
                 self.slots.append(self._slot(seq), tokens)
                 if seq.state is SeqState.PREFILL:
                     seq.n_past += len(tokens)
-            # sampled before the next llama_decode overwrites the logits
+            # masked and sampled before the next llama_decode overwrites the logits
+            self.guidance.mask(self.model.ctx, [(seq.guide, index) for seq, index in outputs
+                                                if seq.guide is not None])
             sampled = [(seq, llama_cpp.llama_sampler_sample(seq.sampler, self.model.ctx, index))
                        for seq, index in outputs]
             with self._wake:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aicloud.engines.base import FinishReason, GenerationRequest, TokenEvent, Usage
+from aicloud.engines.llamacpp.constrain import Guide
 from aicloud.engines.llamacpp.text import StopMatcher, Utf8Stream
 
 
@@ -34,6 +35,7 @@ class Sequence:
     last_token: int = 0
     last_step: int = 0  # the batcher's step that last advanced it (decoding takes turns)
     sampler: object = None
+    guide: Guide | None = None  # the request's grammar, if it has one
     cancelled: bool = False
     decoder: Utf8Stream = field(default_factory=Utf8Stream)
     stopper: StopMatcher = field(init=False)
@@ -61,9 +63,13 @@ class Sequence:
         self.last_token = token
         if eog:
             return self.finish(FinishReason.STOP)
+        if self.guide is not None and not self.guide.advance(token):
+            return self.finish(FinishReason.ERROR)
         text, hit = self.stopper.push(self.decoder.feed(piece))
         if hit:
             return self.finish(FinishReason.STOP, text, flush=False)
+        if self.guide is not None and self.guide.complete:
+            return self.finish(FinishReason.STOP, text)
         if self.completion_tokens >= self.max_tokens:
             return self.finish(FinishReason.LENGTH, text)
         return TokenEvent(text, self.completion_tokens)
