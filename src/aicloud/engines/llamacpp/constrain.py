@@ -35,12 +35,13 @@ class Guide:
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self.matcher = matcher
 
-    def advance(self, token: int) -> bool:
-        """Consume a sampled token; False if the grammar refuses it (a bug: masks only
-        allow what it accepts) or failed on its own limits."""
-        if self.matcher.consume_token(token):
-            return True
-        log.error("constrained sequence refused token %d: %s", token,
+    def advance(self, token: int, eog: bool) -> bool:
+        """Consume a sampled token. False if the matcher failed: on its step limits while
+        computing the mask (which then allows only end-of-text, so the text would look
+        finished), or on a token it refuses (a bug: masks only allow what it accepts)."""
+        if not self.matcher.is_error() and (eog or self.matcher.consume_token(token)):
+            return True  # end-of-text was in the mask, so the grammar accepts here
+        log.error("constrained sequence failed at token %d: %s", token,
                   self.matcher.get_error()[:200])
         return False
 

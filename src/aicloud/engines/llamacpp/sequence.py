@@ -61,10 +61,10 @@ class Sequence:
         """Account for one sampled token and return the event to send for it."""
         self.completion_tokens += 1
         self.last_token = token
+        if self.guide is not None and not self.guide.advance(token, eog):
+            return self.finish(FinishReason.ERROR)
         if eog:
             return self.finish(FinishReason.STOP)
-        if self.guide is not None and not self.guide.advance(token):
-            return self.finish(FinishReason.ERROR)
         text, hit = self.stopper.push(self.decoder.feed(piece))
         if hit:
             return self.finish(FinishReason.STOP, text, flush=False)
