@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import llguidance
 
 from aicloud.engines.base import GRAMMAR_LIMITS, Constraint
+
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions
 
 FormatType = Literal["text", "json_object", "json_schema"]
 
@@ -27,7 +30,7 @@ MAX_SCHEMA_DEPTH = 32  # levels of JSON in the schema document, not of the outpu
 COMPILE_SECONDS = 2.0
 # JSON as compact as `json.dumps(..., separators=(",", ":"))`: free whitespace lets a small
 # model pad forever (newlines and spaces are each a cheap token) and only costs tokens.
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "lenient": False}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "lenient": False}
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 
@@ -40,7 +43,7 @@ class SchemaError(ValueError):
 
 
 def parser_limits() -> llguidance.LLParserLimits:
-    return llguidance.LLParserLimits(**GRAMMAR_LIMITS)  # type: ignore[arg-type]
+    return llguidance.LLParserLimits(**GRAMMAR_LIMITS)  # type: ignore[arg-type]  # int|bool
 
 
 def grammar_for(kind: FormatType, schema: dict[str, Any] | None = None) -> str | None:

@@ -27,6 +27,10 @@ from aicloud.engines.base import GRAMMAR_LIMITS, Constraint, EngineError
 log = logging.getLogger(__name__)
 
 
+def parser_limits() -> llguidance.LLParserLimits:
+    return llguidance.LLParserLimits(**GRAMMAR_LIMITS)  # type: ignore[arg-type]  # int|bool
+
+
 class Guide:
     """One sequence's matcher: what it may sample next, and what it has sampled."""
 
@@ -80,7 +84,7 @@ class Guidance:
         lexer is built here against the model's tokens, so a grammar the API could not
         fully check is refused here, before the request is queued."""
         matcher = llguidance.LLMatcher(self.tokenizer, constraint.grammar, log_level=0,
-                                       limits=llguidance.LLParserLimits(**GRAMMAR_LIMITS))
+                                       limits=parser_limits())
         if matcher.is_error():
             message = " ".join(matcher.get_error().split())[:300]
             raise EngineError(f"the response format cannot be used: {message}",
