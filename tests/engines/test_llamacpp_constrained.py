@@ -120,11 +120,11 @@ def test_constrained_greedy_text_is_the_same_alone_and_in_a_batch(
              ("Describe Tokyo as JSON.", compile_constraint("json_object")),
              ("Name a fruit.", None),
              ("Tell me about Lima, the capital of Peru.", schema_constraint(CITY))]
-    alone = [loop_thread.run(run(engine, p, c, 48))[1] for p, c in cases]
+    alone = [loop_thread.run(run(engine, p, c, 32))[1] for p, c in cases]
     json.loads(alone[0])
 
     async def together(order: list[int]) -> list[str]:
-        results = await asyncio.gather(*(run(engine, *cases[i], 48) for i in order))
+        results = await asyncio.gather(*(run(engine, *cases[i], 32) for i in order))
         return [text for _, text in results]
 
     for order in (list(range(len(cases))), list(reversed(range(len(cases))))):
