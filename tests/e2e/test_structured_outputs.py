@@ -11,7 +11,7 @@ from typing import Any, Literal
 import httpx
 import openai
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tests.conftest import Server
 
@@ -35,11 +35,17 @@ def book_format(schema: dict[str, Any] = BOOK) -> dict[str, Any]:
 
 
 class Author(BaseModel):
+    # extra="forbid" is additionalProperties: false, which instructor does not add itself:
+    # without it the schema allows any further keys, and a small model keeps adding them
+    model_config = ConfigDict(extra="forbid")
+
     name: str = Field(max_length=16)
     born: int = Field(ge=1500, le=2020)
 
 
 class Book(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     title: str = Field(max_length=20)
     genre: Literal["drama", "comedy", "horror", "poetry"]
     author: Author
