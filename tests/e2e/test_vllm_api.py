@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import Server, start_server
 from tests.e2e import test_openai_api as suite
+from tests.e2e import test_structured_outputs as structured
 
 STARTED: dict[str, float] = {}
 
@@ -47,6 +48,12 @@ test_completion_defaults_to_sixteen_tokens = suite.test_completion_defaults_to_s
 test_sixteen_concurrent_streams_complete = suite.test_sixteen_concurrent_streams_complete
 test_healthz_answers_while_model_busy = suite.test_healthz_answers_while_model_busy
 test_client_disconnect_cancels_and_bills = suite.test_client_disconnect_cancels_and_bills
+# structured outputs through vLLM's guidance backend: the same grammar, the same checks
+http = structured.http
+test_parse_with_a_pydantic_model = structured.test_parse_with_a_pydantic_model
+test_structured_stream_joins_into_valid_json = structured.test_streamed_deltas_join_into_valid_json
+test_max_tokens_inside_the_json_is_length = structured.test_max_tokens_inside_the_json_is_length
+test_bad_response_formats_are_400 = structured.test_bad_response_formats_are_400
 
 
 def test_served_by_vllm(server: Server) -> None:

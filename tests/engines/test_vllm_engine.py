@@ -241,3 +241,50 @@ def test_vllm_logprobs_become_ours(flat: bool) -> None:
     assert [(t.token, t.logprob) for t in first.top] == [("a", -0.1), ("b", -2.5)]
     assert (second.chosen.token, second.chosen.raw) == ("c", b"c")
     assert [t.token for t in second.top] == ["d", "b"]
+
+
+CITY = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 30},
+    "population": {"type": "integer", "minimum": 0, "maximum": 100_000_000},
+}, "required": ["city", "population"], "additionalProperties": False}
+
+
+def test_response_format_is_enforced_by_vllm(engine: VllmEngine,
+                                             loop_thread: LoopThread) -> None:
+    """The same llguidance grammar as on llama.cpp, run by vLLM's guidance backend: a
+    compact instance of the schema, ended by the grammar."""
+    import json
+
+    from aicloud.structured import compile_constraint
+
+    async def constrained() -> tuple[list[TokenEvent], str]:
+        tokens = await engine.encode_chat([ChatMessage("user", "Tell me about Paris.")])
+        stream = await engine.generate(GenerationRequest(
+            "s", tokens, GREEDY, 80, constraint=compile_constraint("json_schema", CITY)))
+        events = [e async for e in stream]
+        return events, "".join(e.text for e in events)
+
+    events, text = loop_thread.run(constrained())
+    assert events[-1].finish_reason is FinishReason.STOP
+    value = json.loads(text)
+    assert set(value) == {"city", "population"} and len(value["city"]) <= 30
+    assert text == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_grammars_vllm_cannot_run_are_refused(engine: VllmEngine,
+                                              loop_thread: LoopThread) -> None:
+    import json
+
+    from aicloud.engines.base import Constraint
+
+    two = Constraint(json.dumps({"grammars": [{"json_schema": CITY},
+                                              {"lark_grammar": "start: \"x\""}]}))
+    broken = Constraint(json.dumps({"grammars": [{"lark_grammar": "start: nowhere"}]}))
+    for constraint in (two, broken):
+        async def attempt(c: Constraint = constraint) -> None:
+            tokens = await engine.encode_text("hello")
+            await engine.generate(GenerationRequest("x", tokens, GREEDY, 8, constraint=c))
+
+        with pytest.raises(EngineError) as err:
+            loop_thread.run(attempt())
+        assert err.value.param == "response_format"

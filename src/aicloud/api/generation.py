@@ -36,6 +36,7 @@ from aicloud.api.telemetry import Telemetry
 from aicloud.billing.journal import InFlight
 from aicloud.billing.usage import UsageEntry
 from aicloud.engines.base import (
+    Constraint,
     Engine,
     EngineError,
     EngineOverloaded,
@@ -290,10 +291,11 @@ async def _replay(choice: Choice) -> AsyncIterator[TokenEvent]:
 async def open_run(request: Request, engine: Engine, principal: Principal, model: str,
                    prompts: list[list[int]], body: SamplingFields, max_tokens: int | None,
                    prefix: str, logprobs: int | None = None,
-                   requests: Ticket | None = None) -> Run:
+                   requests: Ticket | None = None,
+                   constraint: Constraint | None = None) -> Run:
     """Admit the request (its hold covers every choice's max_tokens) and start the first
     choice of each prompt; `begin` starts the others. `requests`: the RPM already taken
-    by `admit_request` before tokenizing."""
+    by `admit_request` before tokenizing; `constraint`: the grammar every choice follows."""
     cloud: Cloud = request.app.state.cloud
     sampling = sampling_from(body)
     n = body.choices
@@ -315,7 +317,7 @@ async def open_run(request: Request, engine: Engine, principal: Principal, model
             sampling=sampling.for_choice(k % n), max_tokens=max_tokens,
             stop=body.stops, tenant=tenant_of(principal, request.app.state.fair_share_by),
             priority=body.priority, weight=principal.weight, logprobs=logprobs,
-            logit_bias=dict(body.logit_bias or {}), cache_scope=scope,
+            logit_bias=dict(body.logit_bias or {}), cache_scope=scope, constraint=constraint,
         ) for k in range(n * len(prompts))]
         run.siblings = [(k, g) for k, g in enumerate(generations) if k % n]
         for k in range(0, len(generations), n):

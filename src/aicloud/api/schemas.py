@@ -56,6 +56,35 @@ class Message(BaseModel):
         return self.content or ""
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`. `strict` is accepted either way: every
+    schema is enforced while the text is generated, never checked afterwards."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: Annotated[str, Field(max_length=4096)] | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type 'json_schema', and only then")
+        return self
+
+    @property
+    def schema_document(self) -> dict[str, Any] | None:
+        return self.json_schema.schema_ if self.json_schema else None
+
+
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -78,6 +107,7 @@ class SamplingFields(BaseModel):
     cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     # OpenAI's tiers: "flex" is slower and cheaper, so it runs in the batch class here
     service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -116,7 +146,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: MaxTokens | None = None
     logprobs: Annotated[bool, Field(strict=True)] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20, strict=True)] | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     modalities: list[str] | None = None
     # OpenAI request fields this server does not honour: refused by name when set
@@ -163,13 +192,6 @@ class ChatCompletionRequest(SamplingFields):
         if value:
             raise ValueError("store is not supported by this server: completions are "
                              "not kept")
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value and value.get("type") not in (None, "text"):
-            raise ValueError("only response_format {'type': 'text'} is supported for now")
         return value
 
     @field_validator("tools")

@@ -149,6 +149,27 @@ class SamplingParams:
         return replace(self, seed=(self.seed + index) % 2**64)
 
 
+@dataclass(slots=True, frozen=True)
+class Constraint:
+    """The output must match this llguidance grammar (the JSON text that
+    `llguidance.LLMatcher.grammar_from_json_schema` / `grammar_from_lark` return), compiled
+    and checked before the request is queued."""
+
+    grammar: str
+
+
+# llguidance's parser limits (`llguidance.LLParserLimits(**GRAMMAR_LIMITS)`), tighter than its
+# defaults (lexer fuel 1M/200k per step, grammar size 500k): the API checks a grammar with
+# them and engines compile it with them, so what passed the check compiles, and every
+# step's mask stays bounded. A 5,000-item enum compiles in ~20 ms; a 50,000-item one is
+# refused in ~0.2 s. Errors never echo the grammar (`verbose_errors`).
+GRAMMAR_LIMITS: dict[str, int | bool] = {
+    "max_items_in_row": 2_000, "initial_lexer_fuel": 400_000, "step_lexer_fuel": 100_000,
+    "step_max_items": 20_000, "max_lexer_states": 50_000, "max_grammar_size": 200_000,
+    "verbose_errors": False,
+}
+
+
 @dataclass(slots=True)
 class GenerationRequest:
     """One generation. `prompt_tokens` come from `Engine.encode`, so the caller knows the
@@ -163,6 +184,7 @@ class GenerationRequest:
     priority: int = 0  # 0 interactive, 1 batch: lower runs first
     weight: float = 1.0  # the tenant's share relative to others
     cache_scope: str = ""  # prompt-prefix caches are shared only within one scope (opaque)
+    constraint: Constraint | None = None
     logprobs: int | None = None  # None: none; k: the chosen token's and k alternatives
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the raw logits
 

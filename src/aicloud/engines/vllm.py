@@ -10,12 +10,14 @@ vLLM only ever sees token ids. vLLM is imported lazily: it is an extra (`aicloud
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aicloud.engines.base import (
     ChatMessage,
+    Constraint,
     EmbeddingRequest,
     Embeddings,
     EngineError,
@@ -49,6 +51,28 @@ DEFAULT_SEQUENCES = 32
 INLINE_TOKENIZE_CHARS = 16_384
 FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH,
           "abort": FinishReason.CANCELLED}  # anything else ("error", …) is an error
+
+
+def structured_outputs(constraint: Constraint | None) -> Any:
+    """Our grammar as vLLM's structured outputs, for its guidance backend (llguidance too,
+    so the same texts are allowed as on llama.cpp): the JSON schema, which carries our
+    compile options (compact JSON) inside it as `x-guidance`, or the Lark grammar. Any
+    other shape is refused rather than run differently."""
+    if constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    spec = json.loads(constraint.grammar)
+    grammars = spec.get("grammars") or []
+    extra = {k: v for k, v in spec.items() if k != "grammars" and v is not None}
+    if len(grammars) == 1 and not extra:
+        schema, lark = grammars[0].get("json_schema"), grammars[0].get("lark_grammar")
+        if schema is not None and not lark:
+            return StructuredOutputsParams(json=schema)
+        if lark and schema is None:
+            return StructuredOutputsParams(grammar=lark)
+    raise EngineError("this grammar is not supported by the vLLM engine",
+                      param="response_format")
 
 
 def default_context(folder: Path) -> int:
@@ -196,6 +220,7 @@ class VllmEngine:
 
     def _create(self, folder: Path) -> AsyncLLM:
         from vllm import AsyncEngineArgs
+        from vllm.config import StructuredOutputsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
         config = self._requested
@@ -206,6 +231,7 @@ class VllmEngine:
             kv_cache_memory_bytes=config.kv_budget_mb << 20,
             scheduling_policy="priority", enable_prefix_caching=True,
             enforce_eager=self.eager, disable_log_stats=True,
+            structured_outputs_config=StructuredOutputsConfig(backend="guidance"),
         )
         return AsyncLLM.from_engine_args(args)
 
@@ -251,13 +277,20 @@ class VllmEngine:
         return run() if len(text) <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(run)
 
     async def generate(self, request: GenerationRequest) -> VllmStream:
+        from vllm.exceptions import VLLMValidationError
         from vllm.inputs import tokens_input
 
         params = self._sampling(request, self._check(request))
         # vLLM mixes the salt into its block hashes: no prefix is shared across scopes
         prompt = tokens_input(request.prompt_tokens, cache_salt=request.cache_scope or None)
-        outputs = await self.llm.add_request(request.request_id, prompt, params,
-                                             priority=request.priority)
+        try:
+            outputs = await self.llm.add_request(request.request_id, prompt, params,
+                                                 priority=request.priority)
+        except VLLMValidationError as exc:
+            if request.constraint is None:
+                raise
+            raise EngineError(f"vLLM cannot use this response format: {exc}"[:400],
+                              param="response_format") from None
         stream = VllmStream(self, request.request_id, len(request.prompt_tokens), outputs,
                             request.logprobs)
         self._streams[request.request_id] = stream
@@ -276,6 +309,7 @@ class VllmEngine:
             max_tokens=max_tokens, stop=list(request.stop),
             output_kind=RequestOutputKind.DELTA, logprobs=request.logprobs,
             logit_bias=dict(request.logit_bias) or None,
+            structured_outputs=structured_outputs(request.constraint),
         )
 
     def _check(self, request: GenerationRequest) -> int:

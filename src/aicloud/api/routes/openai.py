@@ -21,9 +21,10 @@ from aicloud.api.generation import (
     usage_json,
 )
 from aicloud.api.openapi import request_body
-from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest
+from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from aicloud.engines.base import (
     ChatMessage,
+    Constraint,
     Engine,
     EngineError,
     Logprob,
@@ -32,6 +33,7 @@ from aicloud.engines.base import (
 )
 from aicloud.models.pool import ModelCard, ModelPool, UnknownModel
 from aicloud.services import Cloud
+from aicloud.structured import SchemaError, constraint_for
 
 router = APIRouter(prefix="/v1")
 
@@ -189,6 +191,17 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
+async def _constraint(body: SamplingFields) -> Constraint | None:
+    """Compiled before admission and queueing: a schema that cannot run is a 400."""
+    fmt = body.response_format
+    if fmt is None:
+        return None
+    try:
+        return await constraint_for(fmt.type, fmt.schema_document)
+    except SchemaError as exc:
+        raise invalid(exc.message, "response_format") from None
+
+
 @router.post("/chat/completions", response_model=None,
              **request_body(ChatCompletionRequest))
 async def chat_completions(request: Request, principal: CurrentPrincipal,
@@ -206,6 +219,7 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
     engine = engine_for(pool, body.model, principal)
     # cheap refusals before the prompt is tokenized: requests per minute, then its size
     requests = await admit_request(cloud, principal)
+    constraint = await _constraint(body)
     messages = [ChatMessage(m.role, m.text, m.name) for m in body.messages]
     check_prompt_size(sum(len(m.content) + len(m.name or "") for m in messages),
                       engine.info().context_length, "messages")
@@ -215,7 +229,7 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
         raise invalid(exc.message, exc.param or "messages", exc.code) from None
     run = await open_run(request, engine, principal, body.model, [tokens], body,
                          body.completion_limit, id_prefix, body.top_logprobs_wanted,
-                         requests)
+                         requests, constraint)
     return await _respond(request, run, ChatFormat(bool(body.logprobs)), body.stream,
                           _include_usage(body))
 
@@ -225,6 +239,7 @@ async def completions(request: Request, principal: CurrentPrincipal,
                       pool: PoolDep, cloud: CloudDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, CompletionRequest, text_fields=("prompt",))
     engine = engine_for(pool, body.model, principal)
+    constraint = await _constraint(body)
     prompts = body.prompts
     if body.echo and not all(isinstance(p, str) for p in prompts):
         raise invalid("echo needs text prompts (not token ids)", "echo")
@@ -238,7 +253,7 @@ async def completions(request: Request, principal: CurrentPrincipal,
     tokens = [await engine.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
     run = await open_run(request, engine, principal, body.model, tokens, body,
                          body.max_tokens if body.max_tokens is not None else 16, "cmpl",
-                         body.logprobs, requests)
+                         body.logprobs, requests, constraint)
     echo = [p for p in prompts if isinstance(p, str)] if body.echo else None
     fmt = TextFormat(body.choices, body.logprobs, echo)
     return await _respond(request, run, fmt, body.stream, _include_usage(body))

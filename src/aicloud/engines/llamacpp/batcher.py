@@ -25,6 +25,7 @@ from collections.abc import Callable
 import llama_cpp
 
 from aicloud.engines.base import AdmissionQueue, FinishReason, TokenEvent, TokenLogprobs
+from aicloud.engines.llamacpp.constrain import Guidance
 from aicloud.engines.llamacpp.logprobs import LogprobRow, log_softmax, token_logprobs
 from aicloud.engines.llamacpp.model import LlamaModel
 from aicloud.engines.llamacpp.sampling import build_sampler, free_sampler
@@ -76,6 +77,7 @@ class Batcher:
         self.meter = RateMeter()
         self.threads = ThreadTuner(self.config.threads or 1)
         self._threads_set = self.config.threads or 1
+        self.guidance = Guidance(model.vocab, model.n_vocab, self.config.threads or 1)
         self._batch = llama_cpp.llama_batch_init(self.config.batch_tokens, 0, 1)
         self._wake = threading.Condition()
         self._stopping = False
@@ -244,8 +246,12 @@ class Batcher:
                 self.slots.append(self._slot(seq), tokens)
                 if seq.state is SeqState.PREFILL:
                     seq.n_past += len(tokens)
-            # sampled before the next llama_decode overwrites the logits
-            sampled = [self._sample(seq, index) for seq, index in outputs]
+            # logprobs read from the raw row, then the grammar's mask, then the sampler
+            # chain: all before the next llama_decode overwrites the logits
+            rows = [(seq, index, self._logprob_row(seq, index)) for seq, index in outputs]
+            self.guidance.mask(self.model.ctx, [(seq.guide, index) for seq, index in outputs
+                                                if seq.guide is not None])
+            sampled = [self._sample(seq, index, row) for seq, index, row in rows]
             with self._wake:
                 out += [self._account(*item) for item in sampled]
         return out
@@ -263,8 +269,7 @@ class Batcher:
             self.threads.record(self._batch.n_tokens, time.perf_counter() - start)
         return status
 
-    def _sample(self, seq: Sequence, index: int) -> Sampled:
-        row = self._logprob_row(seq, index)
+    def _sample(self, seq: Sequence, index: int, row: LogprobRow | None) -> Sampled:
         token = llama_cpp.llama_sampler_sample(seq.sampler, self.model.ctx, index)
         if row is None:
             return seq, token, None

@@ -11,6 +11,7 @@ from aicloud.engines.base import (
     GENERATE,
     AdmissionQueue,
     ChatMessage,
+    Constraint,
     EmbeddingRequest,
     Embeddings,
     EngineError,
@@ -27,12 +28,17 @@ from aicloud.engines.base import (
 from aicloud.engines.events import EventQueue
 from aicloud.engines.llamacpp.batcher import Batcher
 from aicloud.engines.llamacpp.chat import ChatTemplate
+from aicloud.engines.llamacpp.constrain import Guide
 from aicloud.engines.llamacpp.embedder import Embedder, pooling_of
 from aicloud.engines.llamacpp.model import ContextConfig, LlamaModel
 from aicloud.engines.llamacpp.sequence import Sequence
 from aicloud.engines.llamacpp.weights import DEFAULT_CACHE, NATIVE, ensure_weights
 
 log = logging.getLogger(__name__)
+
+# The first constrained request also builds the tokenizer (~1 s); a grammar within the
+# parser limits compiles in milliseconds after that.
+GUIDE_SECONDS = 10.0
 
 # Tokenizing more text than this goes to a worker thread so the loop stays responsive.
 INLINE_TOKENIZE_CHARS = 16_384
@@ -145,9 +151,11 @@ class LlamaCppEngine:
 
     async def generate(self, request: GenerationRequest) -> LlamaCppStream:
         max_tokens = self._check(request)
+        guide = await self._guide(request.constraint) if request.constraint else None
         stream = LlamaCppStream(self.batcher)
         stream.sequence = Sequence(
-            request, asyncio.get_running_loop(), stream.on_event, max_tokens=max_tokens
+            request, asyncio.get_running_loop(), stream.on_event, max_tokens=max_tokens,
+            guide=guide,
         )
         self.batcher.submit(stream.sequence)
         return stream
@@ -159,6 +167,16 @@ class LlamaCppEngine:
                                self.model.n_vocab)
         vectors = await self._embedder.embed(request.inputs)
         return Embeddings(vectors, Usage(sum(len(t) for t in request.inputs), 0))
+
+    async def _guide(self, constraint: Constraint) -> Guide:
+        """Compile the grammar against this model's tokens in a worker thread (the first
+        one also builds the tokenizer, ~1 s), bounded in time like the API's check."""
+        try:
+            return await asyncio.wait_for(
+                asyncio.to_thread(self.batcher.guidance.guide, constraint), GUIDE_SECONDS)
+        except TimeoutError:
+            raise EngineError("the response format took too long to compile; simplify it",
+                              param="response_format") from None
 
     def _check(self, request: GenerationRequest) -> int:
         """Refuse what cannot run; return the effective completion limit."""

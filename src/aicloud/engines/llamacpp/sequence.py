@@ -14,6 +14,7 @@ from aicloud.engines.base import (
     TokenLogprobs,
     Usage,
 )
+from aicloud.engines.llamacpp.constrain import Guide
 from aicloud.engines.llamacpp.text import StopMatcher, Utf8Stream
 
 
@@ -40,6 +41,7 @@ class Sequence:
     last_token: int = 0
     last_step: int = 0  # the batcher's step that last advanced it (decoding takes turns)
     sampler: object = None
+    guide: Guide | None = None  # the request's grammar, if it has one
     cancelled: bool = False
     decoder: Utf8Stream = field(default_factory=Utf8Stream)
     stopper: StopMatcher = field(init=False)
@@ -72,12 +74,16 @@ class Sequence:
         end-of-generation token is not part of the text, so its logprobs are not sent."""
         self.completion_tokens += 1
         self.last_token = token
+        if self.guide is not None and not self.guide.advance(token, eog):
+            return self.finish(FinishReason.ERROR)
         if eog:
             return self.finish(FinishReason.STOP)
         lps = () if logprobs is None else (logprobs,)
         text, hit = self.stopper.push(self.decoder.feed(piece))
         if hit:
             return self.finish(FinishReason.STOP, text, flush=False, logprobs=lps)
+        if self.guide is not None and self.guide.complete:
+            return self.finish(FinishReason.STOP, text, logprobs=lps)
         if self.completion_tokens >= self.max_tokens:
             return self.finish(FinishReason.LENGTH, text, logprobs=lps)
         return TokenEvent(text, self.completion_tokens, logprobs=lps)
