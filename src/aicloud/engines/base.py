@@ -124,6 +124,15 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+@dataclass(slots=True, frozen=True)
+class Constraint:
+    """The output must match this llguidance grammar (the JSON text that
+    `llguidance.LLMatcher.grammar_from_json_schema` / `grammar_from_lark` return), compiled
+    and checked before the request is queued."""
+
+    grammar: str
+
+
 @dataclass(slots=True)
 class GenerationRequest:
     """One generation. `prompt_tokens` come from `Engine.encode`, so the caller knows the
@@ -137,6 +146,7 @@ class GenerationRequest:
     tenant: str = ""  # whose share this is (opaque to engines)
     priority: int = 0  # 0 interactive, 1 batch: lower runs first
     weight: float = 1.0  # the tenant's share relative to others
+    constraint: Constraint | None = None
 
 
 @dataclass(slots=True, frozen=True)
