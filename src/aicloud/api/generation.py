@@ -26,6 +26,7 @@ from aicloud.api.schemas import SamplingFields
 from aicloud.api.telemetry import Telemetry
 from aicloud.billing.usage import UsageEntry
 from aicloud.engines.base import (
+    Constraint,
     Engine,
     EngineError,
     EngineOverloaded,
@@ -154,7 +155,7 @@ class Run:
 
 async def open_run(request: Request, engine: Engine, principal: Principal, model: str,
                    prompt_tokens: list[int], body: SamplingFields, max_tokens: int | None,
-                   prefix: str) -> Run:
+                   prefix: str, constraint: Constraint | None = None) -> Run:
     cloud: Cloud = request.app.state.cloud
     sampling = sampling_from(body)
     request_id = f"{prefix}-{secrets.token_hex(12)}"
@@ -166,7 +167,7 @@ async def open_run(request: Request, engine: Engine, principal: Principal, model
         request_id=request_id, prompt_tokens=prompt_tokens,
         sampling=sampling, max_tokens=max_tokens, stop=body.stops,
         tenant=tenant_of(principal, request.app.state.fair_share_by),
-        priority=body.priority, weight=principal.weight,
+        priority=body.priority, weight=principal.weight, constraint=constraint,
     )
     try:
         stream = await engine.generate(gen)

@@ -165,10 +165,11 @@ class VllmEngine:
     def tokenizer(self) -> Any:
         return self.llm.get_tokenizer()
 
-    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    async def encode_chat(self, messages: list[ChatMessage],
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
         if self._template is None:
             raise EngineError(f"model {self.model_id} is not loaded")
-        return await self._tokenize(self._template.render(messages), special=True)
+        return await self._tokenize(self._template.render(messages, tools), special=True)
 
     async def encode_text(self, text: str) -> list[int]:
         return await self._tokenize(text, special=False)
@@ -222,7 +223,8 @@ class VllmEngine:
     def info(self) -> EngineInfo:
         llm = self.llm
         return EngineInfo(self.model_id, llm.model_config.max_model_len,
-                          llm.vllm_config.scheduler_config.max_num_seqs, self.kind)
+                          llm.vllm_config.scheduler_config.max_num_seqs, self.kind,
+                          self._template.source if self._template else None)
 
     def stats(self) -> EngineStats:
         """Running: requests vLLM has started answering; waiting: the others. vLLM's KV

@@ -11,6 +11,7 @@ from aicloud.accounts.keys import Principal
 from aicloud.api.deps import CurrentPrincipal, PoolDep, parse_body
 from aicloud.api.errors import APIError, invalid
 from aicloud.api.generation import (
+    Format,
     Run,
     collect,
     first_event,
@@ -19,7 +20,8 @@ from aicloud.api.generation import (
     usage_json,
 )
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest
-from aicloud.engines.base import ChatMessage, Engine, EngineError, Usage
+from aicloud.api.tool_calls import chat_prompt
+from aicloud.engines.base import Engine, EngineError, Usage
 from aicloud.models.pool import ModelPool, UnknownModel
 
 router = APIRouter(prefix="/v1")
@@ -78,7 +80,7 @@ class TextFormat:
         return {**self.chunk(run, text, finish, True), "usage": usage_json(usage)}
 
 
-async def _respond(request: Request, run: Run, fmt: ChatFormat | TextFormat,
+async def _respond(request: Request, run: Run, fmt: Format,
                    stream: bool, include_usage: bool) -> StreamingResponse | JSONResponse:
     if stream:
         events, first = await first_event(run, request)
@@ -98,14 +100,15 @@ async def chat_completions(request: Request, principal: CurrentPrincipal,
                            pool: PoolDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, ChatCompletionRequest)
     engine = _engine(pool, body.model, principal)
-    messages = [ChatMessage(m.role, m.text, m.name) for m in body.messages]
+    prompt = await chat_prompt(body, engine)
     try:
-        tokens = await engine.encode_chat(messages)
+        tokens = await engine.encode_chat(prompt.messages, prompt.tools)
     except EngineError as exc:
         raise invalid(exc.message, exc.param or "messages", exc.code) from None
     run = await open_run(request, engine, principal, body.model, tokens, body,
-                         body.completion_limit, "chatcmpl")
-    return await _respond(request, run, ChatFormat(), body.stream, _include_usage(body))
+                         body.completion_limit, "chatcmpl", prompt.constraint)
+    fmt = prompt.answer_format() or ChatFormat()
+    return await _respond(request, run, fmt, body.stream, _include_usage(body))
 
 
 @router.post("/completions", response_model=None)

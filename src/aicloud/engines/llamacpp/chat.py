@@ -42,17 +42,17 @@ class ChatTemplate:
         )
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        self._template = env.from_string(source or CHATML)
+        self.source = source or CHATML
+        self._template = env.from_string(self.source)
         self._specials = {"bos_token": bos_token, "eos_token": eos_token}
 
-    def render(self, messages: list[ChatMessage]) -> str:
-        payload: list[dict[str, Any]] = [
-            {"role": m.role, "content": m.content} | ({"name": m.name} if m.name else {})
-            for m in messages
-        ]
+    def render(self, messages: list[ChatMessage],
+               tools: list[dict[str, Any]] | None = None) -> str:
+        payload = [_payload(m) for m in messages]
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
         try:
             return self._template.render(
-                messages=payload, add_generation_prompt=True, **self._specials
+                messages=payload, add_generation_prompt=True, **self._specials, **extra
             )
         except TemplateRenderError:
             raise
@@ -60,3 +60,27 @@ class ChatTemplate:
             raise TemplateRenderError(
                 f"the model's chat template rejected these messages: {exc}", param="messages"
             ) from exc
+
+
+def _payload(message: ChatMessage) -> dict[str, Any]:
+    """A message as Hugging Face templates read it: tool calls with their arguments as a
+    mapping (templates apply `tojson` to them), the answered call's id on `tool` messages."""
+    payload: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.name:
+        payload["name"] = message.name
+    if message.tool_calls:
+        payload["tool_calls"] = [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": _arguments(call.arguments)}}
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id:
+        payload["tool_call_id"] = message.tool_call_id
+    return payload
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from aicloud.engines.base import (
     AdmissionQueue,
@@ -95,10 +96,11 @@ class LlamaCppEngine:
     def config(self) -> ContextConfig:
         return self.model.config
 
-    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    async def encode_chat(self, messages: list[ChatMessage],
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
         if self._template is None:
             raise EngineError(f"model {self.model_id} is not loaded")
-        return await self._tokenize(self._template.render(messages), special=True)
+        return await self._tokenize(self._template.render(messages, tools), special=True)
 
     async def encode_text(self, text: str) -> list[int]:
         return await self._tokenize(text, special=False)
@@ -125,7 +127,8 @@ class LlamaCppEngine:
     def info(self) -> EngineInfo:
         config = self.config
         return EngineInfo(self.model_id, config.context_per_sequence or 0,
-                          config.sequences or 1, self.kind)
+                          config.sequences or 1, self.kind,
+                          self._template.source if self._template else None)
 
     def tenants(self) -> list[TenantLoad]:
         batcher = self._batcher
