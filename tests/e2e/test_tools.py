@@ -170,6 +170,9 @@ BAD = [
     ({"messages": [*ASK, {"role": "tool", "content": "1"}]}, "messages[1].tool_call_id"),
     ({"messages": [*ASK, {"role": "function", "name": "add", "content": "1"}]},
      "messages[1].name"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": [{
+        "id": "call_1", "type": "function", "function": {"name": "add", "arguments": "{}"}}]}]},
+     "messages[0].tool_calls"),
 ]
 
 
