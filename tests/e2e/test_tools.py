@@ -14,6 +14,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from tests.conftest import Server
 
@@ -91,17 +92,30 @@ def test_auto_answers_in_text_or_valid_calls(client: openai.OpenAI, seed: int) -
         assert "<tool_call>" not in choice.message.content or choice.finish_reason == "length"
 
 
-def test_streamed_parallel_calls_assemble_in_the_client(client: openai.OpenAI) -> None:
-    with client.chat.completions.stream(model=MODEL, messages=ASK, tools=TOOLS,
-                                        tool_choice="required", max_tokens=100,
-                                        temperature=0) as stream:
-        done_events = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+def test_streamed_named_call_through_the_stream_helper(client: openai.OpenAI) -> None:
+    with client.chat.completions.stream(
+            model=MODEL, messages=ASK, tools=TOOLS, max_tokens=80, temperature=0,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}}) as stream:
+        done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
         final = stream.get_final_completion()
     choice = final.choices[0]
-    calls = check_calls(choice.message.tool_calls)
-    assert calls and choice.message.role == "assistant"
-    complete = len(calls) if choice.finish_reason == "tool_calls" else len(calls) - 1
-    assert [e.name for e in done_events][:complete] == [n for n, _ in calls][:complete]
+    assert choice.finish_reason == "tool_calls" and choice.message.role == "assistant"
+    calls = check_calls(choice.message.tool_calls, {"get_weather"})
+    assert [(e.name, json.loads(e.arguments)) for e in done] == calls
+
+
+def test_streamed_parallel_calls_assemble_by_index(client: openai.OpenAI) -> None:
+    state = ChatCompletionStreamState()
+    for chunk in client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
+                                                tool_choice="required", max_tokens=100,
+                                                temperature=0, stream=True):
+        state.handle_chunk(chunk)
+    choice = state.get_final_completion().choices[0]
+    calls = choice.message.tool_calls
+    assert calls and choice.finish_reason in ("tool_calls", "length")
+    whole = calls if choice.finish_reason == "tool_calls" else calls[:-1]
+    check_calls(whole)
+    assert all(c.function.name in SCHEMAS for c in calls)
 
 
 def test_no_parallel_calls_when_refused(client: openai.OpenAI) -> None:
@@ -201,4 +215,5 @@ def test_langchain_bind_tools(server: Server) -> None:
     reply = llm.bind_tools([add], tool_choice="add").invoke("What is 2 plus 3?")
     (call,) = reply.tool_calls
     assert call["name"] == "add"
-    jsonschema.validate(call["args"], ADD_PARAMS)
+    jsonschema.validate(call["args"], ADD_PARAMS)  # LangChain's schema is open; ours closed
+    assert add(**call["args"]) == call["args"]["a"] + call["args"]["b"]

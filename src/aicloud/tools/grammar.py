@@ -34,10 +34,20 @@ def _lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False) if text else ""
 
 
+def arguments_schema(parameters: dict[str, Any]) -> dict[str, Any]:
+    """A function's parameters, closed to undeclared arguments unless the schema says
+    otherwise: JSON schema's open default let the bundled model add `"c":3` to `add(a, b)`,
+    which no caller can use (OpenAI's strict mode closes them too)."""
+    if "additionalProperties" in parameters:
+        return parameters
+    return {**parameters, "additionalProperties": False}
+
+
 def call_schema(functions: tuple[Function, ...], arguments_key: str) -> dict[str, Any]:
     options = [{
         "type": "object",
-        "properties": {"name": {"const": f.name}, arguments_key: f.parameters},
+        "properties": {"name": {"const": f.name},
+                       arguments_key: arguments_schema(f.parameters)},
         "required": ["name", arguments_key],
         "additionalProperties": False,
     } for f in functions]
