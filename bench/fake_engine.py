@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from aicloud.engines.base import (
     ChatMessage,
@@ -62,7 +63,8 @@ class FakeEngine:
     async def close(self) -> None:
         pass
 
-    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    async def encode_chat(self, messages: list[ChatMessage],
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
         return await self.encode_text("".join(m.content for m in messages))
 
     async def encode_text(self, text: str) -> list[int]:

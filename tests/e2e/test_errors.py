@@ -88,7 +88,10 @@ def test_unknown_model_is_404(http: httpx.Client) -> None:
     ({"messages": "hello"}, "messages"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": ""}, "model"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "string"}}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "retrieval"}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
 ])
 def test_invalid_parameters_are_400(http: httpx.Client, patch: dict, param: str | None) -> None:

@@ -42,12 +42,52 @@ class TextPart(BaseModel):
     text: str
 
 
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class FunctionCall(BaseModel):
+    """A call as an assistant message carries it (`arguments` is JSON text)."""
+
+    name: FunctionName
+    arguments: Annotated[str, Field(max_length=1_000_000)]
+
+
+class ToolCall(BaseModel):
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    name: FunctionName
+    description: Annotated[str, Field(max_length=16_384)] | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # every schema is enforced while generating, strict or not
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[TextPart] | None = None
     name: Annotated[str, Field(max_length=64)] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(max_length=128)] | None = None
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    function_call: FunctionCall | None = None  # legacy: an assistant's one call
 
     @property
     def text(self) -> str:
@@ -146,7 +186,13 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: MaxTokens | None = None
     logprobs: Annotated[bool, Field(strict=True)] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20, strict=True)] | None = None
-    tools: list[Any] | None = None
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # legacy function calling, served by the same machinery as tools
+    functions: Annotated[list[FunctionDefinition], Field(min_length=1, max_length=128)] | None \
+        = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
     modalities: list[str] | None = None
     # OpenAI request fields this server does not honour: refused by name when set
     prediction: Any = None
@@ -193,13 +239,6 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("store is not supported by this server: completions are "
                              "not kept")
         return value
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list[Any] | None) -> None:
-        if value:
-            raise ValueError("tool calling is not supported by this server yet")
-        return None
 
     @field_validator("top_logprobs")
     @classmethod

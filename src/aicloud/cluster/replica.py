@@ -11,6 +11,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aicloud.engines.base import (
     ChatMessage,
@@ -67,9 +68,10 @@ class EngineReplica:
         context = ray.get_runtime_context()
         return Whereabouts(context.get_node_id(), ray.util.get_node_ip_address(), os.getpid())
 
-    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    async def encode_chat(self, messages: list[ChatMessage],
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
         await self.start()
-        return await self._engine.encode_chat(messages)
+        return await self._engine.encode_chat(messages, tools)
 
     async def encode_text(self, text: str) -> list[int]:
         await self.start()

@@ -159,10 +159,11 @@ class ReplicaSet:
                                     retry_after=UNAVAILABLE_RETRY)
         total = sum(r.capacity for r in self.replicas if r.state == "ready")
         return EngineInfo(self.model_id, self._info.context_length, max(total, 1), self.kind,
-                          self._info.capabilities)
+                          self._info.capabilities, self._info.chat_template)
 
-    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        return await self._any_replica("encode_chat", messages)
+    async def encode_chat(self, messages: list[ChatMessage],
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
+        return await self._any_replica("encode_chat", messages, tools)
 
     async def encode_text(self, text: str) -> list[int]:
         return await self._any_replica("encode_text", text)

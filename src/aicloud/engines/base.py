@@ -10,7 +10,7 @@ import enum
 import math
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 class FinishReason(enum.StrEnum):
@@ -101,10 +101,22 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's bound on alternatives per token
 
 
 @dataclass(slots=True, frozen=True)
+class ChatToolCall:
+    """A function call an assistant made earlier in the conversation; `arguments` is the
+    JSON text exactly as the client sent it back."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(slots=True, frozen=True)
 class ChatMessage:
     role: str
     content: str
     name: str | None = None
+    tool_calls: tuple[ChatToolCall, ...] = ()
+    tool_call_id: str | None = None  # on a `tool` message: the call it answers
 
 
 @dataclass(slots=True)
@@ -256,6 +268,7 @@ class EngineInfo:
     max_sequences: int
     kind: str
     capabilities: frozenset[str] = frozenset({GENERATE})
+    chat_template: str | None = None  # the template's source, to pick a tool-call format
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities
@@ -379,8 +392,10 @@ class Engine(Protocol):
 
     async def close(self) -> None: ...
 
-    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        """Render the model's own chat template and tokenize the result."""
+    async def encode_chat(self, messages: list[ChatMessage],
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Render the model's own chat template and tokenize the result; `tools` (OpenAI's
+        `tools` entries) are handed to templates that take them."""
 
     async def encode_text(self, text: str) -> list[int]: ...
 

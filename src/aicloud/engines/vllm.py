@@ -258,12 +258,14 @@ class VllmEngine:
     def eos_token_id(self) -> int | None:
         return getattr(self.tokenizer, "eos_token_id", None)
 
-    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    async def encode_chat(self, messages: list[ChatMessage],
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
         """As the llama.cpp engine: rendered off the loop within the template's limits,
         control tokens only from the template."""
         if self._template is None or self._chat_tokenizer is None:
             raise EngineError(f"model {self.model_id} is not loaded")
-        return await self._template.encode_async(messages, self._chat_tokenizer)
+        extra = {"tools": tools} if tools else {}
+        return await self._template.encode_async(messages, self._chat_tokenizer, **extra)
 
     async def encode_text(self, text: str) -> list[int]:
         return await self._tokenize(text, special=False)
@@ -332,7 +334,8 @@ class VllmEngine:
     def info(self) -> EngineInfo:
         llm = self.llm
         return EngineInfo(self.model_id, llm.model_config.max_model_len,
-                          llm.vllm_config.scheduler_config.max_num_seqs, self.kind)
+                          llm.vllm_config.scheduler_config.max_num_seqs, self.kind,
+                          chat_template=self._template.source if self._template else None)
 
     def stats(self) -> EngineStats:
         """Running: requests vLLM has started answering; waiting: the others. vLLM's KV

@@ -13,6 +13,7 @@ from aicloud.api.deps import CloudDep, CurrentPrincipal, PoolDep, parse_body
 from aicloud.api.errors import APIError, invalid
 from aicloud.api.generation import (
     Completed,
+    Format,
     Run,
     begin,
     collect,
@@ -22,8 +23,8 @@ from aicloud.api.generation import (
 )
 from aicloud.api.openapi import request_body
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from aicloud.api.tool_calls import chat_prompt
 from aicloud.engines.base import (
-    ChatMessage,
     Constraint,
     Engine,
     EngineError,
@@ -170,7 +171,7 @@ class TextFormat:
             for c in choices]), "usage": usage_json(usage)}
 
 
-async def _respond(request: Request, run: Run, fmt: ChatFormat | TextFormat,
+async def _respond(request: Request, run: Run, fmt: Format,
                    stream: bool, include_usage: bool) -> StreamingResponse | JSONResponse:
     await begin(run, request)
     if stream:
@@ -219,19 +220,22 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
     engine = engine_for(pool, body.model, principal)
     # cheap refusals before the prompt is tokenized: requests per minute, then its size
     requests = await admit_request(cloud, principal)
-    constraint = await _constraint(body)
-    messages = [ChatMessage(m.role, m.text, m.name) for m in body.messages]
-    check_prompt_size(sum(len(m.content) + len(m.name or "") for m in messages),
+    prompt = await chat_prompt(body, engine)  # tools: checked, compiled, rendered as text
+    # a grammar from the tools (which refuse a JSON response_format beside them) or from
+    # response_format
+    constraint = prompt.constraint or await _constraint(body)
+    check_prompt_size(sum(len(m.content) + len(m.name or "") for m in prompt.messages),
                       engine.info().context_length, "messages")
     try:
-        tokens = await engine.encode_chat(messages)
+        tokens = await engine.encode_chat(prompt.messages, prompt.tools)
     except EngineError as exc:
         raise invalid(exc.message, exc.param or "messages", exc.code) from None
     run = await open_run(request, engine, principal, body.model, [tokens], body,
                          body.completion_limit, id_prefix, body.top_logprobs_wanted,
                          requests, constraint)
-    return await _respond(request, run, ChatFormat(bool(body.logprobs)), body.stream,
-                          _include_usage(body))
+    plain = ChatFormat(bool(body.logprobs))
+    fmt = prompt.answer_format(plain) or plain
+    return await _respond(request, run, fmt, body.stream, _include_usage(body))
 
 
 @router.post("/completions", response_model=None, **request_body(CompletionRequest))

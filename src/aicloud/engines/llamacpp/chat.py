@@ -154,7 +154,8 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self._env = env
-        self._template = env.from_string(source or CHATML)
+        self.source = source or CHATML
+        self._template = env.from_string(self.source)
         self._specials = {"bos_token": bos_token, "eos_token": eos_token}
         self.model = model
         self.limits = limits or RenderLimits()
@@ -185,7 +186,7 @@ class ChatTemplate:
 
     def render(self, messages: list[ChatMessage], **extra: Any) -> str:
         """The prompt as text (blocking: call it off the event loop)."""
-        return self._render([_payload(m.role, m.content, m.name) for m in messages], extra)
+        return self._render([_payload(m, m.content, m.name) for m in messages], extra)
 
     def render_marked(self, messages: list[ChatMessage], controls: ControlTokens,
                       **extra: Any) -> Rendered:
@@ -193,7 +194,7 @@ class ChatTemplate:
         nonce = secrets.token_hex(8)
         texts = [m.content for m in messages] + [m.name or "" for m in messages]
         marks = [f"\ue000{nonce}:{i}\ue001" for i in range(len(texts))]
-        skeleton = self._render([_payload(m.role, marks[i], m.name and marks[len(messages) + i])
+        skeleton = self._render([_payload(m, marks[i], m.name and marks[len(messages) + i])
                                  for i, m in enumerate(messages)], extra)
         text, spans = _fill(skeleton, nonce, texts)
         real = self.render(messages, **extra)
@@ -214,7 +215,7 @@ class ChatTemplate:
                 pos = end
             return "".join([*out, content[pos:]])
 
-        payload = [_payload(m.role, escape(m.content), m.name and escape(m.name))
+        payload = [_payload(m, escape(m.content), m.name and escape(m.name))
                    for m in messages]
         text, spans = _fill(self._render(payload, extra), nonce, pieces)
         return Rendered(text, spans)
@@ -240,8 +241,29 @@ class ChatTemplate:
             ) from exc
 
 
-def _payload(role: str, content: str, name: str | None) -> dict[str, Any]:
-    return {"role": role, "content": content} | ({"name": name} if name else {})
+def _payload(message: ChatMessage, content: str, name: str | None) -> dict[str, Any]:
+    """A message as Hugging Face templates read it, with `content` and `name` given (the
+    sentinels stand in for them): tool calls with their arguments as a mapping (templates
+    apply `tojson` to them), the answered call's id on `tool` messages."""
+    payload: dict[str, Any] = {"role": message.role, "content": content}
+    if name:
+        payload["name"] = name
+    if message.tool_calls:
+        payload["tool_calls"] = [
+            {"id": call.id, "type": "function",
+             "function": {"name": call.name, "arguments": _arguments(call.arguments)}}
+            for call in message.tool_calls
+        ]
+    if message.tool_call_id:
+        payload["tool_call_id"] = message.tool_call_id
+    return payload
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _fill(skeleton: str, nonce: str, texts: list[str]) -> tuple[str, tuple[Span, ...]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 from aicloud.engines.base import (
     EMBED,
@@ -134,12 +135,14 @@ class LlamaCppEngine:
     def config(self) -> ContextConfig:
         return self.model.config
 
-    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+    async def encode_chat(self, messages: list[ChatMessage],
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Rendered and tokenized on the template's own threads (bounded in time and
         size); control tokens come only from the template, never from message text."""
         if self._template is None:
             raise EngineError(f"model {self.model_id} is not loaded")
-        return await self._template.encode_async(messages, self.model)
+        extra = {"tools": tools} if tools else {}
+        return await self._template.encode_async(messages, self.model, **extra)
 
     async def encode_text(self, text: str) -> list[int]:
         return await self._tokenize(text, special=False)
@@ -187,7 +190,8 @@ class LlamaCppEngine:
         config = self.config
         can = frozenset({GENERATE, EMBED} if self._embedder else {GENERATE})
         return EngineInfo(self.model_id, config.context_per_sequence or 0,
-                          config.sequences or 1, self.kind, can)
+                          config.sequences or 1, self.kind, can,
+                          self._template.source if self._template else None)
 
     def tenants(self) -> list[TenantLoad]:
         batcher = self._batcher
