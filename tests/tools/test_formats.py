@@ -61,7 +61,7 @@ def test_formats_come_from_the_template_text() -> None:
 def test_a_template_that_knows_tools_renders_them_and_the_history() -> None:
     messages, tools = for_template(HISTORY, [ADD], HERMES)
     assert tools == [ADD.as_tool()]
-    text = ChatTemplate(QWEN_LIKE).render(messages, tools)
+    text = ChatTemplate(QWEN_LIKE).render(messages, tools=tools)
     assert '"name": "add"' in text and '"description": "Add numbers"' in text
     # the arguments reach the template as a mapping, so `tojson` writes them once
     assert '{"name": "add", "arguments": {"a": 1}}' in text

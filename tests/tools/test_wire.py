@@ -11,6 +11,8 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from aicloud.api.generation import Completed
+from aicloud.api.routes.openai import ChatFormat
 from aicloud.api.tool_calls import ToolChatFormat
 from aicloud.engines.base import Usage
 from aicloud.tools import FALLBACK, CallFormat
@@ -27,8 +29,8 @@ def stream(fmt: ToolChatFormat, text: str, step: int, finish: str = "stop") -> l
     """The chunks `api.generation.stream_events` makes of `text` arriving `step` characters
     at a time: the first always, then any with text, then the finish."""
     pieces = [text[i:i + step] for i in range(0, len(text), step)]
-    chunks = [fmt.chunk(RUN, piece, None, n == 0) for n, piece in enumerate(pieces)]
-    return [*chunks, fmt.chunk(RUN, "", finish, False)]
+    chunks = [fmt.chunk(RUN, 0, piece, None, n == 0, []) for n, piece in enumerate(pieces)]
+    return [*chunks, fmt.chunk(RUN, 0, "", finish, False, [])]
 
 
 def assemble(chunks: list[dict]) -> Any:
@@ -39,13 +41,14 @@ def assemble(chunks: list[dict]) -> Any:
 
 
 def whole(fmt: CallFormat, text: str, finish: str = "stop") -> ChatCompletion:
-    body = ToolChatFormat(fmt).whole(RUN, text, finish, Usage(10, 20))
+    body = ToolChatFormat(fmt, ChatFormat()).whole(RUN, [Completed(0, text, finish, [])],
+                                                  Usage(10, 20))
     return ChatCompletion.model_validate(body)
 
 
 @pytest.mark.parametrize("step", [1, 4, 10_000])
 def test_streamed_calls_assemble_to_the_whole_answer(step: int) -> None:
-    done = assemble(stream(ToolChatFormat(FALLBACK), TEXT, step))
+    done = assemble(stream(ToolChatFormat(FALLBACK, ChatFormat()), TEXT, step))
     message = done.choices[0].message
     assert done.choices[0].finish_reason == "tool_calls"
     assert message.role == "assistant" and not message.content
@@ -63,7 +66,7 @@ def test_streamed_calls_assemble_to_the_whole_answer(step: int) -> None:
 
 def test_a_text_answer_is_plain_content_with_finish_stop() -> None:
     text = "It is sunny <b>today</b>."
-    done = assemble(stream(ToolChatFormat(FALLBACK), text, 1))
+    done = assemble(stream(ToolChatFormat(FALLBACK, ChatFormat()), text, 1))
     assert done.choices[0].message.content == text
     assert done.choices[0].message.tool_calls is None
     assert done.choices[0].finish_reason == "stop"
@@ -72,7 +75,7 @@ def test_a_text_answer_is_plain_content_with_finish_stop() -> None:
 
 def test_content_before_a_call_and_length_cut_keep_their_finish() -> None:
     text = "Checking.\n" + TEXT[:60]
-    chunks = stream(ToolChatFormat(FALLBACK), text, 3, finish="length")
+    chunks = stream(ToolChatFormat(FALLBACK, ChatFormat()), text, 3, finish="length")
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     contents = [c["choices"][0]["delta"].get("content") or "" for c in chunks]
     assert "".join(contents) == "Checking."
@@ -81,7 +84,7 @@ def test_content_before_a_call_and_length_cut_keep_their_finish() -> None:
 
 def test_legacy_function_call_streams_and_answers_in_the_old_shape() -> None:
     text = TEXT.split("\n<tool_call>", 1)[0]
-    fmt = ToolChatFormat(FALLBACK, legacy=True)
+    fmt = ToolChatFormat(FALLBACK, ChatFormat(), legacy=True)
     chunks = stream(fmt, text, 5)
     deltas = [c["choices"][0]["delta"] for c in chunks]
     assert not any("tool_calls" in d for d in deltas)
@@ -90,7 +93,8 @@ def test_legacy_function_call_streams_and_answers_in_the_old_shape() -> None:
     assert [d["function_call"]["name"] for d in deltas if "name" in d.get("function_call", {})
             ] == ["get_weather"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "function_call"
-    body = ToolChatFormat(FALLBACK, legacy=True).whole(RUN, text, "stop", Usage(1, 1))
+    body = ToolChatFormat(FALLBACK, ChatFormat(), legacy=True).whole(
+        RUN, [Completed(0, text, "stop", [])], Usage(1, 1))
     choice = body["choices"][0]
     assert choice["finish_reason"] == "function_call"
     assert choice["message"]["function_call"] == {"name": "get_weather",
