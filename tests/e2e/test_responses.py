@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 
 from tests.conftest import Server
 from tests.e2e.test_openai_api import MODEL, usage_row
@@ -160,3 +163,54 @@ def test_prompt_cache_key_partitions_the_prefix_cache(client: openai.OpenAI) -> 
     cached("alpha-one")
     assert cached("alpha-one") > 0
     assert cached("alpha-two") == 0
+
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"], "additionalProperties": False},
+           "strict": True}
+
+
+def test_forced_tool_call_is_a_function_call_item(client: openai.OpenAI) -> None:
+    resp = client.responses.create(model=MODEL, input="What is the weather in Paris?",
+                                   tools=[WEATHER], tool_choice="required",
+                                   parallel_tool_calls=False, max_output_tokens=64,
+                                   temperature=0)
+    calls = [item for item in resp.output if item.type == "function_call"]
+    assert calls and resp.status == "completed"
+    assert calls[0].name == "get_weather" and calls[0].call_id
+    assert set(json.loads(calls[0].arguments)) == {"city"}
+    # the result goes back as a function_call_output item on the same conversation
+    follow = client.responses.create(
+        model=MODEL, previous_response_id=resp.id, max_output_tokens=16, temperature=0,
+        tools=[WEATHER], tool_choice="none",
+        input=[{"type": "function_call_output", "call_id": calls[0].call_id,
+                "output": "Sunny, 21 C"}])
+    assert follow.output[0].type == "message"
+
+
+def test_streamed_tool_call_events(client: openai.OpenAI) -> None:
+    events = list(client.responses.create(
+        model=MODEL, input="Weather in Rome?", tools=[WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"}, parallel_tool_calls=False,
+        max_output_tokens=64, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert "response.function_call_arguments.delta" in kinds
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert done.name == "get_weather" and set(json.loads(done.arguments)) == {"city"}
+    final = events[-1]
+    assert final.type == "response.completed"
+    assert [i.type for i in final.response.output] == ["function_call"]
+    assert final.response.output[0].arguments == done.arguments
+
+
+class City(BaseModel):
+    name: str
+    country: str
+
+
+def test_text_format_json_schema_parses(client: openai.OpenAI) -> None:
+    resp = client.responses.parse(model=MODEL, input="Name a city in France.",
+                                  text_format=City, max_output_tokens=64, temperature=0)
+    assert isinstance(resp.output_parsed, City)
+    assert resp.text.format.type == "json_schema"
