@@ -23,9 +23,8 @@ from aicloud.engines.base import (
 from aicloud.engines.llamacpp.embedder import pooling_of
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig
-from aicloud.models.catalog import bundled_model
-from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 from tests.conftest import LoopThread
+from tests.engines.checks import running_engine
 
 SENTENCES = [f"Sentence number {i} is about {topic}." for i, topic in enumerate(
     ["the sea", "a castle", "green tea", "the moon", "old trains", "rain", "a fox", "winter"])]
@@ -35,13 +34,8 @@ TEXTS = ["The sea is calm tonight.", "Green tea and lemon.", "A fox ran over the
 
 @pytest.fixture(scope="module")
 def engine(loop_thread: LoopThread) -> Iterator[LlamaCppEngine]:
-    spec = bundled_model()
-    eng = LlamaCppEngine(spec.model_id, spec.path,
-                         ContextConfig(sequences=2, context_per_sequence=256, threads=1),
-                         queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)))
-    loop_thread.run(eng.start())
-    yield eng
-    loop_thread.run(eng.close())
+    yield from running_engine(loop_thread,
+                              ContextConfig(sequences=2, context_per_sequence=256, threads=1))
 
 
 async def embed(engine: LlamaCppEngine, texts: list[str]) -> np.ndarray:

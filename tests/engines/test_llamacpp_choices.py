@@ -17,9 +17,8 @@ from aicloud.engines.base import (
 )
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig
-from aicloud.models.catalog import bundled_model
-from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 from tests.conftest import LoopThread
+from tests.engines.checks import running_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 SLOW = 600  # seconds: a shared 2-core machine can decode at a token per second or less
@@ -27,13 +26,8 @@ SLOW = 600  # seconds: a shared 2-core machine can decode at a token per second 
 
 @pytest.fixture(scope="module")
 def engine(loop_thread: LoopThread) -> Iterator[LlamaCppEngine]:
-    spec = bundled_model()
-    eng = LlamaCppEngine(spec.model_id, spec.path,
-                         ContextConfig(sequences=4, context_per_sequence=512),
-                         queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)))
-    loop_thread.run(eng.start())
-    yield eng
-    loop_thread.run(eng.close())
+    yield from running_engine(loop_thread,
+                              ContextConfig(sequences=4, context_per_sequence=512))
 
 
 def served_input(engine: LlamaCppEngine) -> int:

@@ -20,10 +20,9 @@ from aicloud.engines.base import (
 )
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig
-from aicloud.models.catalog import bundled_model
-from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 from aicloud.structured import compile_constraint
 from tests.conftest import LoopThread
+from tests.engines.checks import running_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 SLOTS = 4
@@ -41,13 +40,8 @@ COLOURS = {"type": "object", "properties": {
 
 @pytest.fixture(scope="module")
 def engine(loop_thread: LoopThread) -> Iterator[LlamaCppEngine]:
-    spec = bundled_model()
-    eng = LlamaCppEngine(spec.model_id, spec.path,
-                         ContextConfig(sequences=SLOTS, context_per_sequence=1024),
-                         queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)))
-    loop_thread.run(eng.start())
-    yield eng
-    loop_thread.run(eng.close())
+    yield from running_engine(loop_thread,
+                              ContextConfig(sequences=SLOTS, context_per_sequence=1024))
 
 
 def schema_constraint(schema: dict[str, Any]) -> Constraint:

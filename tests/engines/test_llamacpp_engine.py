@@ -21,7 +21,7 @@ from aicloud.engines.llamacpp.slots import common_prefix
 from aicloud.models.catalog import bundled_model
 from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 from tests.conftest import LoopThread
-from tests.engines.checks import check_stop_string_cuts_the_text
+from tests.engines.checks import check_stop_string_cuts_the_text, running_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 SLOTS = 4
@@ -29,13 +29,8 @@ SLOTS = 4
 
 @pytest.fixture(scope="module")
 def engine(loop_thread: LoopThread) -> Iterator[LlamaCppEngine]:
-    spec = bundled_model()
-    eng = LlamaCppEngine(spec.model_id, spec.path,
-                         ContextConfig(sequences=SLOTS, context_per_sequence=1024),
-                         queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)))
-    loop_thread.run(eng.start())
-    yield eng
-    loop_thread.run(eng.close())
+    yield from running_engine(loop_thread,
+                              ContextConfig(sequences=SLOTS, context_per_sequence=1024))
 
 
 async def run(engine: LlamaCppEngine, prompt: str, max_tokens: int = 32, *,

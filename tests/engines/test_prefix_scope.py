@@ -11,9 +11,8 @@ import pytest
 from aicloud.engines.base import ChatMessage, GenerationRequest, SamplingParams, TokenEvent
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig
-from aicloud.models.catalog import bundled_model
-from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 from tests.conftest import LoopThread
+from tests.engines.checks import running_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 SECRET = ("You are the internal assistant of Northwind Traders. Confidential: the merger "
@@ -23,14 +22,9 @@ ROUNDS = 3  # with a slot for each request (8), no prompt is evicted by another
 
 @pytest.fixture(scope="module")
 def engine(loop_thread: LoopThread) -> Iterator[LlamaCppEngine]:
-    spec = bundled_model()
-    eng = LlamaCppEngine(spec.model_id, spec.path,
-                         # one thread: a busy machine slows it less (docs/benchmarks.md)
-                         ContextConfig(sequences=8, context_per_sequence=512, threads=1),
-                         queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)))
-    loop_thread.run(eng.start())
-    yield eng
-    loop_thread.run(eng.close())
+    # one thread: a busy machine slows it less (docs/benchmarks.md)
+    yield from running_engine(loop_thread,
+                              ContextConfig(sequences=8, context_per_sequence=512, threads=1))
 
 
 def first_token(engine: LlamaCppEngine, loop_thread: LoopThread, system: str,
