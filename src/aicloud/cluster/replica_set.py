@@ -74,7 +74,7 @@ class Replica(Slotted):
 class ReplicaSet:
     kind = "ray"
 
-    def __init__(self, spec: ReplicaSpec, scaling: Scaling, queue: AdmissionQueue, *,
+    def __init__(self, spec: ReplicaSpec, scaling: Scaling, queue: AdmissionQueue[ClusterStream], *,
                  address: str = "auto", tick: float = 1.0) -> None:
         self.model_id = spec.model_id
         self.address = address

@@ -67,7 +67,7 @@ class Batcher:
     """New sequences are admitted only through `queue` (the scheduler's), at every step
     that has a free slot, and only to tenants the queue lets take one (`can_start`)."""
 
-    def __init__(self, model: LlamaModel, queue: AdmissionQueue) -> None:
+    def __init__(self, model: LlamaModel, queue: AdmissionQueue[Sequence]) -> None:
         self.model = model
         self.config = model.config
         self.slots = SlotTable(model.memory, self.config.sequences)
