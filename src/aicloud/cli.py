@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from functools import partial
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -151,14 +151,13 @@ def serve(
 
     from aicloud.api.app import create_app
 
-    overrides = {k: v for k, v in dict(host=host, port=port, models=model, engine=engine,
-                                       sequences=sequences, context=context, threads=threads,
-                                       step_sequences=step_sequences,
-                                       kv_budget_mb=kv_budget_mb, weights=weights,
-                                       ray_address=ray, replicas=replicas,
-                                       min_replicas=min_replicas, max_replicas=max_replicas,
-                                       replica_cpus=replica_cpus).items()
-                 if v is not None}  # `--port 0` is a port: any free one
+    options: dict[str, Any] = dict(
+        host=host, port=port, models=model, engine=engine, sequences=sequences,
+        context=context, threads=threads, step_sequences=step_sequences,
+        kv_budget_mb=kv_budget_mb, weights=weights, ray_address=ray, replicas=replicas,
+        min_replicas=min_replicas, max_replicas=max_replicas, replica_cpus=replica_cpus)
+    # Settings validates each value; `--port 0` is a port: any free one
+    overrides = {k: v for k, v in options.items() if v is not None}
     settings = Settings(**overrides)
     log_config = logs.setup(settings.log_level)
     try:

@@ -8,6 +8,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import overload
 
 NAME_SHAPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 ID_SHAPE = re.compile(r"^[a-z]{2,6}_[0-9a-f]{24}$")
@@ -132,6 +133,14 @@ def check_moment(moment: datetime | None, what: str) -> datetime | None:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+@overload
+def aware(moment: datetime) -> datetime: ...
+
+
+@overload
+def aware(moment: datetime | None) -> datetime | None: ...
 
 
 def aware(moment: datetime | None) -> datetime | None:

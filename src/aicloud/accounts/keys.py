@@ -7,6 +7,7 @@ hash is as strong as a slow one and keeps authentication to one indexed lookup.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -110,7 +111,7 @@ def _check_expiry(moment: datetime | None) -> datetime | None:
     return moment
 
 
-KEY_FIELDS = {
+KEY_FIELDS: dict[str, Callable[[Any], Any]] = {
     "name": lambda v: check_name(v, "key") if v else "",
     "allowed_models": _check_models,
     "expires_at": _check_expiry,
@@ -134,15 +135,15 @@ def _principal(conn: Conn, secret_hash: str) -> Principal | None:
     row = conn.one(AUTHENTICATE, {"hash": secret_hash})
     if row is None:
         return None
-    *fields, models, key_rpm, key_tpm, project_rpm, project_tpm, project_budget, \
-        org_budget, weight, expires_at = row
+    (org_id, project_id, project_name, key_id, models, key_rpm, key_tpm, project_rpm,
+     project_tpm, project_budget, org_budget, weight, expires_at) = row
     expiry = conn.read_time(expires_at)
     if expiry is not None and expiry <= now():
         return None
     allowed = conn.read_json(models)
-    return Principal(*fields, tuple(allowed) if allowed is not None else None, key_rpm,
-                     key_tpm, project_rpm, project_tpm, project_budget, org_budget,
-                     float(weight))
+    return Principal(org_id, project_id, project_name, key_id,
+                     tuple(allowed) if allowed is not None else None, key_rpm, key_tpm,
+                     project_rpm, project_tpm, project_budget, org_budget, float(weight))
 
 
 class KeyService:

@@ -4,6 +4,7 @@ foreign id looks exactly like a missing one."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -69,14 +70,17 @@ def _check_weight(value: float) -> float:
     return float(value)
 
 
-PROJECT_FIELDS = {
+PROJECT_FIELDS: dict[str, Callable[[Any], Any]] = {
     "name": lambda v: check_name(v, "project"),
     "rpm_limit": lambda v: check_limit(v, "rpm_limit"),
     "tpm_limit": lambda v: check_limit(v, "tpm_limit"),
     "budget_pico": _check_budget,
     "weight": _check_weight,
 }
-ORG_FIELDS = {"name": lambda v: check_name(v, "organization"), "budget_pico": _check_budget}
+ORG_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "name": lambda v: check_name(v, "organization"),
+    "budget_pico": _check_budget,
+}
 
 
 def _apply(row: Any, changes: dict[str, Any], fields: dict[str, Any]) -> None:

@@ -32,7 +32,8 @@ def _bearer(request: Request) -> str:
 
 
 def _cloud(request: Request) -> Cloud:
-    return request.app.state.cloud
+    cloud: Cloud = request.app.state.cloud  # set by create_app; Starlette's state is untyped
+    return cloud
 
 
 # dependencies are `async def` even when they do not await: FastAPI runs a plain `def`
@@ -57,7 +58,8 @@ async def current_admin(request: Request) -> AdminScope:
 
 
 async def model_pool(request: Request) -> ModelPool:
-    return request.app.state.pool
+    pool: ModelPool = request.app.state.pool
+    return pool
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]

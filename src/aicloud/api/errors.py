@@ -6,6 +6,8 @@ Every failure leaves through these handlers, so no stack trace or secret reaches
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,7 +44,7 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None,
-               code: str | None = None, kind: str | None = None) -> dict:
+               code: str | None = None, kind: str | None = None) -> dict[str, Any]:
     kind = kind or ERROR_TYPES.get(
         status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -59,7 +61,7 @@ def invalid(message: str, param: str | None = None, code: str | None = None) -> 
     return APIError(400, message, param=param, code=code)
 
 
-def validation_message(errors: list) -> tuple[str, str | None]:
+def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     first = errors[0] if errors else {}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     param = loc[0] if loc else None

@@ -6,7 +6,7 @@ cannot honour yet are refused by name, not silently dropped.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -344,6 +344,7 @@ class EmbeddingRequest(BaseModel):
         value = self.input
         if isinstance(value, str):
             return [value]
+        # pydantic checked each alternative whole: one int means a list of ints
         if value and isinstance(value[0], int):
-            return [list(value)]  # type: ignore[arg-type]
-        return list(value)  # type: ignore[arg-type]
+            return [list(value)]
+        return cast("list[str] | list[list[int]]", value).copy()

@@ -13,7 +13,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVarTuple
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.exc import IntegrityError
@@ -34,6 +34,8 @@ from aicloud.accounts.orgs import OrgService
 from aicloud.billing.budgets import month_start
 from aicloud.billing.money import pico_to_usd
 from aicloud.store.tables import ApiKey, Credit, Project, UsageRecord
+
+_Columns = TypeVarTuple("_Columns")
 
 GROUPS = ("day", "model", "project", "key")
 MONTH_SHAPE = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
@@ -214,7 +216,8 @@ class Reports:
                 raise NotFound("key", filt.api_key_id)
 
     @staticmethod
-    def _where(query: Select, scope: AdminScope, filt: UsageFilter) -> Select:
+    def _where(query: Select[*_Columns], scope: AdminScope,
+               filt: UsageFilter) -> Select[*_Columns]:
         conditions = [
             (UsageRecord.organization_id, scope.organization_id),
             (UsageRecord.organization_id, filt.organization_id),
@@ -234,7 +237,7 @@ class Reports:
     @staticmethod
     def _group_column(session: AsyncSession, group: str) -> Any:
         if group == "day":
-            if session.bind.dialect.name == "postgresql":
+            if session.get_bind().dialect.name == "postgresql":
                 return func.to_char(func.timezone("UTC", UsageRecord.finished_at), "YYYY-MM-DD")
             return func.date(UsageRecord.finished_at)
         return {"model": UsageRecord.model, "project": UsageRecord.project_id,

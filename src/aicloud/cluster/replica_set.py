@@ -74,7 +74,7 @@ class Replica(Slotted):
 class ReplicaSet:
     kind = "ray"
 
-    def __init__(self, spec: ReplicaSpec, scaling: Scaling, queue: AdmissionQueue, *,
+    def __init__(self, spec: ReplicaSpec, scaling: Scaling, queue: AdmissionQueue[ClusterStream], *,
                  address: str = "auto", tick: float = 1.0) -> None:
         self.model_id = spec.model_id
         self.address = address
@@ -163,10 +163,12 @@ class ReplicaSet:
 
     async def encode_chat(self, messages: list[ChatMessage],
                           tools: list[dict[str, Any]] | None = None) -> list[int]:
-        return await self._any_replica("encode_chat", messages, tools)
+        tokens: list[int] = await self._any_replica("encode_chat", messages, tools)
+        return tokens
 
     async def encode_text(self, text: str) -> list[int]:
-        return await self._any_replica("encode_text", text)
+        tokens: list[int] = await self._any_replica("encode_text", text)
+        return tokens
 
     async def _any_replica(self, method: str, *args: Any) -> Any:
         from ray.exceptions import RayActorError, RayTaskError
@@ -187,7 +189,8 @@ class ReplicaSet:
         embeddings take no sequence slot, so they skip the slot queue."""
         if not self.info().can(EMBED):
             raise not_embedding(self.model_id)
-        return await self._any_replica("embed", request)
+        embeddings: Embeddings = await self._any_replica("embed", request)
+        return embeddings
 
     async def generate(self, request: GenerationRequest) -> ClusterStream:
         self._check(request)

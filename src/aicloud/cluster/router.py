@@ -11,6 +11,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 PREFIX_TOKENS = 32  # a shared system prompt is usually longer than this
 AFFINITY_SLACK = 256  # outstanding tokens we accept for a cache hit
@@ -42,12 +43,16 @@ def prefix_key(prompt: Sequence[int], scope: str = "") -> str | None:
     return hashlib.blake2b(head, digest_size=8, key=scope.encode()[:64]).hexdigest()
 
 
+# the caller's own replica type, handed back as it was given
+Replica = TypeVar("Replica", bound=Slotted)
+
+
 class Router:
     def __init__(self) -> None:
         self._homes: OrderedDict[str, int] = OrderedDict()  # prefix → replica index
 
-    def pick(self, replicas: Sequence[Slotted], prompt: Sequence[int],
-             scope: str = "") -> Slotted | None:
+    def pick(self, replicas: Sequence[Replica], prompt: Sequence[int],
+             scope: str = "") -> Replica | None:
         open_ = [r for r in replicas if r.has_room]
         if not open_:
             return None

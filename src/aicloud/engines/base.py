@@ -10,7 +10,7 @@ import enum
 import math
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 
 class FinishReason(enum.StrEnum):
@@ -349,22 +349,25 @@ class TenantLoad:
     weight: float
 
 
-class AdmissionQueue(Protocol):
+Item = TypeVar("Item", bound=Hashable)
+
+
+class AdmissionQueue(Protocol[Item]):
     """The waiting line an engine admits from, handed in by whoever builds the engine
     (the scheduler); the engine calls it under its own lock, from its own thread."""
 
     def __len__(self) -> int: ...
 
-    def push(self, item: Hashable, tenant: str, priority: int = 0,
-             weight: float = 1.0) -> list[Hashable]:
+    def push(self, item: Item, tenant: str, priority: int = 0,
+             weight: float = 1.0) -> list[Item]:
         """Queue `item`; return items evicted to make room, or raise EngineOverloaded."""
 
-    def pop(self, can_run: Callable[[str], bool] = ...) -> Hashable | None:
+    def pop(self, can_run: Callable[[str], bool] = ...) -> Item | None:
         """The next item to start, among tenants `can_run` allows."""
 
-    def remove(self, item: Hashable) -> bool: ...
+    def remove(self, item: Item) -> bool: ...
 
-    def expired(self) -> list[tuple[Hashable, bool]]:
+    def expired(self) -> list[tuple[Item, bool]]:
         """Items that waited too long, with whether the model is saturated for everyone."""
 
     def next_expiry(self) -> float | None: ...

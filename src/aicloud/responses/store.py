@@ -4,9 +4,9 @@ project's id looks exactly like a missing one."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aicloud.accounts.base import now
@@ -41,4 +41,5 @@ class ResponseStore:
         async with self._sessions.begin() as session:
             result = await session.execute(delete(StoredResponse).where(
                 StoredResponse.id == response_id, StoredResponse.project_id == project_id))
-            return bool(result.rowcount)
+            # a DELETE always yields a CursorResult; execute() is typed as the base Result
+            return bool(cast(CursorResult[Any], result).rowcount)

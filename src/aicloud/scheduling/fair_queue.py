@@ -22,8 +22,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from aicloud.engines.base import EngineError, EngineOverloaded, TenantLoad
+
+# what waits in the line: the engine's own handle for a request (a sequence, a stream)
+Item = TypeVar("Item", bound=Hashable)
 
 
 class Priority(enum.IntEnum):
@@ -78,7 +82,7 @@ class SchedulingConfig:
 
 
 @dataclass(slots=True)
-class TenantState:
+class TenantState(Generic[Item]):
     """One tenant's share: its counter is weighted service divided by its weight."""
 
     counter: float = 0.0
@@ -87,7 +91,7 @@ class TenantState:
     served_input: int = 0
     served_output: int = 0
     seen: float = 0.0  # when it last queued, started, was served or finished
-    waiting: dict[Priority, deque[Entry]] = field(
+    waiting: dict[Priority, deque[Entry[Item]]] = field(
         default_factory=lambda: {p: deque() for p in Priority})
 
     @property
@@ -100,25 +104,25 @@ class TenantState:
 
 
 @dataclass(slots=True, eq=False)
-class Entry:
+class Entry(Generic[Item]):
     """A waiting item; `order` breaks ties between equal counters by arrival."""
 
-    item: Hashable
+    item: Item
     tenant: str
     priority: Priority
     arrived: float
     order: int
 
 
-class FairQueue:
+class FairQueue(Generic[Item]):
     """One model's waiting line. Not thread-safe: the engine calls it under its own lock."""
 
     def __init__(self, config: SchedulingConfig | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config or SchedulingConfig()
         self._clock = clock
-        self._tenants: dict[str, TenantState] = {}
-        self._entries: dict[Hashable, Entry] = {}
+        self._tenants: dict[str, TenantState[Item]] = {}
+        self._entries: dict[Item, Entry[Item]] = {}
         self._arrivals = 0
         self._last_left: str | None = None  # whose request left the line last
         self._left_counter = 0.0  # its counter, once it is forgotten
@@ -129,8 +133,8 @@ class FairQueue:
 
     # -- joining and leaving the line ---------------------------------------------------------
 
-    def push(self, item: Hashable, tenant: str, priority: int = Priority.INTERACTIVE,
-             weight: float = 1.0) -> list[Hashable]:
+    def push(self, item: Item, tenant: str, priority: int = Priority.INTERACTIVE,
+             weight: float = 1.0) -> list[Item]:
         """Queue `item`; returns items evicted to make room (the caller refuses them with
         a 429), or raises EngineOverloaded. Called when a request arrives."""
         priority = _valid(priority, weight)
@@ -146,7 +150,7 @@ class FairQueue:
         self._entries[item] = entry
         return evicted
 
-    def _lift(self, tenant: str, state: TenantState) -> None:
+    def _lift(self, tenant: str, state: TenantState[Item]) -> None:
         """No banking: a returning tenant starts level with the least-served waiting one
         (or with whoever left the line last, when nobody waits)."""
         state.counter = max(state.counter, self._level(tenant))
@@ -162,7 +166,7 @@ class FairQueue:
             return self._left_counter
         return 0.0 if self._last_left == tenant else left.counter
 
-    def _state(self, tenant: str) -> TenantState:
+    def _state(self, tenant: str) -> TenantState[Item]:
         state = self._tenants.get(tenant)
         if state is None:
             state = self._tenants[tenant] = TenantState()
@@ -187,7 +191,7 @@ class FairQueue:
                 self._left_counter, self._last_left = self._tenants[tenant].counter, None
             del self._tenants[tenant]
 
-    def _make_room(self, tenant: str) -> list[Hashable]:
+    def _make_room(self, tenant: str) -> list[Item]:
         """The line is full. If another tenant holds more of it than the newcomer would,
         its newest (batch first) request leaves to make room; otherwise refuse."""
         waiting = {t: s.n_waiting for t, s in self._tenants.items() if s.n_waiting}
@@ -205,7 +209,7 @@ class FairQueue:
             + ("." if everyone else "; most of them are yours."),
             retry_after=self.retry_after(), everyone=everyone)
 
-    def pop(self, can_run: Callable[[str], bool] = lambda _: True) -> Hashable | None:
+    def pop(self, can_run: Callable[[str], bool] = lambda _: True) -> Item | None:
         """The next item to admit among tenants `can_run` allows, or None."""
         entry = self._choose(can_run)
         if entry is None:
@@ -215,7 +219,7 @@ class FairQueue:
         self._last_left = entry.tenant
         return entry.item
 
-    def _choose(self, can_run: Callable[[str], bool]) -> Entry | None:
+    def _choose(self, can_run: Callable[[str], bool]) -> Entry[Item] | None:
         heads = [q[0] for t, s in self._tenants.items() if can_run(t)
                  for q in s.waiting.values() if q]
         if not heads:
@@ -224,7 +228,7 @@ class FairQueue:
             return min(heads, key=lambda e: e.order)
         return min(heads, key=lambda e: (e.priority, self._tenants[e.tenant].counter, e.order))
 
-    def remove(self, item: Hashable) -> bool:
+    def remove(self, item: Item) -> bool:
         entry = self._entries.pop(item, None)
         if entry is None:
             return False
@@ -233,7 +237,7 @@ class FairQueue:
         state.seen = self._clock()
         return True
 
-    def expired(self) -> list[tuple[Hashable, bool]]:
+    def expired(self) -> list[tuple[Item, bool]]:
         """Take out what waited longer than `max_wait`: (item, everyone) pairs, where
         `everyone` is False for tenants holding more than their share of the line.
         `_entries` is in arrival order, so only the expired prefix is looked at (the

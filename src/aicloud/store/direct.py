@@ -64,11 +64,13 @@ class Conn:
         return rows[0] if rows else None
 
     def all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        return self.raw.execute(self._sql(sql), params or {}).fetchall()
+        rows: list[tuple[Any, ...]] = self.raw.execute(self._sql(sql), params or {}).fetchall()
+        return rows
 
     def run(self, sql: str, params: Mapping[str, Any] | None = None) -> int:
         """Execute a write; returns the rows it changed."""
-        return self.raw.execute(self._sql(sql), params or {}).rowcount
+        changed: int = self.raw.execute(self._sql(sql), params or {}).rowcount
+        return changed
 
     def run_many(self, sql: str, rows: list[Mapping[str, Any]]) -> None:
         """Execute one write for each of `rows` (SQLite: one prepared statement, no round

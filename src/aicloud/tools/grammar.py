@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import llguidance
+
+if TYPE_CHECKING:  # declared only in llguidance's stub, not at runtime
+    from llguidance._lib import JsonCompileOptions
 
 from aicloud.engines.base import Constraint
 from aicloud.tools.formats import CallFormat
@@ -28,7 +31,7 @@ from aicloud.tools.spec import Function, Mode, ToolError, ToolSpec
 
 # The same compact JSON as structured outputs: free whitespace lets a small model pad
 # forever (each space or newline is a cheap token) and only costs tokens.
-JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False}
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_FUNCTIONS = 128
 HEADER = "%llguidance {}"

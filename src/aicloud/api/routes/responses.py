@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -118,7 +118,7 @@ def _sse(event: dict[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {data}\n\n".encode()
 
 
-async def _chat_chunks(body: AsyncIterator[Any]) -> AsyncIterator[dict[str, Any]]:
+async def _chat_chunks(body: AsyncIterable[Any]) -> AsyncIterator[dict[str, Any]]:
     """The chat stream's `data:` payloads, parsed back (one code path for every chat
     rule costs a JSON round trip per chunk, a few microseconds)."""
     buffer = b""
@@ -131,7 +131,7 @@ async def _chat_chunks(body: AsyncIterator[Any]) -> AsyncIterator[dict[str, Any]
                     yield json.loads(line[6:])
 
 
-async def _events(chat: AsyncIterator[Any], writer: EventWriter, cloud: Cloud,
+async def _events(chat: AsyncIterable[Any], writer: EventWriter, cloud: Cloud,
                   principal: Principal, items: list[dict[str, Any]],
                   conversation: list[dict[str, Any]]) -> AsyncIterator[bytes]:
     """Responses events for a chat stream. Closing this (the client left) closes the chat

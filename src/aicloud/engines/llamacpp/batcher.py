@@ -67,10 +67,10 @@ class Batcher:
     """New sequences are admitted only through `queue` (the scheduler's), at every step
     that has a free slot, and only to tenants the queue lets take one (`can_start`)."""
 
-    def __init__(self, model: LlamaModel, queue: AdmissionQueue) -> None:
+    def __init__(self, model: LlamaModel, queue: AdmissionQueue[Sequence]) -> None:
         self.model = model
         self.config = model.config
-        self.slots = SlotTable(model.memory, self.config.sequences)
+        self.slots = SlotTable(model.memory, self.config.sequences or 1)
         self.queue = queue
         self.running: list[Sequence] = []
         self.steps = 0
@@ -264,7 +264,7 @@ class Batcher:
             llama_cpp.llama_set_n_threads(self.model.ctx, n, n)
             self._threads_set = n
         start = time.perf_counter()
-        status = llama_cpp.llama_decode(self.model.ctx, self._batch)
+        status: int = llama_cpp.llama_decode(self.model.ctx, self._batch)
         if measured and status == 0:
             self.threads.record(self._batch.n_tokens, time.perf_counter() - start)
         return status
@@ -325,7 +325,8 @@ class Batcher:
         self.running.remove(seq)
         self.queue.finished(seq.request.tenant)
         self.slots.release(self._slot(seq), keep=min(seq.n_past, len(seq.prompt)))
-        free_sampler(seq.sampler)
+        if seq.sampler is not None:
+            free_sampler(seq.sampler)
         seq.sampler = None
         return event
 

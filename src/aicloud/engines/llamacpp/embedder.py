@@ -135,7 +135,8 @@ class Embedder:
         cparams.pooling_type = self.pooling
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cparams.no_perf = True
-        ctx = llama_cpp.llama_init_from_model(self.model.model, cparams)
+        ctx: llama_cpp.llama_context_p = llama_cpp.llama_init_from_model(self.model.model,
+                                                                         cparams)
         if not ctx:
             raise EngineError("llama.cpp could not create the embedding context "
                               "(out of memory?)")
@@ -226,7 +227,8 @@ class Embedder:
         raw = np.ctypeslib.as_array(pointer, shape=(self.n_embd,)).astype(np.float64)
         norm = float(np.linalg.norm(raw))
         unit = raw / norm if norm > 0 else raw
-        return unit.astype(np.float32).tolist()
+        vector: list[float] = unit.astype(np.float32).tolist()
+        return vector
 
     def close(self) -> None:
         """Free the context; once, after the batcher thread (its only user) has stopped."""

@@ -65,7 +65,7 @@ class LlamaCppEngine:
     kind = "llama.cpp"
 
     def __init__(self, model_id: str, path: Path, config: ContextConfig | None = None, *,
-                 queue: AdmissionQueue, weights: str = NATIVE,
+                 queue: AdmissionQueue[Sequence], weights: str = NATIVE,
                  weights_cache: Path | None = None) -> None:
         self.model_id = model_id
         self.queue = queue

@@ -25,7 +25,7 @@ def log_softmax(ctx: llama_cpp.llama_context_p, index: int, n_vocab: int) -> Log
     into the logits (a constraint mask, the next `llama_decode`)."""
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index),
                                    shape=(n_vocab,))
-    row = logits - logits.max()  # a new array: the logits stay as they are
+    row: LogprobRow = logits - logits.max()  # a new array: the logits stay as they are
     row -= np.float32(np.log(np.exp(row).sum(dtype=np.float64)))
     return row
 

@@ -99,8 +99,9 @@ class LlamaModel:
     def kv_bytes_per_token(self) -> int:
         """f16 K and V for every layer: what one more token of context costs."""
         m = self.model
-        head_dim = llama_cpp.llama_model_n_embd(m) // max(1, llama_cpp.llama_model_n_head(m))
-        layers, kv_heads = llama_cpp.llama_model_n_layer(m), llama_cpp.llama_model_n_head_kv(m)
+        head_dim: int = llama_cpp.llama_model_n_embd(m) // max(1, llama_cpp.llama_model_n_head(m))
+        layers: int = llama_cpp.llama_model_n_layer(m)
+        kv_heads: int = llama_cpp.llama_model_n_head_kv(m)
         return 2 * 2 * layers * kv_heads * head_dim
 
     def resolve(self, config: ContextConfig) -> ContextConfig:
@@ -131,7 +132,7 @@ class LlamaModel:
             else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         cparams.no_perf = True
-        ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        ctx: llama_cpp.llama_context_p = llama_cpp.llama_init_from_model(self.model, cparams)
         if not ctx:
             llama_cpp.llama_model_free(self.model)
             raise ModelLoadError("llama.cpp could not create a context (out of memory?)")
@@ -139,7 +140,8 @@ class LlamaModel:
 
     @property
     def memory(self) -> llama_cpp.llama_memory_t:
-        return llama_cpp.llama_get_memory(self.ctx)
+        memory: llama_cpp.llama_memory_t = llama_cpp.llama_get_memory(self.ctx)
+        return memory
 
     def metadata(self, key: str) -> str | None:
         size = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), None, 0)
@@ -219,7 +221,7 @@ class LlamaModel:
     def close(self) -> None:
         if self.ctx:
             llama_cpp.llama_free(self.ctx)
-            self.ctx = None
+            self.ctx = llama_cpp.llama_context_p(0)  # NULL, as llama.cpp sees None
         if self.model:
             llama_cpp.llama_model_free(self.model)
             self.model = None

@@ -18,8 +18,12 @@ BAN = -100.0
 
 def build_sampler(params: SamplingParams, n_vocab: int,
                   logit_bias: dict[int, float] | None = None) -> llama_cpp.llama_sampler_p:
-    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-    add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
+    chain: llama_cpp.llama_sampler_p = llama_cpp.llama_sampler_chain_init(
+        llama_cpp.llama_sampler_chain_default_params())
+
+    def add(sampler: llama_cpp.llama_sampler_p) -> None:
+        llama_cpp.llama_sampler_chain_add(chain, sampler)
+
     if logit_bias:
         add(logit_bias_sampler(logit_bias, n_vocab))
     if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0:
@@ -56,7 +60,9 @@ def logit_bias_sampler(bias: dict[int, float], n_vocab: int) -> llama_cpp.llama_
     for entry, (token, value) in zip(entries, sorted(bias.items()), strict=True):
         entry.token = token
         entry.bias = -math.inf if value <= BAN else value
-    return llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(bias), entries)
+    sampler: llama_cpp.llama_sampler_p = llama_cpp.llama_sampler_init_logit_bias(
+        n_vocab, len(bias), entries)
+    return sampler
 
 
 def free_sampler(sampler: llama_cpp.llama_sampler_p) -> None:

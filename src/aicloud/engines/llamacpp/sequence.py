@@ -6,6 +6,7 @@ import asyncio
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aicloud.engines.base import (
     FinishReason,
@@ -16,6 +17,9 @@ from aicloud.engines.base import (
 )
 from aicloud.engines.llamacpp.constrain import Guide
 from aicloud.engines.llamacpp.text import StopMatcher, Utf8Stream
+
+if TYPE_CHECKING:
+    import llama_cpp
 
 
 class SeqState(enum.IntEnum):
@@ -40,7 +44,7 @@ class Sequence:
     completion_tokens: int = 0
     last_token: int = 0
     last_step: int = 0  # the batcher's step that last advanced it (decoding takes turns)
-    sampler: object = None
+    sampler: llama_cpp.llama_sampler_p | None = None
     guide: Guide | None = None  # the request's grammar, if it has one
     cancelled: bool = False
     decoder: Utf8Stream = field(default_factory=Utf8Stream)

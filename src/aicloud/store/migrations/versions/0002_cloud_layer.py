@@ -33,7 +33,7 @@ def _projects_as_in_0001() -> sa.Table:
     )
 
 
-def _limit_columns() -> list[sa.Column]:
+def _limit_columns() -> list[sa.Column[int]]:
     return [sa.Column("rpm_limit", sa.Integer, nullable=True),
             sa.Column("tpm_limit", sa.Integer, nullable=True)]
 
