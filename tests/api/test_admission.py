@@ -28,9 +28,10 @@ class Spy:
         self.calls: list[int] = []
         chat, text = engine.encode_chat, engine.encode_text
 
-        async def encode_chat(messages: list[ChatMessage]) -> list[int]:
+        async def encode_chat(messages: list[ChatMessage],
+                              tools: list[dict[str, Any]] | None = None) -> list[int]:
             self.calls.append(sum(len(m.content) for m in messages))
-            return await chat(messages)
+            return await chat(messages, tools)
 
         async def encode_text(prompt: str) -> list[int]:
             self.calls.append(len(prompt))
