@@ -20,7 +20,11 @@ import llama_cpp
 import llguidance
 import llguidance.llamacpp
 import numpy as np
-from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
+from llguidance.numpy import (
+    allocate_token_bitmask,
+    fill_next_token_bitmask,
+    fill_next_token_bitmask_par,
+)
 
 from aicloud.engines.base import GRAMMAR_LIMITS, Constraint, EngineError
 
@@ -103,8 +107,11 @@ class Guidance:
         executor = self._executor
         if executor is None:  # a Guide exists only once the tokenizer (and executor) does
             raise RuntimeError("mask() before any guide was built")
-        fill_next_token_bitmask_par(executor, [(g.matcher, k) for k, (g, _) in
-                                               enumerate(rows)], bitmask)
+        if len(rows) == 1:  # on this thread: no hand-off to the executor's workers
+            fill_next_token_bitmask(rows[0][0].matcher, bitmask, 0)
+        else:
+            fill_next_token_bitmask_par(executor, [(g.matcher, k) for k, (g, _) in
+                                                   enumerate(rows)], bitmask)
         for k, (_, index) in enumerate(rows):
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index),
                                            shape=(self.n_vocab,))
