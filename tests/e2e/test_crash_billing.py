@@ -44,8 +44,10 @@ class Reader:
     def read(self, client: openai.OpenAI, chunks: int | None = None) -> None:
         """Read to the end, or only the first `chunks` pieces of text."""
         try:
+            # greedy: the model counts on for the whole budget (sampled at temperature 1,
+            # a stream could end after a few tokens and leave too few running at the kill)
             with client.chat.completions.create(model=MODEL, messages=PROMPT,
-                                                max_tokens=self.max_tokens,
+                                                max_tokens=self.max_tokens, temperature=0,
                                                 stream=True) as stream:
                 for chunk in stream:
                     self.request_id = chunk.id
