@@ -5,10 +5,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_ITEMS = 4096
 MAX_METADATA = 16
+# OpenAI fields nothing here can honour: a 400 naming the field when set
+UNSUPPORTED = {
+    "reasoning": "reasoning is not supported by this server's models",
+    "background": "background responses are not supported by this server",
+    "conversation": "conversations are not supported; use previous_response_id",
+    "prompt": "prompt templates are not supported by this server",
+    "max_tool_calls": "max_tool_calls is not supported by this server",
+    "context_management": "context_management is not supported by this server",
+    "stream_options": "stream_options is not supported on /v1/responses",
+}
 
 
 class InputText(BaseModel):
@@ -135,8 +152,8 @@ class ResponseCreate(BaseModel):
     prompt_cache_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
     service_tier: Literal["auto", "default", "flex", "priority", "scale"] | None = None
     truncation: Literal["disabled"] | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     include: list[Literal["message.output_text.logprobs"]] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     # refused when set: nothing here can honour them
     reasoning: Any = None
     background: Any = None
@@ -153,24 +170,20 @@ class ResponseCreate(BaseModel):
             raise ValueError(f"at most {MAX_METADATA} metadata pairs")
         return value
 
-    def refusal(self) -> tuple[str, str] | None:
-        """The first field set that this server cannot honour, with why."""
-        unsupported = {
-            "reasoning": "reasoning is not supported by this server's models",
-            "background": "background responses are not supported by this server",
-            "conversation": "conversations are not supported; use previous_response_id",
-            "prompt": "prompt templates are not supported by this server",
-            "max_tool_calls": "max_tool_calls is not supported by this server",
-            "context_management": "context_management is not supported by this server",
-            "stream_options": "stream_options is not supported on /v1/responses",
-        }
-        for name, message in unsupported.items():
-            if getattr(self, name) not in (None, False, {}, []):
-                return name, message
-        if self.top_logprobs and not self.wants_logprobs:
-            return "top_logprobs", ("top_logprobs needs include: "
-                                    "['message.output_text.logprobs']")
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _not_honoured(cls, value: Any, info: ValidationInfo) -> None:
+        if value not in (None, False, {}, []):  # null and empty values ask for nothing
+            raise ValueError(UNSUPPORTED[str(info.field_name)])
         return None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        include = info.data.get("include") or []
+        if value and "message.output_text.logprobs" not in include:
+            raise ValueError("top_logprobs needs include: ['message.output_text.logprobs']")
+        return value
 
     @property
     def format(self) -> TextFormat | None:

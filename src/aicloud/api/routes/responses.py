@@ -76,8 +76,6 @@ def _with_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 async def create_response(request: Request, principal: CurrentPrincipal, pool: PoolDep,
                           cloud: CloudDep) -> JSONResponse | StreamingResponse:
     body = await parse_body(request, ResponseCreate)
-    if (refused := body.refusal()) is not None:
-        raise invalid(refused[1], refused[0])
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         previous = await cloud.responses.get(principal.project_id, body.previous_response_id)

@@ -11,7 +11,7 @@ text is read for control tokens (`ControlTokens.segments`). Where no message tex
 control token's text (nearly always) the prompt is tokenized whole, exactly as before.
 A template that changes the text it is given (`| trim`, `.split(...)`, a branch on what the
 text says) would not reproduce the real render from sentinels; then each control-token
-text inside a message is swapped for a placeholder before rendering and read back as plain
+text inside a message is swapped for a random sentinel before rendering and read back as plain
 text. Limits of that fallback: text that a template assembles from pieces of messages, or
 that joins with the template's own text into a control token, is not recognised.
 """
