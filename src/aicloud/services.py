@@ -25,6 +25,7 @@ from aicloud.billing.usage import UsageLedger
 from aicloud.config import Settings
 from aicloud.limits.buckets import Limiter, MemoryLimiter
 from aicloud.limits.policy import RateLimits
+from aicloud.models.catalog import Catalog
 from aicloud.responses.store import ResponseStore
 from aicloud.store import db
 from aicloud.store.direct import DatabaseUnavailable, Direct, vacuum_churn_tables
@@ -46,6 +47,7 @@ class Cloud:
     limits: RateLimits
     journal: Journal
     responses: ResponseStore
+    catalog: Catalog
 
     async def maintain(self, every: float = 5.0, vacuum_every: int = 2) -> None:
         """The server's housekeeping task: write spooled usage once the database is back,
@@ -94,4 +96,4 @@ def open_cloud(settings: Settings) -> Cloud:
                  Budgets(sessions, direct, settings.hold_seconds, instance),
                  ledger, Reports(sessions, orgs), RateLimits(limiter),
                  Journal(direct, ledger, instance, settings.instance_timeout),
-                 ResponseStore(sessions))
+                 ResponseStore(sessions), Catalog(sessions))

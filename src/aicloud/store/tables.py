@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -241,3 +242,25 @@ class StoredResponse(Base):
     body: Mapped[dict[str, Any]] = mapped_column(JSON)  # the response object
     input_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     context: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+
+
+class CatalogModel(Base):
+    """A model the installation offers, loaded or not: where its weights come from (a
+    local file or folder, or an upstream provider's model), how to run it, who may use it
+    and how long it stays loaded when idle. Names (ids and aliases) are unique together,
+    which the catalog checks, since one column cannot say so."""
+
+    __tablename__ = "catalog_models"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    aliases: Mapped[list[str]] = mapped_column(JSON)
+    engine: Mapped[str] = mapped_column(String(16))  # llamacpp | vllm | upstream
+    source: Mapped[str] = mapped_column(String(1000))  # a path; "" for upstream models
+    options: Mapped[dict[str, Any]] = mapped_column(JSON)  # engine options (weights, ...)
+    provider: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    upstream_model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    keep_alive_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False)
+    organizations: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None: all
+    created_at: Mapped[datetime] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS)
