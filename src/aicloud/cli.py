@@ -45,7 +45,7 @@ def build_pool(settings: Settings) -> ModelPool:
     for spec in specs:
         check_gguf_path(spec.path)
     check_format(settings.weights)
-    cache = settings.home_dir / "weights"
+    cache = settings.weights_cache
     # on Ray the replica set keeps the fair line; each replica then simply runs what it gets
     inner = FCFS if settings.ray_address else scheduling_config(settings)
     makers = {s.model_id: partial(LlamaCppEngine, s.model_id, s.path, config,
@@ -67,7 +67,7 @@ def vllm_pool(settings: Settings, specs: list[ModelSpec], config: ContextConfig)
         raise ModelLoadError("--engine vllm does not run on Ray yet")
     for spec in specs:
         check_model_path(spec.path)
-    cache = settings.home_dir / "weights"
+    cache = settings.weights_cache
     return ModelPool({s.model_id: VllmEngine(s.model_id, s.path, config, weights_cache=cache,
                                              eager=settings.vllm_eager) for s in specs})
 
@@ -133,7 +133,8 @@ def serve(
         help="memory for the KV cache of each model, used to size --sequences "
              "(default 2048)")] = None,
     weights: Annotated[str | None, typer.Option(
-        help="serve the weights as they are (native) or re-typed once into q4_0, q8_0, "
+        help="auto (default: the faster of the file and q4_0 on this machine, measured "
+             "once), native (the file as it is), or re-typed once into q4_0, q8_0, "
              "bf16 or f16 (on AVX2 CPUs q4_0 decodes batches fastest)")] = None,
     ray: Annotated[str | None, typer.Option(
         help="run engine replicas on a Ray cluster: auto (the cluster of this machine), "

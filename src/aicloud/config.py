@@ -34,7 +34,10 @@ class Settings(BaseSettings):
     adapt_threads: bool = Field(default=True, description="re-decide the decode thread "
                                 "count by measuring (a busy neighbour makes fewer faster)")
     kv_budget_mb: int = Field(default=2048, ge=16)
-    weights: str = Field(default="native", description="native, q4_0, q8_0, bf16 or f16")
+    weights: str = Field(default="auto", description="auto (the faster of the file and "
+                         "q4_0 here, measured once), native, q4_0, q8_0, bf16 or f16")
+    weights_dir: Path | None = Field(default=None, description="re-typed weights and the "
+                                     "format decisions (default: AICLOUD_HOME/weights)")
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
     scheduling: Literal["vtc", "fcfs"] = Field(default="vtc",
                                                description="vtc (tenant-fair) or fcfs")
@@ -68,6 +71,10 @@ class Settings(BaseSettings):
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser()
+
+    @property
+    def weights_cache(self) -> Path:
+        return (self.weights_dir or self.home_dir / "weights").expanduser()
 
     @property
     def db_url(self) -> str:
