@@ -148,7 +148,8 @@ def test_the_cli_pulls_here_and_through_the_server(pull_server: Server, hub: Fak
     entry = json.loads(here.stdout)
     assert (entry["id"], entry["aliases"], entry["pinned"], entry["keep_alive"]) == (
         "cli-here", ["cli-alias"], True, 30.0)
-    assert "cli-here" in here.stderr and "[done]" in here.stderr  # the progress bar
+    assert f"pulling {hub.url(MODEL)} as model cli-here" in here.stderr
+    assert "cli-here done" in here.stderr and "98.4/98.4 MB" in here.stderr  # the bar
     taken = cli(hub.url(MODEL), "--id", "cli-alias")
     assert taken.returncode == 1 and "already used by model cli-here" in taken.stderr
     key = pull_server.admin_key()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -129,6 +130,11 @@ def test_hf_pull_without_the_token_is_refused_by_the_hub(
     with pytest.raises(PullError, match=r"HTTP 404"):
         pull("hf://acme/tiny/missing.gguf", tmp_path)
     assert hub.gets("/cdn/") == []
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        with pytest.raises(PullError, match=r"the hub is not answering .* \(ConnectError\)"):
+            pull(f"hf://acme/tiny/{MODEL}", tmp_path)
 
 
 def test_the_hubs_sha256_is_checked(hub: FakeHub, gguf: bytes, tmp_path: Path,

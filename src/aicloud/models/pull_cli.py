@@ -99,7 +99,7 @@ def _pull_here(request: PullRequest) -> CatalogEntry:
     with ThreadPoolExecutor(1, thread_name_prefix="pull") as pool:
         job = pool.submit(fetch, request, folder, progress, cancel)
         try:
-            _watch(request.shown, lambda: _local_view(progress), job.done)
+            _watch(request, lambda: _local_view(progress, job), job.done)
         except KeyboardInterrupt:
             cancel.set()
         path = _outcome(job)
@@ -115,8 +115,11 @@ def _outcome(job: Future[T]) -> T:
         _fail(str(exc))
 
 
-def _local_view(progress: PullProgress) -> dict[str, Any]:
-    return {"state": progress.state.value, "bytes_done": progress.counter.done,
+def _local_view(progress: PullProgress, job: Future[Any]) -> dict[str, Any]:
+    state = progress.state.value
+    if job.done():
+        state = "failed" if job.exception() else "done"
+    return {"state": state, "bytes_done": progress.counter.done,
             "bytes_total": progress.counter.total}
 
 
@@ -155,7 +158,7 @@ def _pull_in_server(url: str, admin_key: str | None, request: PullRequest) -> di
             return latest[0]
 
         try:
-            _watch(request.shown, poll, lambda: latest[0]["state"] in FINISHED)
+            _watch(request, poll, lambda: latest[0]["state"] in FINISHED)
         except KeyboardInterrupt:
             client.delete(f"/models/pulls/{view['id']}")
             _fail("interrupted; the server stopped the pull: pull again to resume it", code=130)
@@ -174,18 +177,25 @@ def _answer(resp: httpx.Response, url: str) -> dict[str, Any]:
     return data
 
 
-def _watch(label: str, read: Callable[[], dict[str, Any]], done: Callable[[], bool]) -> None:
+def _watch(request: PullRequest, read: Callable[[], dict[str, Any]],
+           done: Callable[[], bool]) -> None:
     """A progress bar on stderr, fed by `read` until `done`."""
+    console = Console(stderr=True)
+    console.print(f"pulling {request.shown} as model {request.model_id}", highlight=False,
+                  markup=False, soft_wrap=True)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+    label = request.model_id
+    with Progress(*columns, console=console, transient=False) as bar:
         task: TaskID = bar.add_task(label, total=None)
         while True:
             view = read()
             bar.update(task, completed=view["bytes_done"], total=view["bytes_total"],
-                       description=f"{label} [{view['state']}]")
+                       description=f"{label} {view['state']}")
             if done():
-                bar.update(task, completed=read()["bytes_done"])
+                view = read()
+                bar.update(task, completed=view["bytes_done"],
+                           description=f"{label} {view['state']}")
                 return
             time.sleep(0.1)
 

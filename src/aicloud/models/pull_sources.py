@@ -94,8 +94,8 @@ def resolve_hf(source: str, timeout: float) -> Remote:
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else "no answer"
         raise PullError(f"the hub refused {source} (HTTP {status})") from None
-    except OSError as exc:  # connection refused, timeouts
-        raise PullError(f"the hub is not answering for {source}: {type(exc).__name__}") from None
+    except Exception as exc:  # refused, timed out, offline mode: named by class, per version
+        raise PullError(f"the hub is not answering for {source} ({type(exc).__name__})") from None
     location = check_web_url(meta.location)
     token = get_token() if origin(location) == origin(url) else None
     etag = (meta.etag or "").lower()
