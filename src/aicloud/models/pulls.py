@@ -217,11 +217,12 @@ class Pulls:
         self._runs: OrderedDict[str, _Run] = OrderedDict()
 
     async def start(self, request: PullRequest) -> PullProgress:
+        await check_names_free(self._catalog, request, self._folder / f"{request.model_id}.gguf")
+        # checked after the await, so two requests for one id cannot both pass
         running = {r.progress.model_id for r in self._runs.values()
                    if not r.progress.state.finished}
         if request.model_id in running:
             raise PullError(f"model {request.model_id} is already being pulled")
-        await check_names_free(self._catalog, request, self._folder / f"{request.model_id}.gguf")
         progress = PullProgress(new_id("pull"), request.shown, request.model_id)
         run = _Run(progress, threading.Event())
         self._runs[progress.id] = run
