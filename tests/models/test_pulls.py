@@ -246,6 +246,10 @@ def test_names_are_checked_before_downloading(hub: FakeHub, tmp_path: Path) -> N
                 await check_names_free(catalog, request, tmp_path / "x.gguf")
         with pytest.raises(CatalogError, match="invalid model name"):
             PullRequest.create(hub.url(MODEL), model_id="../escape")
+        with pytest.raises(PullError, match="unknown weight format 'q3'"):
+            PullRequest.create(hub.url(MODEL), options={"weights": "q3"})
+        assert PullRequest.create(hub.url(MODEL), options={"weights": "q4_0"}).options == {
+            "weights": "q4_0"}
 
     with_catalog(tmp_path, scenario)
 

@@ -79,6 +79,14 @@ class PullRequest:
             raise PullError("sha256 must be 64 hexadecimal digits")
         request = cls(source, model_id, sha256 and sha256.lower(), **fields)
         request.entry(Path("check.gguf"))  # the names and fields, as the catalog checks them
+        if "weights" in request.options:
+            from aicloud.engines.llamacpp.model import ModelLoadError
+            from aicloud.engines.llamacpp.weights import check_format
+
+            try:
+                check_format(str(request.options["weights"]))
+            except ModelLoadError as exc:
+                raise PullError(exc.message) from None
         return request
 
     @property
