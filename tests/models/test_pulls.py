@@ -31,7 +31,7 @@ from aicloud.models.pulls import (
     install,
 )
 from aicloud.store import db, migrate
-from tests.models.fake_hub import FakeHub, running, sha256
+from tests.models.fake_hub import COMMIT, FakeHub, running, sha256
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOKEN = "hf_canary_" + "7" * 30
@@ -108,9 +108,9 @@ def test_hf_pull_goes_through_the_hub_with_the_token_only_on_the_hub(
     hub.token = TOKEN
     monkeypatch.setenv("HF_ENDPOINT", hub.base_url)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    path, progress = pull(f"hf://acme/tiny/{MODEL}", tmp_path, model_id="tiny")
+    path, progress = pull(f"hf://acme/tiny@{COMMIT}/{MODEL}", tmp_path, model_id="tiny")
     assert path.read_bytes() == gguf and path.name == "tiny.gguf"
-    resolves = [s for s in hub.seen if "/resolve/" in s.path]
+    resolves = [s for s in hub.seen if f"/resolve/{COMMIT}/{MODEL}" in s.path]
     assert resolves and {s.method for s in resolves} == {"HEAD"}
     assert all(s.authorization == f"Bearer {TOKEN}" for s in resolves)
     # the bytes come from the CDN the hub redirected to, which never sees the token

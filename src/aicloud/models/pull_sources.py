@@ -15,8 +15,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 WEB_SCHEMES = ("http", "https")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# hf://OWNER/REPO[@REVISION]/PATH/IN/REPO
-HF_SOURCE = re.compile(r"^hf://([\w.-]+/[\w.-]+)(?:@([\w./-]+?))?/(.+)$")
+# hf://OWNER/REPO[@REVISION]/PATH/IN/REPO (a branch, tag or commit without slashes)
+HF_SOURCE = re.compile(r"^hf://([\w.-]+/[\w.-]+)(?:@([\w.-]+))?/(.+)$")
 
 
 class PullError(ValueError):
