@@ -19,6 +19,7 @@ from aicloud.engines.llamacpp.model import ContextConfig, ModelLoadError, check_
 from aicloud.engines.llamacpp.weights import check_format
 from aicloud.models.catalog import CatalogError, ModelSpec, resolve_models
 from aicloud.models.pool import ModelPool
+from aicloud.models.pull_cli import models as models_cli
 from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 
 FCFS = SchedulingConfig(mode=Mode.FCFS)
@@ -30,6 +31,7 @@ app.add_typer(admin_cli.keys, name="keys")
 app.add_typer(admin_cli.admin_keys, name="admin-keys")
 app.add_typer(admin_cli.prices, name="prices")
 app.add_typer(admin_cli.billing, name="billing")
+app.add_typer(models_cli, name="models")
 
 
 def build_pool(settings: Settings) -> ModelPool:

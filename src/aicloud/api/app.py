@@ -18,6 +18,7 @@ from aicloud.api.routes import admin, embeddings, health, metrics, openai, respo
 from aicloud.api.telemetry import Telemetry
 from aicloud.config import Settings
 from aicloud.models.pool import ModelPool
+from aicloud.models.pulls import Pulls
 from aicloud.services import open_cloud
 from aicloud.store import migrate
 from aicloud.tasks import supervised
@@ -39,6 +40,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         cloud = open_cloud(settings)
         app.state.cloud = cloud
         app.state.pool = pool
+        app.state.pulls = Pulls(cloud.catalog, settings.home_dir)
         app.state.background = set()
         app.state.telemetry = Telemetry()
         app.state.fair_share_by = settings.fair_share_by
@@ -57,6 +59,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
                 await asyncio.wait(pending, timeout=10)
             housekeeping.cancel()
             journal.cancel()
+            await app.state.pulls.close()
             await pool.close()
             await cloud.journal.close()
             await cloud.close()
