@@ -241,3 +241,15 @@ class StoredResponse(Base):
     body: Mapped[dict[str, Any]] = mapped_column(JSON)  # the response object
     input_items: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     context: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+
+
+class ConsoleSession(Base):
+    """A signed-in admin console: only a hash of its cookie's token is kept, and it ends at
+    `expires_at` (or with its admin key), whatever the browser's cookie says."""
+
+    __tablename__ = "console_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    admin_key_id: Mapped[str] = mapped_column(ForeignKey("admin_keys.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    expires_at: Mapped[datetime] = mapped_column(TS, index=True)
