@@ -56,17 +56,18 @@ def _series_order(points: list[tuple[str, str, float]]) -> list[str]:
 
 
 def stacked_bars(title: str, points: list[tuple[str, str, float]],
-                 show: Callable[[float], str]) -> Chart:
+                 show: Callable[[float], str], domain: list[str] | None = None) -> Chart:
     """`points`: (x, series, value), x sortable (days as YYYY-MM-DD). One bar per x, its
-    series stacked largest first; `show` writes a value for the axis and tooltips."""
+    series stacked largest first; `show` writes a value for the axis and tooltips.
+    `domain`: every x to leave room for (the days of the period), data or not."""
     order = _series_order(points)
     kept = set(order)
     stacks: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for x, series, value in points:
         stacks[x][series if series in kept else "other"] += value
-    xs = sorted(stacks)
+    xs = sorted(set(domain or ()) | set(stacks))
     top = max((sum(s.values()) for s in stacks.values()), default=0.0)
-    if not xs or top <= 0:
+    if not stacks or top <= 0:
         return Chart(title, [], [], [], [])
     plot_w, plot_h = WIDTH - LEFT - 8, HEIGHT - BOTTOM - TOP
     slot = plot_w / len(xs)
@@ -75,7 +76,7 @@ def stacked_bars(title: str, points: list[tuple[str, str, float]],
     for i, x in enumerate(xs):
         base = float(HEIGHT - BOTTOM)
         for series in order:
-            value = stacks[x].get(series, 0.0)
+            value = stacks[x].get(series, 0.0) if x in stacks else 0.0
             if value <= 0:
                 continue
             h = value / top * plot_h

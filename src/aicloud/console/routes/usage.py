@@ -30,6 +30,7 @@ router = APIRouter(prefix="/console", route_class=ConsoleRoute)
 
 DEFAULT_DAYS = 30
 TABLE_ROWS = 100
+MAX_AXIS_DAYS = 366
 FILTERS = ("organization_id", "project_id", "model", "start", "end")
 
 
@@ -90,20 +91,35 @@ def _tokens(value: float) -> str:
 
 
 def _dollars(value: float) -> str:
+    if value == 0:
+        return "$0"
     return f"${value:,.4f}" if value < 1 else f"${value:,.2f}"
+
+
+def days_of(filt: UsageFilter) -> list[str]:
+    """The period's days, for the charts' axis (none for a period without a start, or
+    longer than a year: then the days with data)."""
+    if filt.start is None:
+        return []
+    end = filt.end or datetime.combine(now().date() + timedelta(days=1), datetime.min.time(),
+                                       UTC)
+    count = (end - filt.start).days
+    if not 0 < count <= MAX_AXIS_DAYS:
+        return []
+    return [(filt.start + timedelta(days=i)).date().isoformat() for i in range(count)]
 
 
 async def charts(cloud: Cloud, scope: AdminScope, filt: UsageFilter,
                  names: Names) -> list[Chart]:
-    out = []
+    out, days = [], days_of(filt)
     for group, label in (("project", "project"), ("model", "model")):
         rows = await cloud.reports.summary(scope, filt, ("day", group))
         series = (names.project if group == "project" else str)
         tokens = [(r["day"], series(r[group]), float(r["prompt_tokens"]
                                                      + r["completion_tokens"])) for r in rows]
         spend = [(r["day"], series(r[group]), float(Decimal(r["cost_usd"]))) for r in rows]
-        out.append(stacked_bars(f"Tokens per day by {label}", tokens, _tokens))
-        out.append(stacked_bars(f"Spend per day by {label}", spend, _dollars))
+        out.append(stacked_bars(f"Tokens per day by {label}", tokens, _tokens, days))
+        out.append(stacked_bars(f"Spend per day by {label}", spend, _dollars, days))
     return out
 
 
