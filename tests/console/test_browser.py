@@ -17,7 +17,6 @@ from typing import Any
 import httpx
 import openai
 import pytest
-
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from tests.conftest import Server, start_server

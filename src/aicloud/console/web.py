@@ -9,7 +9,7 @@ exactly what its admin key can, and a foreign id is a 404 as it is there.
 from __future__ import annotations
 
 import asyncio
-import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -29,7 +29,6 @@ from aicloud.models.pool import ModelPool
 from aicloud.services import Cloud
 from aicloud.store.db import session_factory
 
-log = logging.getLogger(__name__)
 
 COOKIE = "aicloud_console"
 PRE_COOKIE = "aicloud_console_pre"  # the sign-in form's CSRF token, before any session
@@ -185,8 +184,8 @@ def see_other(path: str) -> RedirectResponse:
 # -- errors as pages ----------------------------------------------------------------------------
 
 def _wants_html(request: Request) -> bool:
-    return "text/html" in request.headers.get("accept", "") or request.method == "POST" and \
-        CSRF_HEADER not in request.headers
+    return "text/html" in request.headers.get("accept", "") or (request.method == "POST" and \
+        CSRF_HEADER not in request.headers)
 
 
 async def _error_page(request: Request, status: int, title: str, message: str) -> Response:
@@ -223,6 +222,7 @@ class ConsoleRoute(APIRoute):
         handle = super().get_route_handler()
 
         async def handler(request: Request) -> Response:
+            started = time.perf_counter()
             try:
                 response = await handle(request)
             except (SignInRequired, CsrfRefused, NotFound, Forbidden, AccountError,
@@ -230,6 +230,10 @@ class ConsoleRoute(APIRoute):
                 response = await _refusal(request, exc)
             for name, value in SECURITY_HEADERS.items():
                 response.headers.setdefault(name, value)
+            # the page's server time (queries + render), shown by browsers' dev tools and
+            # read by bench/console.py
+            elapsed = (time.perf_counter() - started) * 1000
+            response.headers["server-timing"] = f"app;dur={elapsed:.1f}"
             return response
 
         return handler

@@ -85,7 +85,7 @@ async def sign_in(request: Request) -> Response:
         return await _form(request, Form(errors={"key": "That is not a valid admin key "
                                                  "(it may have been revoked)."}), 401)
     await limiter.give_back(attempt)
-    token, signed = opened
+    token, _ = opened
     response = see_other(_landing(text(form, "next") or "/console/"))
     response.set_cookie(COOKIE, token, max_age=int(config.lifetime.total_seconds()),
                         httponly=True, samesite="strict", secure=_secure(request),
