@@ -29,7 +29,6 @@ from aicloud.models.pool import ModelPool
 from aicloud.services import Cloud
 from aicloud.store.db import session_factory
 
-
 COOKIE = "aicloud_console"
 PRE_COOKIE = "aicloud_console_pre"  # the sign-in form's CSRF token, before any session
 CSRF_FIELD = "csrf_token"
