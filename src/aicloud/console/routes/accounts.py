@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,9 +50,11 @@ class Spend:
         return min((self.spent_pico + self.held_pico) / max(self.budget_pico, 1), 1.0)
 
 
-async def _spend(cloud: Cloud, column: str, ident: str, budget: int | None) -> Spend:
-    spent, held = await cloud.budgets.month_to_date(column, ident)
-    return Spend(spent, held, budget)
+async def _spends(cloud: Cloud, column: str,
+                  budgets: dict[str, int | None]) -> list[Spend]:
+    """This month's spend of each id in `budgets` (ordered as given), in two reads."""
+    found = await cloud.budgets.month_to_date_of(column, list(budgets))
+    return [Spend(*found[i], budget) for i, budget in budgets.items()]
 
 
 def _may(scope: AdminScope, role: Role, installation: bool = False) -> bool:
@@ -73,7 +76,8 @@ async def _orgs_page(request: Request, signed: SignedInDep, form: Form,
                      status: int = 200) -> HTMLResponse:
     cloud = cloud_of(request)
     orgs = await cloud.orgs.list_orgs(signed.scope)
-    rows = [(o, await _spend(cloud, "organization_id", o.id, o.budget_pico)) for o in orgs]
+    spends = await _spends(cloud, "organization_id", {o.id: o.budget_pico for o in orgs})
+    rows = list(zip(orgs, spends, strict=True))
     return await render(request, "organizations.html", status, rows=rows, form=form,
                         may_create=_may(signed.scope, Role.ADMIN, installation=True))
 
@@ -101,10 +105,12 @@ async def _org_page(request: Request, signed: SignedInDep, org_id: str,
     cloud, scope = cloud_of(request), signed.scope
     org: OrgView = await cloud.orgs.get_org(scope, org_id)
     projects = await cloud.orgs.list_projects(scope, org.id)
-    rows = [(p, await _spend(cloud, "project_id", p.id, p.budget_pico)) for p in projects]
+    [spend], spends = await asyncio.gather(
+        _spends(cloud, "organization_id", {org.id: org.budget_pico}),
+        _spends(cloud, "project_id", {p.id: p.budget_pico for p in projects}))
     return await render(
-        request, "organization.html", status, org=org, rows=rows,
-        spend=await _spend(cloud, "organization_id", org.id, org.budget_pico),
+        request, "organization.html", status, org=org,
+        rows=list(zip(projects, spends, strict=True)), spend=spend,
         org_form=org_form or Form(), project_form=project_form or Form(),
         may_edit=_may(scope, Role.ADMIN), may_budget=_may(scope, Role.OWNER, installation=True))
 
@@ -146,8 +152,8 @@ async def _project_page(request: Request, signed: SignedInDep, project_id: str,
     cloud = cloud_of(request)
     project: ProjectView = await cloud.orgs.get_project(signed.scope, project_id)
     return await render(request, "project.html", status, project=project, form=form or Form(),
-                        spend=await _spend(cloud, "project_id", project.id,
-                                           project.budget_pico),
+                        spend=(await _spends(cloud, "project_id",
+                                             {project.id: project.budget_pico}))[0],
                         may_edit=_may(signed.scope, Role.ADMIN))
 
 
