@@ -6,7 +6,11 @@ and `--rows` usage rows (default 10,000) spread over the last 30 days. A real se
 (`aicloud serve`, the bundled model) runs over it; the bench signs in with an
 installation owner key and requests each page `--repeat` times, one at a time, reading
 the page's own `Server-Timing` (queries and template render, from the route's start to
-its response) and the wall time seen by the client over loopback.
+its response), the wall time seen by the client over loopback, and the CPU time the
+server process spent per request (all its threads, from /proc; less the idle process's
+background work; on PostgreSQL the database's own processes are not in it): on a shared
+machine the wall times grow with the neighbours' load, the CPU time much less, so it is
+closer to what the page costs on a machine of its own.
 
     python bench/console.py --rows 10000 --repeat 20
     python bench/console.py --databases sqlite          # no PostgreSQL at hand
@@ -117,8 +121,14 @@ def free_port() -> int:
         return port
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def server(home: Path, url: str) -> Iterator[tuple[str, dict[str, str]]]:
+def server(home: Path, url: str) -> Iterator[tuple[str, dict[str, str], int]]:
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("AICLOUD_")},
            "AICLOUD_HOME": str(home), "AICLOUD_DATABASE_URL": url}
@@ -136,7 +146,7 @@ def server(home: Path, url: str) -> Iterator[tuple[str, dict[str, str]]]:
                 time.sleep(0.2)
         else:
             raise RuntimeError(f"the server did not start: see {home / 'server.log'}")
-        yield base, env
+        yield base, env, proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -171,11 +181,19 @@ def pages(seeded: Seeded) -> list[str]:
 class Timing:
     server_ms: list[float]
     wall_ms: list[float]
+    cpu_ms: float = 0.0  # per request
 
 
-def measure(client: httpx.Client, path: str, repeat: int) -> Timing:
+def idle_cpu_per_second(pid: int, seconds: float = 3.0) -> float:
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - before) / seconds
+
+
+def measure(client: httpx.Client, path: str, repeat: int, pid: int, idle: float) -> Timing:
     client.get(path).raise_for_status()  # warm: first-use compilation of its template
     timing = Timing([], [])
+    cpu, started_all = cpu_seconds(pid), time.perf_counter()
     for _ in range(repeat):
         started = time.perf_counter()
         resp = client.get(path)
@@ -184,6 +202,8 @@ def measure(client: httpx.Client, path: str, repeat: int) -> Timing:
         dur = re.search(r"dur=([0-9.]+)", resp.headers.get("server-timing", ""))
         assert dur, f"{path}: no Server-Timing"
         timing.server_ms.append(float(dur[1]))
+    background = idle * (time.perf_counter() - started_all)
+    timing.cpu_ms = max(cpu_seconds(pid) - cpu - background, 0.0) * 1000 / repeat
     return timing
 
 
@@ -193,12 +213,13 @@ def p95(values: list[float]) -> float:
 
 def run(kind: str, url: str, rows: int, repeat: int) -> dict[str, Timing]:
     seeded = seed(url, rows)
-    with tempfile.TemporaryDirectory() as home, server(Path(home), url) as (base, env):
+    with tempfile.TemporaryDirectory() as home, server(Path(home), url) as (base, env, pid):
         client = signed_in(base, owner_key(env))
+        idle = idle_cpu_per_second(pid)
         try:
             # by the path with its ids elided, so both databases' rows line up
             return {re.sub(r"(org|proj)_[0-9a-f]{24}", r"\1_…", path):
-                    measure(client, path, repeat) for path in pages(seeded)}
+                    measure(client, path, repeat, pid, idle) for path in pages(seeded)}
         finally:
             client.close()
 
@@ -220,7 +241,7 @@ def main() -> None:
                 results[kind] = run(kind, url, args.rows, args.repeat)
     kinds = list(results)
     print(f"console pages, {args.rows:,} usage rows, {args.repeat} requests each; "
-          "server time p50 / p95 ms (client wall p50)")
+          "server time p50 / p95 ms (client wall p50) [server CPU ms per request]")
     print("| page | " + " | ".join(kinds) + " |")
     print("|---|" + "---|" * len(kinds))
     for path in next(iter(results.values())):
@@ -228,7 +249,7 @@ def main() -> None:
         for kind in kinds:
             t = results[kind][path]
             cells.append(f"{statistics.median(t.server_ms):.1f} / {p95(t.server_ms):.1f} "
-                         f"({statistics.median(t.wall_ms):.1f})")
+                         f"({statistics.median(t.wall_ms):.1f}) [{t.cpu_ms:.1f}]")
         print(f"| `{path}` | " + " | ".join(cells) + " |")
     slowest = max(p95(t.server_ms) for r in results.values() for p, t in r.items()
                   if not p.endswith(".csv"))

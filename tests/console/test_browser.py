@@ -145,6 +145,35 @@ def test_operator_journey(context: BrowserContext, site: Server) -> None:
     assert client.chat.completions.create(model=MODEL, max_tokens=4, messages=[
         {"role": "user", "content": "Hi"}]).choices[0].message.content is not None
 
+    # rotate: a new secret, shown once; the old one stops working at once
+    page.get_by_role("button", name=f"Rotate {secret[:11]}").click()
+    rotated = page.locator("#new-secret").input_value()
+    assert rotated.startswith("sk-aic-") and rotated != secret
+    with pytest.raises(openai.AuthenticationError):
+        client.chat.completions.create(model=MODEL, max_tokens=4,
+                                       messages=[{"role": "user", "content": "Hi"}])
+    client = openai.OpenAI(base_url=site.base_url + "/v1", api_key=rotated, max_retries=0)
+    secret = rotated
+
+    # an allow-list and an expiry, set on the key's page; a bad expiry is refused in place
+    page.goto("/console/keys")
+    page.get_by_role("link", name=re.compile(re.escape(secret[:11]))).click()
+    page.get_by_label("Expires (UTC)").fill("2020-01-01T00:00")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("#f-expires_at-error")).to_contain_text("must be in the future")
+    page.get_by_label("Allowed models").fill("some-other-model")
+    page.get_by_label("Expires (UTC)").fill("2031-06-30T12:00")
+    page.get_by_role("button", name="Save").click()
+    expect(page.get_by_role("textbox", name="Allowed models")).to_have_value("some-other-model")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=MODEL, max_tokens=4,
+                                       messages=[{"role": "user", "content": "Hi"}])
+    page.get_by_label("Allowed models").fill(MODEL)
+    page.get_by_role("button", name="Save").click()
+    expect(page.get_by_label("Expires (UTC)")).to_have_value("2031-06-30T12:00")
+    assert client.chat.completions.create(model=MODEL, max_tokens=4, messages=[
+        {"role": "user", "content": "Hi"}]).choices[0].message.content is not None
+
     page.get_by_role("link", name="Playground").click()
     page.locator("#pg-project").select_option(label="web")
     page.get_by_label("Max tokens").fill("24")
@@ -285,6 +314,33 @@ def test_form_without_csrf_token_is_refused(context: BrowserContext, site: Serve
     page.goto("/console/organizations")
     assert "no-token-org" not in page.content()
     expect(page).to_have_url(re.compile("/console/organizations$"))
+
+
+def test_bad_input_is_a_clear_refusal(context: BrowserContext, site: Server) -> None:
+    """NUL characters, overlong values, malformed JSON and unknown fields: 4xx answers
+    naming the field, never a 500, and the server keeps serving."""
+    page = context.new_page()
+    sign_in(page, site.keys["owner"])
+    page.goto("/console/organizations")
+    token = csrf_of(page)
+    for name in ("bad\x00name", "x" * 5000, "<script>alert(1)</script>"):
+        resp = page.request.post("/console/organizations",
+                                 form={"csrf_token": token, "name": name})
+        assert resp.status == 400, name
+        assert "<script>alert" not in resp.text()
+    resp = page.request.post("/console/organizations", form={
+        "csrf_token": token, "name": "fine-name", "budget_usd": "lots"})
+    assert resp.status == 400 and 'id="f-budget_usd-error"' in resp.text()
+    for body in ("{", '{"model": "m"}', '{"model": "m", "project_id": "p", "messages": [], '
+                 '"surprise": 1}'):
+        resp = page.request.post("/console/playground/chat", data=body, headers={
+            "x-csrf-token": token, "content-type": "application/json"})
+        assert resp.status == 400, body
+        assert resp.json()["error"]["type"] == "invalid_request_error"
+    resp = page.request.get("/console/usage?start=yesterday")
+    assert resp.status == 400 and 'id="f-start-error"' in resp.text()
+    assert page.request.get("/console/keys/%00").status == 400
+    assert httpx.get(site.base_url + "/healthz").status_code == 200
 
 
 def test_expired_session_is_sent_to_sign_in(context: BrowserContext, site: Server) -> None:
