@@ -18,12 +18,13 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.routing import APIRoute
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from aicloud.accounts.base import AccountError, Forbidden, NotFound
 from aicloud.accounts.console_sessions import ConsoleSessions, SignedIn, same_secret
+from aicloud.api.errors import error_response
 from aicloud.billing.money import MoneyError, pico_to_usd
 from aicloud.models.pool import ModelPool
 from aicloud.services import Cloud
@@ -183,16 +184,16 @@ def see_other(path: str) -> RedirectResponse:
 # -- errors as pages ----------------------------------------------------------------------------
 
 def _wants_html(request: Request) -> bool:
-    return "text/html" in request.headers.get("accept", "") or (request.method == "POST" and \
-        CSRF_HEADER not in request.headers)
+    """Pages and forms get pages; the scripts' calls (JSON, or a POST carrying the CSRF
+    header) get OpenAI-shaped JSON errors, as the rest of the server answers."""
+    if "text/html" in request.headers.get("accept", ""):
+        return True
+    return request.method == "POST" and CSRF_HEADER not in request.headers
 
 
 async def _error_page(request: Request, status: int, title: str, message: str) -> Response:
     if not _wants_html(request):
-        kind = {401: "invalid_request_error", 403: "permission_error"}.get(
-            status, "invalid_request_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None,
-                                       "code": None}}, status_code=status)
+        return error_response(status, message)
     return await render(request, "error.html", status, title=title, message=message)
 
 

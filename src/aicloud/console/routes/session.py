@@ -90,7 +90,8 @@ async def sign_in(request: Request) -> Response:
     response.set_cookie(COOKIE, token, max_age=int(config.lifetime.total_seconds()),
                         httponly=True, samesite="strict", secure=_secure(request),
                         path="/console")
-    response.delete_cookie(PRE_COOKIE, path="/console")
+    response.delete_cookie(PRE_COOKIE, path="/console", httponly=True, samesite="strict",
+                           secure=_secure(request))
     return response
 
 
