@@ -7,6 +7,8 @@ The journey saves screenshots of the main pages into docs/console/ (shown in the
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -197,6 +199,19 @@ def test_operator_journey(context: BrowserContext, site: Server) -> None:
     expect(played).to_contain_text(f"${cost.normalize():f}")
     expect(page.get_by_role("img", name="Spend per day by project")).to_be_visible()
     shot(page, "usage")
+    export = page.request.get("/console/usage/export.csv")
+    assert export.ok and export.headers["content-type"].startswith("text/csv")
+    lines = list(csv.DictReader(io.StringIO(export.text())))
+    played_row = next(r for r in lines if r["api_key_id"].startswith("akey_"))
+    assert (int(played_row["prompt_tokens"]), int(played_row["completion_tokens"]),
+            Decimal(played_row["cost_usd"])) == (prompt, completion, cost)
+    # every request so far was the web project's: its invoice line is their sum
+    total = sum(Decimal(r["cost_usd"]) for r in lines)
+    page.locator("#inv-org").select_option(label="acme")
+    page.get_by_role("button", name="Show invoice").click()
+    expect(page.get_by_role("heading", name=re.compile("Invoice .* acme"))).to_be_visible()
+    expect(page.get_by_role("row", name=re.compile("^web"))).to_contain_text(
+        f"${total.normalize():f}")
     page.set_viewport_size({"width": 390, "height": 844})
     shot(page, "usage-phone")
     page.set_viewport_size({"width": 1280, "height": 900})

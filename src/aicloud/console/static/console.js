@@ -148,7 +148,14 @@ function playground() {
   });
 }
 
+function focusFirstError() {
+  // a refused form comes back with the cursor in the first field to fix
+  const field = document.querySelector("[aria-invalid=true]");
+  if (field) field.focus();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  focusFirstError();
   liveRefresh();
   copyButtons();
   confirmations();
