@@ -263,9 +263,11 @@ def test_cookie_is_httponly_strict_and_secure_over_tls(context: BrowserContext,
         assert "; secure" in form.headers["set-cookie"].lower()
         # a Secure cookie is not sent back over plain http: hand it over as the proxy would
         resp = web.post("/console/sign-in", data={"csrf_token": token[1],
-                                                  "key": site.keys["owner"]},
+                                                  "key": site.keys["owner"],
+                                                  "next": "//evil.example/console/"},
                         headers={"cookie": f"aicloud_console_pre={token[1]}"})
     assert resp.status_code == 303
+    assert resp.headers["location"] == "/console/"  # `next` never leads off the console
     session = next(v for k, v in resp.headers.multi_items()
                    if k == "set-cookie" and v.startswith("aicloud_console="))
     assert "; secure" in session.lower() and "; httponly" in session.lower()
