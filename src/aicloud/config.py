@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         default=60, ge=10, description="a server whose heartbeat is this old is dead: any "
         "other server bills its running requests as interrupted and releases its holds")
     log_level: str = "info"
+    console: bool = Field(default=True, description="serve the admin console at /console")
+    console_session_minutes: int = Field(default=480, ge=1, le=43200,
+                                         description="a console sign-in lasts this long")
+    console_sign_in_attempts: int = Field(
+        default=10, ge=1, description="failed console sign-ins allowed per minute from one "
+        "client address (a burst of as many, then one every 60/N s)")
 
     @property
     def home_dir(self) -> Path:

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from aicloud import console
 from aicloud.api import errors, openapi
 from aicloud.api.body_limit import BodyLimit
 from aicloud.api.deps import clean_params
@@ -80,5 +81,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    if settings.console:
+        console.install(app, settings)
     app.openapi = lambda: openapi.describe(app)  # type: ignore[method-assign]
     return app

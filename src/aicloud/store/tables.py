@@ -264,3 +264,15 @@ class CatalogModel(Base):
     organizations: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None: all
     created_at: Mapped[datetime] = mapped_column(TS)
     updated_at: Mapped[datetime] = mapped_column(TS)
+
+
+class ConsoleSession(Base):
+    """A signed-in admin console: only a hash of its cookie's token is kept, and it ends at
+    `expires_at` (or with its admin key), whatever the browser's cookie says."""
+
+    __tablename__ = "console_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    admin_key_id: Mapped[str] = mapped_column(ForeignKey("admin_keys.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    expires_at: Mapped[datetime] = mapped_column(TS, index=True)
