@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aicloud.store.db import default_url
@@ -64,6 +64,9 @@ class Settings(BaseSettings):
         default=60, ge=10, description="a server whose heartbeat is this old is dead: any "
         "other server bills its running requests as interrupted and releases its holds")
     log_level: str = "info"
+    secret_key: SecretStr | None = Field(
+        default=None, description="master key for provider secrets at rest (a Fernet key or "
+        "a passphrase); default: a key file created in home with mode 0600")
 
     @property
     def home_dir(self) -> Path:

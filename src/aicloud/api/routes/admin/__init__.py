@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from aicloud.api.routes.admin import accounts, billing, models
+from aicloud.api.routes.admin import accounts, billing, models, providers
 
 router = APIRouter(prefix="/admin/v1", tags=["admin"])
 router.include_router(accounts.router)
 router.include_router(billing.router)
 router.include_router(models.router)
+router.include_router(providers.router)
