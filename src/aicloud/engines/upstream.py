@@ -330,13 +330,17 @@ class UpstreamStream:
         self._finish: str | None = None
         self._chunks = 0
         self._chars = 0
+        self._cancelled = False
         self._task = asyncio.get_running_loop().create_task(self._pump(first))
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
         return self._queue.__aiter__()
 
     def cancel(self) -> None:
-        if not self._task.done():
+        """Once: a second cancel would interrupt the task's own closing of the upstream
+        response (callers cancel, then cancel again while stopping)."""
+        if not self._cancelled and not self._task.done():
+            self._cancelled = True
             self._task.cancel()
 
     async def final(self) -> TokenEvent:

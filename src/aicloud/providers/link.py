@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -69,8 +70,10 @@ class ProviderLink:
 
     def scrub(self, text: str) -> str:
         """`text` (a provider's error message) without any of our secrets for it, nor its
-        URL: a provider that echoes the request must not leak them to our callers."""
-        secrets = [self.config.base_url] + [v.reveal() for v in self.config.headers.values()]
+        URL or host: a provider that echoes the request must not leak them to our callers."""
+        where = urlsplit(self.config.base_url)
+        secrets = [self.config.base_url, where.netloc, where.hostname or ""]
+        secrets += [v.reveal() for v in self.config.headers.values()]
         if self.config.api_key is not None:
             secrets.append(self.config.api_key.reveal())
         for secret in sorted(secrets, key=len, reverse=True):
