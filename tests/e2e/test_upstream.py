@@ -188,6 +188,17 @@ def test_text_completions_are_relayed_too(client: openai.OpenAI, server: Server)
     assert usage_row(server, resp.id)["completion_tokens"] == 6
 
 
+def test_responses_and_embeddings_on_a_provider_model(client: openai.OpenAI,
+                                                      server: Server) -> None:
+    resp = client.responses.create(model="partner", input="say hello to me",
+                                   max_output_tokens=20)
+    assert resp.output_text == "Hello from the fake provider."
+    assert usage_row(server, resp.id)["provider"] == "fake"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.embeddings.create(model="partner", input="hi")
+    assert caught.value.body["param"] == "model"  # type: ignore[index]
+
+
 def test_without_usage_the_row_is_marked_estimated(client: openai.OpenAI,
                                                    server: Server) -> None:
     resp = client.chat.completions.create(model="partner-nousage", messages=HELLO,
