@@ -18,7 +18,8 @@ share of requests answered 500, for the fallback benchmark):
 With `tools`, the answer is a call of the first tool; with a `json_schema`
 response_format, a JSON text naming the schema. Usage: prompt_tokens = words of the
 messages + 3, completion_tokens = content chunks. `GET /received` lists what came in
-(model, the Authorization header, stream_options, the body), `POST /reset` clears it.
+(model, the client's address, the Authorization header,
+stream_options, the body), `POST /reset` clears it.
 
     python bench/fake_provider.py --port 8003 [--fail-rate 0.3]
 """
@@ -85,7 +86,7 @@ class FakeProvider:
         body = json.loads(raw)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         if self.record:
-            self.received.append({"model": body.get("model"),
+            self.received.append({"model": body.get("model"), "client": scope.get("client"),
                                   "authorization": headers.get("authorization"),
                                   "stream_options": body.get("stream_options"), "body": body})
         model = str(body.get("model", ""))

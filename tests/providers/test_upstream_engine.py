@@ -87,6 +87,14 @@ def test_the_answer_is_relayed_chunk_by_chunk_with_the_providers_usage(
     assert sent["authorization"] == f"Bearer {CANARY}"
 
 
+def test_one_connection_serves_request_after_request(links: ProviderLinks, fake: RunningFake,
+                                                     loop_thread: LoopThread) -> None:
+    eng = engine(links)
+    for _ in range(3):
+        assert loop_thread.run(run_all(eng, request()))[-1].finish_reason is FinishReason.STOP
+    assert len({tuple(r["client"]) for r in fake.received()}) == 1
+
+
 def test_without_usage_from_the_provider_the_counts_are_estimated(
         links: ProviderLinks, loop_thread: LoopThread) -> None:
     final = loop_thread.run(run_all(engine(links, "fake-nousage"), request()))[-1]
