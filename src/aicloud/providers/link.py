@@ -52,8 +52,13 @@ class ProviderLink:
         limits = httpx.Limits(max_connections=s.max_concurrency,
                               max_keepalive_connections=s.max_concurrency)
         # http2 only matters over TLS (ALPN); plain http stays HTTP/1.1 keep-alive
+        http2 = config.base_url.startswith("https://")
+        if http2:
+            # hpack's DEBUG lines print header values (a provider's extra headers among
+            # them): it never logs below INFO in a server that holds provider secrets
+            logging.getLogger("hpack").setLevel(logging.INFO)
         self.client = httpx.AsyncClient(
-            base_url=config.base_url, http2=config.base_url.startswith("https://"),
+            base_url=config.base_url, http2=http2,
             limits=limits, transport=transport, trust_env=False, follow_redirects=False,
             timeout=httpx.Timeout(s.timeout, connect=s.connect_timeout))
         self.checked = time.monotonic()
