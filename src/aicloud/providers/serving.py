@@ -33,7 +33,14 @@ def upstream_engines(settings: Settings) -> dict[str, Engine]:
     entries = asyncio.run(_upstream_entries(settings.db_url))
     if not entries:
         return {}
+    links = provider_links(settings)
+    return {e.id: make_upstream_engine(e, links) for e in entries}
+
+
+def provider_links(settings: Settings) -> ProviderLinks:
+    """The links every upstream engine of this process shares (one per provider), reading
+    providers from the database on first use: what the pool's upstream factory needs,
+    `partial(make_upstream_engine, providers=provider_links(settings))`."""
     store = ProviderStore(db.session_factory(db.create_engine_async(settings.db_url)),
                           secret_box(settings))
-    links = ProviderLinks(store)
-    return {e.id: make_upstream_engine(e, links) for e in entries}
+    return ProviderLinks(store)
