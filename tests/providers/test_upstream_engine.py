@@ -49,7 +49,8 @@ def links(fake: RunningFake, loop_thread: LoopThread) -> Iterator[ProviderLinks]
     fake.reset()
     config = ProviderConfig("fake", fake.base_url, Secret(CANARY),
                             {"X-Tenant": Secret("hdr-canary")},
-                            ProviderSettings(timeout=1.0, connect_timeout=1.0, retries=1))
+                            ProviderSettings(timeout=1.0, connect_timeout=1.0, retries=1,
+                                             max_concurrency=5))
     made = ProviderLinks(Configs(config))
     yield made
     loop_thread.run(made.close())
@@ -73,7 +74,11 @@ async def run_all(eng: UpstreamEngine, req: GenerationRequest) -> list[TokenEven
 
 def test_the_answer_is_relayed_chunk_by_chunk_with_the_providers_usage(
         links: ProviderLinks, fake: RunningFake, loop_thread: LoopThread) -> None:
-    events = loop_thread.run(run_all(engine(links), request(temperature=0.5)))
+    eng = engine(links)
+    assert eng.info().max_sequences == 64  # the default, until the provider is read
+    events = loop_thread.run(run_all(eng, request(temperature=0.5)))
+    assert eng.info().max_sequences == 5  # its concurrency cap
+    assert eng.stats().running == 0
     assert "".join(e.text for e in events) == "Hello from the fake provider."
     assert len([e for e in events if e.upstream is not None]) == 6
     final = events[-1]

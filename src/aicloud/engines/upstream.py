@@ -55,6 +55,7 @@ from aicloud.engines.events import EventQueue
 from aicloud.models.catalog import CatalogEntry
 from aicloud.providers.link import ProviderLink, ProviderLinks
 from aicloud.providers.secrets import SecretError
+from aicloud.providers.store import ProviderSettings
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,12 @@ class UpstreamEngine:
         raise not_embedding(self._entry.id)
 
     def info(self) -> EngineInfo:
+        """`max_sequences`: the provider's concurrency cap, what an admission layer in
+        front of this engine may have in flight."""
         context = int(self._entry.options.get("context", DEFAULT_CONTEXT))
-        return EngineInfo(self._entry.id, context, 0, "upstream",
+        links = self.links()
+        slots = (links[0].config.settings if links else ProviderSettings()).max_concurrency
+        return EngineInfo(self._entry.id, context, slots, "upstream",
                           frozenset({GENERATE, RELAY}))
 
     def stats(self) -> EngineStats:
