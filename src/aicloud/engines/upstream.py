@@ -27,7 +27,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -202,32 +202,34 @@ class UpstreamEngine:
             raise EngineError(f"model {self._entry.id} is served by a provider: it needs the "
                               "request's messages, not token ids", param="model")
         link = await self._link()
-        await self._permit(link)
+        tenant = request.tenant
+        await self._place(link, request)
         try:
             response, lines, first = await self._open(link, request.relay.endpoint,
                                                       self.body(request))
         except BaseException:
-            link.permits.release()
+            link.gate.leave(tenant)
             raise
         self._running += 1
         link.metrics.in_flight += 1
 
-        def done() -> None:
+        def done(usage: Usage) -> None:
             self._running -= 1
             link.metrics.in_flight -= 1
-            link.permits.release()
+            link.gate.leave(tenant, usage.prompt_tokens, usage.completion_tokens)
 
         return UpstreamStream(link, response, lines, first, request.relay.prompt_estimate, done)
 
-    async def _permit(self, link: ProviderLink) -> None:
-        """A place among the provider's `max_concurrency`, waited for up to its timeout."""
+    async def _place(self, link: ProviderLink, request: GenerationRequest) -> None:
+        """A place among the provider's `max_concurrency`, in tenant-fair order, waited
+        for up to the provider's timeout."""
         self._waiting += 1
         try:
-            await asyncio.wait_for(link.permits.acquire(), link.config.settings.timeout)
-        except TimeoutError:
+            await link.gate.enter(request.tenant, request.priority, request.weight,
+                                  link.config.settings.timeout)
+        except EngineUnavailable:
             link.metrics.requests["busy"] += 1
-            raise EngineUnavailable(f"provider of {self._entry.id} is at its concurrency "
-                                    "limit", retry_after=1) from None
+            raise
         finally:
             self._waiting -= 1
 
@@ -326,7 +328,7 @@ class UpstreamStream:
 
     def __init__(self, link: ProviderLink, response: httpx.Response,
                  lines: AsyncIterator[str], first: str, prompt_estimate: int,
-                 done: Any) -> None:
+                 done: Callable[[Usage], None]) -> None:
         self._link = link
         self._response = response
         self._lines = lines
@@ -374,8 +376,9 @@ class UpstreamStream:
                 reason = FinishReason.ERROR
         finally:
             self._link.metrics.requests[outcome] += 1
-            self._queue.put(self._final(reason))
-            self._done()
+            final = self._final(reason)
+            self._queue.put(final)
+            self._done(final.usage or Usage(0, 0))
             await asyncio.shield(self._close(drain=outcome == "ok"))
 
     async def _close(self, drain: bool) -> None:

@@ -1,6 +1,7 @@
 """What this server holds per provider while it runs: one pooled `httpx.AsyncClient`
-(HTTP/2 where the provider offers it over TLS), the breaker, a cap on requests in flight,
-and the counters /metrics shows. Every upstream model of a provider shares its link.
+(HTTP/2 where the provider offers it over TLS), the breaker, its places in flight given
+out fairly (gate.py), and the counters /metrics shows. Every upstream model of a
+provider shares its link.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from aicloud.providers.breaker import Breaker
+from aicloud.providers.gate import FairGate
 from aicloud.providers.store import ProviderConfig
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ class ProviderLink:
         s = config.settings
         self.breaker = Breaker()
         self.metrics = LinkMetrics()
-        self.permits = asyncio.Semaphore(s.max_concurrency)
+        self.gate = FairGate(s.max_concurrency)
         limits = httpx.Limits(max_connections=s.max_concurrency,
                               max_keepalive_connections=s.max_concurrency)
         # http2 only matters over TLS (ALPN); plain http stays HTTP/1.1 keep-alive
