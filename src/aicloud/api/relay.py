@@ -80,7 +80,7 @@ async def relay_with_fallbacks(request: Request, principal: Principal, body: Sam
     model's engine the caller may use (raising the 404 otherwise), `local` runs a local
     model's route."""
     cloud: Cloud = request.app.state.cloud
-    names = [body.model, *await fallbacks_of(cloud, body.model)]
+    names = list(dict.fromkeys([body.model, *await fallbacks_of(cloud, body.model)]))
     unavailable: EngineUnavailable | None = None
     for position, name in enumerate(names):
         try:
