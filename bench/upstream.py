@@ -16,7 +16,10 @@ Three questions, each against every target:
   its own; LiteLLM: `fallbacks` in its router settings, `num_retries: 0`), the share of
   requests the client sees fail.
 
-The load generator is httpx on one event loop; every target gets the same client.
+Latency at one request is taken with httpx (chunk by chunk); requests/s and the failure
+share with keep-alive HTTP/1.1 on bare sockets (gateway.py's reader), since httpx as the
+client topped out near 40 req/s here whatever the server. Every target gets the same
+clients.
 
     python bench/upstream.py --seconds 10
 """
@@ -42,7 +45,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway import LITELLM, LITELLM_ENV, QUIET, free_port, server, wait_ready
+from gateway import LITELLM, LITELLM_ENV, QUIET, free_port, read_body, server, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "Say hello in one short sentence, please."}]
@@ -121,12 +124,64 @@ async def load(target: Target, model: str, concurrency: int, seconds: float) -> 
     return sample
 
 
+def request_bytes(target: Target, model: str) -> tuple[int, bytes]:
+    port = int(target.url.rsplit(":", 1)[1].split("/", 1)[0])
+    body = json.dumps({"model": model, "messages": MESSAGES, "max_tokens": 32,
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+    head = [b"POST /v1/chat/completions HTTP/1.1", f"host: 127.0.0.1:{port}".encode(),
+            b"content-type: application/json", f"content-length: {len(body)}".encode(),
+            f"authorization: Bearer {target.key}".encode()]
+    return port, b"\r\n".join(head) + b"\r\n\r\n" + body
+
+
+async def raw_connection(port: int, request: bytes, until: float, sample: Sample) -> None:
+    """Keep-alive HTTP/1.1 on a bare socket: httpx as the client topped out near 40 req/s
+    on this machine whatever the server, so the throughput phases use this instead."""
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+    while time.perf_counter() < until:
+        if writer is None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert reader is not None
+        start = time.perf_counter()
+        try:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            headers = dict(line.lower().split(b": ", 1) for line in lines[1:] if b": " in line)
+            body = await read_body(reader, headers)
+            ok = (lines[0].split(b" ")[1] == b"200" and body.rstrip().endswith(b"[DONE]")
+                  and b'"error"' not in body)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            ok = False
+            writer.close()
+            writer = None
+        if ok:
+            sample.totals.append(time.perf_counter() - start)
+        else:
+            sample.errors += 1
+    if writer is not None:
+        writer.close()
+
+
+async def raw_load(target: Target, model: str, concurrency: int, seconds: float) -> Sample:
+    sample = Sample()
+    port, request = request_bytes(target, model)
+    start = time.perf_counter()
+    await asyncio.gather(*(raw_connection(port, request, start + seconds, sample)
+                           for _ in range(concurrency)))
+    sample.wall = time.perf_counter() - start
+    return sample
+
+
 def measure(target: Target, args: argparse.Namespace) -> None:
-    asyncio.run(load(target, target.model, 4, args.warmup))
+    asyncio.run(raw_load(target, target.model, 4, args.warmup))
     target.results["c1"] = asyncio.run(load(target, target.model, 1, args.seconds))
-    target.results["c32"] = asyncio.run(load(target, target.model, CONCURRENCY, args.seconds))
+    target.results["c32"] = asyncio.run(raw_load(target, target.model, CONCURRENCY,
+                                                 args.seconds))
     if target.flaky_model:
-        target.results["flaky"] = asyncio.run(load(target, target.flaky_model, 8, args.seconds))
+        target.results["flaky"] = asyncio.run(raw_load(target, target.flaky_model, 8,
+                                                       args.seconds))
     c1, c32 = target.results["c1"], target.results["c32"]
     print(f"  {target.name}: p50 {c1.pct(c1.totals, 50):.2f} ms, {c32.rps:.0f} req/s at "
           f"c={CONCURRENCY}", flush=True)
@@ -287,8 +342,8 @@ def main() -> None:
         measure(targets[0], args)
         flaky_direct = Target("flaky provider, direct (no fallback)",
                               f"http://127.0.0.1:{flaky}/v1", "x", "fake", "fake")
-        flaky_direct.results["flaky"] = asyncio.run(load(flaky_direct, "fake", 8,
-                                                         args.seconds))
+        flaky_direct.results["flaky"] = asyncio.run(raw_load(flaky_direct, "fake", 8,
+                                                             args.seconds))
         print(f"  flaky provider alone: {flaky_direct.results['flaky'].errors} errors",
               flush=True)
         with aicloud(tmp, healthy, flaky) as target:

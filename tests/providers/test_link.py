@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aicloud.providers.link import ProviderLink
+from aicloud.providers.link import ProviderLink, ProviderLinks
 from aicloud.providers.secrets import Secret
 from aicloud.providers.store import ProviderConfig
 
@@ -26,3 +26,26 @@ def test_hpack_never_logs_header_values_once_a_provider_speaks_http2() -> None:
     link = ProviderLink(ProviderConfig("p", "https://partner.example/v1", Secret(CANARY)))
     assert not logging.getLogger("hpack").isEnabledFor(logging.DEBUG)
     asyncio.run(link.close())
+
+
+def test_a_stale_link_is_reread_once_while_requests_keep_using_it() -> None:
+    reads = 0
+    config = ProviderConfig("p", "http://127.0.0.1:9/v1", Secret(CANARY))
+
+    class SlowStore:
+        async def config(self, name: str) -> ProviderConfig:
+            nonlocal reads
+            reads += 1
+            await asyncio.sleep(0.1)
+            return config
+
+    async def scenario() -> None:
+        links = ProviderLinks(SlowStore())
+        first = await links.link("p")
+        first.checked -= 10  # stale
+        got = await asyncio.gather(*(links.link("p") for _ in range(10)))
+        assert all(link is first for link in got)
+        await links.close()
+
+    asyncio.run(scenario())
+    assert reads == 2  # the first build, then one re-read for ten requests

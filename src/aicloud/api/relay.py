@@ -80,25 +80,26 @@ async def relay_with_fallbacks(request: Request, principal: Principal, body: Sam
     model's engine the caller may use (raising the 404 otherwise), `local` runs a local
     model's route."""
     cloud: Cloud = request.app.state.cloud
-    names = list(dict.fromkeys([body.model, *await fallbacks_of(cloud, body.model)]))
-    unavailable: EngineUnavailable | None = None
-    for position, name in enumerate(names):
+    try:
+        return await relay(request, principal, resolve(body.model), body.model, body,
+                           endpoint, prefix)
+    except EngineUnavailable as exc:
+        unavailable = exc  # only now are the fallbacks read: nothing on the happy path
+    names = [n for n in dict.fromkeys(await fallbacks_of(cloud, body.model))
+             if n != body.model]
+    for name in names:
         try:
             engine = resolve(name)
         except APIError:
-            if position == 0:
-                raise
             continue  # a fallback the caller may not use, or one that is gone
+        log.warning("model %s unavailable (%s); trying its fallback %s", body.model,
+                    unavailable.message, name)
         try:
             if engine.info().can(RELAY):
                 return await relay(request, principal, engine, name, body, endpoint, prefix)
             return await local(name)
         except EngineUnavailable as exc:
             unavailable = exc
-            if position + 1 < len(names):
-                log.warning("model %s unavailable (%s); trying its fallback %s", name,
-                            exc.message, names[position + 1])
-    assert unavailable is not None
     raise unavailable
 
 

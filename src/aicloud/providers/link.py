@@ -112,11 +112,14 @@ class ProviderLinks:
     async def link(self, name: str) -> ProviderLink:
         """Raises the store's NotFound when the provider was removed."""
         link = self._links.get(name)
-        if link is not None and time.monotonic() - link.checked < REFRESH_SECONDS:
-            return link
+        if link is not None and (time.monotonic() - link.checked < REFRESH_SECONDS
+                                 or self._lock.locked()):
+            return link  # fresh, or being refreshed: requests never queue behind a read
         async with self._lock:
-            config = await self._source.config(name)
             link = self._links.get(name)
+            if link is not None and time.monotonic() - link.checked < REFRESH_SECONDS:
+                return link
+            config = await self._source.config(name)
             if link is not None and link.config == config:
                 link.checked = time.monotonic()
                 return link
