@@ -314,6 +314,18 @@ def test_admin_api_and_metrics_per_provider(server: Server, fake: RunningFake) -
     assert 'aicloud_provider_first_byte_seconds_count{provider="fake"}' in metrics
 
 
+def test_z_a_providers_long_retry_after_reaches_the_caller(client: openai.OpenAI,
+                                                           fake: RunningFake) -> None:
+    """Near the end: the 429 opens the provider's breaker for its Retry-After."""
+    fake.fail_next(5, 429, "30")
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="partner", messages=HELLO, max_tokens=5)
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["retry-after"] == "30"
+    assert len(fake.received()) == 1  # not retried: longer than we wait
+    fake.reset()
+
+
 def test_zz_the_canary_key_is_in_no_log_line(server: Server) -> None:
     """Last in the module: every request above has logged what it logs (at DEBUG)."""
     log = server.log.read_text()
