@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 import typer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from aicloud import admin_cli, logs
+from aicloud import admin_cli, logs, providers_cli
 from aicloud.cluster.replica import EngineFactory, ReplicaSpec
 from aicloud.config import Settings
 from aicloud.engines.base import Engine
@@ -20,6 +20,7 @@ from aicloud.engines.llamacpp.weights import check_format
 from aicloud.models.catalog import CatalogError, ModelSpec, resolve_models
 from aicloud.models.pool import ModelPool
 from aicloud.models.pull_cli import models as models_cli
+from aicloud.providers.serving import upstream_engines
 from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 
 FCFS = SchedulingConfig(mode=Mode.FCFS)
@@ -32,6 +33,7 @@ app.add_typer(admin_cli.admin_keys, name="admin-keys")
 app.add_typer(admin_cli.prices, name="prices")
 app.add_typer(admin_cli.billing, name="billing")
 app.add_typer(models_cli, name="models")
+app.add_typer(providers_cli.providers, name="providers")
 
 
 def build_pool(settings: Settings) -> ModelPool:
@@ -53,9 +55,11 @@ def build_pool(settings: Settings) -> ModelPool:
     makers = {s.model_id: partial(LlamaCppEngine, s.model_id, s.path, config,
                                   queue=FairQueue(inner), weights=settings.weights,
                                   weights_cache=cache) for s in specs}
+    upstream = upstream_engines(settings)  # the catalog's provider models
     if settings.ray_address:
-        return ModelPool({mid: on_ray(settings, mid, make) for mid, make in makers.items()})
-    return ModelPool({mid: make() for mid, make in makers.items()})
+        return ModelPool({**upstream, **{mid: on_ray(settings, mid, make)
+                                         for mid, make in makers.items()}})
+    return ModelPool({**upstream, **{mid: make() for mid, make in makers.items()}})
 
 
 def vllm_pool(settings: Settings, specs: list[ModelSpec], config: ContextConfig) -> ModelPool:
@@ -70,8 +74,9 @@ def vllm_pool(settings: Settings, specs: list[ModelSpec], config: ContextConfig)
     for spec in specs:
         check_model_path(spec.path)
     cache = settings.weights_cache
-    return ModelPool({s.model_id: VllmEngine(s.model_id, s.path, config, weights_cache=cache,
-                                             eager=settings.vllm_eager) for s in specs})
+    return ModelPool({**upstream_engines(settings), **{
+        s.model_id: VllmEngine(s.model_id, s.path, config, weights_cache=cache,
+                               eager=settings.vllm_eager) for s in specs}})
 
 
 def scheduling_config(settings: Settings) -> SchedulingConfig:

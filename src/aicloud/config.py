@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aicloud.store.db import default_url
@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     console_sign_in_attempts: int = Field(
         default=10, ge=1, description="failed console sign-ins allowed per minute from one "
         "client address (a burst of as many, then one every 60/N s)")
+    secret_key: SecretStr | None = Field(
+        default=None, description="master key for provider secrets at rest (a Fernet key or "
+        "a passphrase); default: a key file created in home with mode 0600")
 
     @property
     def home_dir(self) -> Path:
