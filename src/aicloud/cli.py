@@ -30,6 +30,7 @@ app.add_typer(admin_cli.keys, name="keys")
 app.add_typer(admin_cli.admin_keys, name="admin-keys")
 app.add_typer(admin_cli.prices, name="prices")
 app.add_typer(admin_cli.billing, name="billing")
+app.add_typer(admin_cli.batches, name="batches")
 
 
 def build_pool(settings: Settings) -> ModelPool:

@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         default=60, ge=10, description="a server whose heartbeat is this old is dead: any "
         "other server bills its running requests as interrupted and releases its holds")
     log_level: str = "info"
+    # the Files and Batch APIs
+    files_dir: Path | None = Field(default=None, description="uploaded and batch output "
+                                   "files (default: files/ under home)")
+    max_file_bytes: int = Field(default=200 << 20, ge=1024, description="largest upload")
+    batch_window: int = Field(default=32, ge=1, le=1024, description="lines of one batch "
+                              "in flight at once (they wait in the batch class)")
 
     @property
     def home_dir(self) -> Path:
@@ -72,6 +78,10 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or default_url(self.home_dir)
+
+    @property
+    def files_path(self) -> Path:
+        return (self.files_dir or self.home / "files").expanduser()
 
     @property
     def cors_origin_list(self) -> list[str]:

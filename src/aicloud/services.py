@@ -17,12 +17,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from aicloud.accounts.admin_keys import AdminKeyService
 from aicloud.accounts.keys import KeyService
 from aicloud.accounts.orgs import OrgService
+from aicloud.batches.store import BatchStore
 from aicloud.billing.budgets import Budgets
 from aicloud.billing.journal import Journal, new_instance_id
 from aicloud.billing.prices import PriceBook
 from aicloud.billing.reports import Reports
 from aicloud.billing.usage import UsageLedger
 from aicloud.config import Settings
+from aicloud.files import FileStorage, FileStore
 from aicloud.limits.buckets import Limiter, MemoryLimiter
 from aicloud.limits.policy import RateLimits
 from aicloud.responses.store import ResponseStore
@@ -46,6 +48,8 @@ class Cloud:
     limits: RateLimits
     journal: Journal
     responses: ResponseStore
+    files: FileStore
+    batches: BatchStore
 
     async def maintain(self, every: float = 5.0, vacuum_every: int = 2) -> None:
         """The server's housekeeping task: write spooled usage once the database is back,
@@ -94,4 +98,6 @@ def open_cloud(settings: Settings) -> Cloud:
                  Budgets(sessions, direct, settings.hold_seconds, instance),
                  ledger, Reports(sessions, orgs), RateLimits(limiter),
                  Journal(direct, ledger, instance, settings.instance_timeout),
-                 ResponseStore(sessions))
+                 ResponseStore(sessions),
+                 FileStore(sessions, FileStorage(settings.files_path), settings.max_file_bytes),
+                 BatchStore(sessions))

@@ -14,8 +14,11 @@ from aicloud.api import errors, openapi
 from aicloud.api.body_limit import BodyLimit
 from aicloud.api.deps import clean_params
 from aicloud.api.request_id import RequestId
-from aicloud.api.routes import admin, embeddings, health, metrics, openai, responses
+from aicloud.api.batch_lines import LineRunner
+from aicloud.api.generation import Serving
+from aicloud.api.routes import admin, batches, embeddings, files, health, metrics, openai, responses
 from aicloud.api.telemetry import Telemetry
+from aicloud.batches import BatchRunner
 from aicloud.config import Settings
 from aicloud.models.pool import ModelPool
 from aicloud.services import open_cloud
@@ -48,6 +51,12 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         await cloud.journal.start(settings.home_dir, settings.host, settings.port)
         journal = asyncio.create_task(supervised("progress journal", cloud.journal.run))
         housekeeping = asyncio.create_task(supervised("housekeeping", cloud.maintain))
+        app.state.serving = Serving(cloud, app.state.background, app.state.telemetry,
+                                    settings.fair_share_by, settings.prefix_cache_scope)
+        runner = BatchRunner(cloud.batches, cloud.files, LineRunner(app.state.serving, pool),
+                             cloud.keys.principal_of_key, cloud.journal.instance_id,
+                             settings.batch_window)
+        batch_task = asyncio.create_task(supervised("batch runner", runner.run))
         log.info("serving models: %s", ", ".join(c.id for c in pool.cards()))
         try:
             yield
@@ -56,6 +65,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
             if pending:
                 await asyncio.wait(pending, timeout=10)
             housekeeping.cancel()
+            batch_task.cancel()
             journal.cancel()
             await pool.close()
             await cloud.journal.close()
@@ -63,7 +73,8 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
 
     app = FastAPI(title="aicloud", version="0.1.0", lifespan=lifespan,
                   dependencies=[Depends(clean_params)])
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       uploads={"/v1/files": settings.max_file_bytes})
     if origins := settings.cors_origin_list:
         # outside the body limit and the routes, so a preflight never reaches auth
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
@@ -74,6 +85,8 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(responses.router)
     app.include_router(embeddings.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

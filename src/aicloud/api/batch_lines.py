@@ -1,0 +1,79 @@
+"""One Batch API line, run by the very code that serves an HTTP request to its endpoint:
+the same checks and refusals, rate limits, budget hold, engine and ledger, with three
+differences `open_run` applies for a batch line (the batch class, the batch price, no
+progress journal) and one here: the answer is written in the usage row's transaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aicloud.api.deps import validate_body
+from aicloud.api.errors import APIError, error_body, invalid
+from aicloud.api.generation import Serving, begin, collect
+from aicloud.api.routes.embeddings import embed
+from aicloud.api.routes.openai import open_chat, open_completion
+from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from aicloud.batches.runner import LineCall, LineOutcome
+from aicloud.engines.base import EngineUnavailable
+from aicloud.models.pool import ModelPool
+from aicloud.store.direct import DatabaseUnavailable
+
+RETRY_SECONDS = 2.0  # when a refusal names no retry-after
+
+
+class LineRunner:
+    """The `LineExecutor` of the server's batch runner."""
+
+    def __init__(self, serving: Serving, pool: ModelPool) -> None:
+        self.serving, self.pool = serving, pool
+
+    async def __call__(self, call: LineCall) -> LineOutcome:
+        try:
+            return await self._run(call)
+        except APIError as exc:
+            return _refused(exc)
+        except EngineUnavailable as exc:
+            return LineOutcome(503, error_body(503, exc.message), retry_after=exc.retry_after)
+        except DatabaseUnavailable:
+            return LineOutcome(503, error_body(503, "database unavailable"),
+                               retry_after=RETRY_SECONDS)
+
+    async def _run(self, call: LineCall) -> LineOutcome:
+        if call.body.get("stream"):
+            raise invalid("batch requests cannot stream", "stream")
+        if call.endpoint == "/v1/embeddings":
+            body = validate_body(call.body, EmbeddingRequest)
+            data, _ = await embed(self.serving, call.principal, self.pool, body,
+                                  call.request_id, lambda data: call.answer(200, data))
+            return LineOutcome(200, data, recorded=True)
+        if call.endpoint == "/v1/chat/completions":
+            chat = validate_body(call.body, ChatCompletionRequest, ("messages",))
+            run, fmt = await open_chat(self.serving, call.principal, self.pool, chat,
+                                       batch_line=call.request_id)
+        else:
+            text = validate_body(call.body, CompletionRequest, ("prompt",))
+            run, fmt = await open_completion(self.serving, call.principal, self.pool, text,
+                                             batch_line=call.request_id)
+        answered: dict[str, Any] = {}
+
+        def answer(completed: Any, usage: Any) -> Any:
+            answered.update(fmt.whole(run, completed, usage))
+            return call.answer(200, answered)
+
+        run.answer = answer
+        await begin(run, None)
+        await collect(run, None)
+        return LineOutcome(200, answered, recorded=True)
+
+
+def _refused(exc: APIError) -> LineOutcome:
+    """A refusal for now (limits, a full queue, an overloaded model) is retried; a spent
+    budget stops the batch; anything else is the line's answer."""
+    body = error_body(exc.status, exc.message, exc.param, exc.code, exc.kind)
+    if exc.code == "insufficient_quota":
+        return LineOutcome(exc.status, body, out_of_budget=True)
+    if exc.status in (429, 503):
+        seconds = (exc.headers or {}).get("retry-after")
+        retry = float(seconds) if seconds and seconds.replace(".", "", 1).isdigit() else None
+        return LineOutcome(exc.status, body, retry_after=retry or RETRY_SECONDS)
+    return LineOutcome(exc.status, body)
