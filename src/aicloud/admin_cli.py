@@ -319,7 +319,7 @@ def batches_list(project_id: Annotated[str | None, typer.Option()] = None,
                  status: Annotated[str | None, typer.Option()] = None,
                  limit: Annotated[int, typer.Option(min=1, max=1000)] = 100) -> None:
     """Newest first."""
-    views = run(lambda c: c.batches.list(project_id, limit=limit, status=status))
+    views = run(lambda c: c.batches.find(project_id, limit=limit, status=status))
     show(listing([_batch_json(v) for v in views]))
 
 

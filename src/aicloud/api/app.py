@@ -11,11 +11,11 @@ from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from aicloud.api import errors, openapi
+from aicloud.api.batch_lines import LineRunner
 from aicloud.api.body_limit import BodyLimit
 from aicloud.api.deps import clean_params
-from aicloud.api.request_id import RequestId
-from aicloud.api.batch_lines import LineRunner
 from aicloud.api.generation import Serving
+from aicloud.api.request_id import RequestId
 from aicloud.api.routes import admin, batches, embeddings, files, health, metrics, openai, responses
 from aicloud.api.telemetry import Telemetry
 from aicloud.batches import BatchRunner

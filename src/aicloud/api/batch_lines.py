@@ -9,12 +9,13 @@ from typing import Any
 
 from aicloud.api.deps import validate_body
 from aicloud.api.errors import APIError, error_body, invalid
-from aicloud.api.generation import Serving, begin, collect
+from aicloud.api.generation import Completed, Serving, begin, collect
 from aicloud.api.routes.embeddings import embed
 from aicloud.api.routes.openai import open_chat, open_completion
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from aicloud.batches.runner import LineCall, LineOutcome
-from aicloud.engines.base import EngineUnavailable
+from aicloud.billing.usage import Alongside
+from aicloud.engines.base import EngineUnavailable, Usage
 from aicloud.models.pool import ModelPool
 from aicloud.store.direct import DatabaseUnavailable
 
@@ -56,7 +57,7 @@ class LineRunner:
                                              batch_line=call.request_id)
         answered: dict[str, Any] = {}
 
-        def answer(completed: Any, usage: Any) -> Any:
+        def answer(completed: list[Completed], usage: Usage) -> Alongside:
             answered.update(fmt.whole(run, completed, usage))
             return call.answer(200, answered)
 

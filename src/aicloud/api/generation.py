@@ -74,7 +74,7 @@ class Serving:
     request, a batch line): built once by the app's lifespan."""
 
     cloud: Cloud
-    background: set[asyncio.Task[None]]  # work that outlives its request (billing)
+    background: set[asyncio.Task[Any]]  # work that outlives its request (billing)
     telemetry: Telemetry
     fair_share_by: str
     prefix_cache_scope: str

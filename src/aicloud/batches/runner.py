@@ -102,13 +102,16 @@ class BatchRunner:
             while True:
                 for batch_id in await self.store.claim(self.instance):
                     if batch_id not in self._driving:
-                        task = asyncio.create_task(self._drive_safely(batch_id))
-                        self._driving[batch_id] = task
-                        task.add_done_callback(lambda _, b=batch_id: self._driving.pop(b, None))
+                        self._start(batch_id)
                 await asyncio.sleep(self.poll)
         finally:
             for task in list(self._driving.values()):
                 task.cancel()
+
+    def _start(self, batch_id: str) -> None:
+        task = asyncio.create_task(self._drive_safely(batch_id))
+        self._driving[batch_id] = task
+        task.add_done_callback(lambda _: self._driving.pop(batch_id, None))
 
     async def _drive_safely(self, batch_id: str) -> None:
         try:

@@ -158,7 +158,7 @@ class BatchStore:
             row = await self._row(session, project_id, batch_id)
             return _view(row, await self._counts(session, batch_id))
 
-    async def list(self, project_id: str | None, after: str | None = None, limit: int = 20,
+    async def find(self, project_id: str | None, after: str | None = None, limit: int = 20,
                    status: str | None = None) -> list[BatchView]:
         """Newest first, after the batch `after`."""
         query = select(Batch)
@@ -192,7 +192,7 @@ class BatchStore:
                    batch_id: str) -> Batch:
         row = await session.get(Batch, batch_id)
         if row is None or (project_id is not None and row.project_id != project_id):
-            raise NotFound(f"No batch found with id '{batch_id[:64]}'.")
+            raise NotFound("batch", batch_id)
         return row
 
     async def _counts(self, session: AsyncSession, batch_id: str) -> Counts:

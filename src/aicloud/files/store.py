@@ -81,7 +81,7 @@ class FileStore:
                 StoredFile.id == file_id, StoredFile.project_id == project_id))
             return None if row is None else _view(row)
 
-    async def list(self, project_id: str, purpose: str | None = None, after: str | None = None,
+    async def find(self, project_id: str, purpose: str | None = None, after: str | None = None,
                    limit: int = 10_000, descending: bool = True) -> list[FileView]:
         """Newest first (or oldest with `descending=False`), after the file `after`."""
         query = select(StoredFile).where(StoredFile.project_id == project_id)

@@ -91,9 +91,13 @@ class BatchObject(BaseModel):
                    status=view.status.value, output_file_id=view.output_file_id,
                    error_file_id=view.error_file_id, created_at=int(view.created_at.timestamp()),
                    expires_at=stamp(view.expires_at),
-                   **{f"{m}_at": stamp(view.moments.get(m)) for m in (
-                       "in_progress", "finalizing", "completed", "failed", "expired",
-                       "cancelling", "cancelled")},
+                   in_progress_at=stamp(view.moments.get("in_progress")),
+                   finalizing_at=stamp(view.moments.get("finalizing")),
+                   completed_at=stamp(view.moments.get("completed")),
+                   failed_at=stamp(view.moments.get("failed")),
+                   expired_at=stamp(view.moments.get("expired")),
+                   cancelling_at=stamp(view.moments.get("cancelling")),
+                   cancelled_at=stamp(view.moments.get("cancelled")),
                    request_counts=RequestCounts(total=view.counts.total,
                                                 completed=view.counts.completed,
                                                 failed=view.counts.failed),
@@ -128,7 +132,7 @@ async def create_batch(request: Request, principal: CurrentPrincipal,
 async def list_batches(principal: CurrentPrincipal, cloud: CloudDep,
                        after: str | None = None,
                        limit: Annotated[int, Query(ge=1, le=100)] = 20) -> BatchList:
-    views = await cloud.batches.list(principal.project_id, after, limit + 1)
+    views = await cloud.batches.find(principal.project_id, after, limit + 1)
     data = [BatchObject.of(v) for v in views[:limit]]
     return BatchList(data=data, has_more=len(views) > limit,
                      first_id=data[0].id if data else None,

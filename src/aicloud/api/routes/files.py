@@ -4,22 +4,23 @@ own files (another project's id is a 404, as a missing one)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException
 
 from aicloud.api.deps import CloudDep, CurrentPrincipal
 from aicloud.api.errors import APIError, invalid
 from aicloud.files import InvalidFile, TooLarge
 from aicloud.files.store import PURPOSES, FileView
+from aicloud.services import Cloud
 
 router = APIRouter(prefix="/v1")
 
-UPLOAD_BODY = {"openapi_extra": {"requestBody": {"required": True, "content": {
+UPLOAD_BODY: dict[str, Any] = {"openapi_extra": {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {
         "type": "object", "required": ["file", "purpose"],
         "properties": {"file": {"type": "string", "format": "binary"},
@@ -69,24 +70,26 @@ async def upload_file(request: Request, principal: CurrentPrincipal,
         raise invalid("upload the file as multipart/form-data with fields 'file' and "
                       "'purpose'", "file")
     try:
-        form = await request.form(max_files=1, max_fields=4)
+        async with request.form(max_files=1, max_fields=4) as form:
+            return await _store(form, principal.project_id, cloud)
     except MultiPartException as exc:
         raise invalid(f"the multipart body cannot be read: {exc.message}", "file") from None
-    async with form:
-        purpose, upload = form.get("purpose"), form.get("file")
-        if not isinstance(purpose, str) or purpose not in PURPOSES:
-            raise invalid(f"purpose must be one of: {', '.join(PURPOSES)}", "purpose")
-        if not isinstance(upload, UploadFile):
-            raise invalid("the form has no file field 'file'", "file")
-        try:
-            view = await cloud.files.upload(principal.project_id, purpose, upload.filename,
-                                            upload.file)
-        except TooLarge as exc:
-            raise APIError(413, f"The file exceeds the {exc.limit} byte limit.",
-                           param="file") from None
-        except InvalidFile as exc:
-            raise invalid(f"The file is not a valid batch input: {exc}", "file",
-                          "invalid_file") from None
+
+
+async def _store(form: FormData, project_id: str, cloud: Cloud) -> FileObject:
+    purpose, upload = form.get("purpose"), form.get("file")
+    if not isinstance(purpose, str) or purpose not in PURPOSES:
+        raise invalid(f"purpose must be one of: {', '.join(PURPOSES)}", "purpose")
+    if not isinstance(upload, UploadFile):
+        raise invalid("the form has no file field 'file'", "file")
+    try:
+        view = await cloud.files.upload(project_id, purpose, upload.filename, upload.file)
+    except TooLarge as exc:
+        raise APIError(413, f"The file exceeds the {exc.limit} byte limit.",
+                       param="file") from None
+    except InvalidFile as exc:
+        raise invalid(f"The file is not a valid batch input: {exc}", "file",
+                      "invalid_file") from None
     return FileObject.of(view)
 
 
@@ -95,7 +98,7 @@ async def list_files(principal: CurrentPrincipal, cloud: CloudDep,
                      purpose: str | None = None, after: str | None = None,
                      limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
                      order: Literal["asc", "desc"] = "desc") -> FileList:
-    views = await cloud.files.list(principal.project_id, purpose, after, limit + 1,
+    views = await cloud.files.find(principal.project_id, purpose, after, limit + 1,
                                    descending=order == "desc")
     data = [FileObject.of(v) for v in views[:limit]]
     return FileList(data=data, has_more=len(views) > limit,
