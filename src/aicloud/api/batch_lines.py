@@ -5,6 +5,7 @@ progress journal) and one here: the answer is written in the usage row's transac
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aicloud.api.deps import validate_body
@@ -62,8 +63,12 @@ class LineRunner:
             return call.answer(200, answered)
 
         run.answer = answer
-        await begin(run, None)
-        await collect(run, None)
+        try:
+            await begin(run, None)
+            await collect(run, None)
+        except asyncio.CancelledError:  # the server stops: the line stays pending
+            run.cancel()
+            raise
         return LineOutcome(200, answered, recorded=True)
 
 

@@ -4,6 +4,7 @@ own files (another project's id is a 404, as a missing one)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -119,9 +120,10 @@ async def retrieve_file(file_id: str, principal: CurrentPrincipal,
 async def file_content(file_id: str, principal: CurrentPrincipal,
                        cloud: CloudDep) -> FileResponse:
     view = await cloud.files.get(principal.project_id, file_id)
-    if view is None:
+    path = None if view is None else cloud.files.storage.path(view.id)
+    if path is None or not await asyncio.to_thread(path.is_file):
         raise no_such_file(file_id)
-    return FileResponse(cloud.files.storage.path(view.id), media_type="application/jsonl")
+    return FileResponse(path, media_type="application/jsonl")
 
 
 @router.delete("/files/{file_id}")
