@@ -303,14 +303,17 @@ def test_sigkill_mid_batch_answers_and_bills_every_line_once(db_url: str,
             ).status_code == 200
         key = first.new_key("crash")
         client = client_for(first, key)
-        total = 12
-        batch = submit(client, [chat_line(f"k{i}", f"Count from {i} to 99.", max_tokens=32)
+        total = 9
+        # lines long enough (96 tokens, greedy) that those cut by the kill have run past
+        # a progress-journal tick: were lines journaled, they would be billed twice
+        batch = submit(client, [chat_line(f"k{i}", f"Count from {i} to 999.", max_tokens=96)
                                 for i in range(total)])
         deadline = time.monotonic() + 120
         while True:
             states = line_states(db_url, batch.id)
             done = sum(state != "pending" for _, state, _, _ in states)
             if done >= 3:
+                time.sleep(1.5)
                 break
             assert time.monotonic() < deadline, "the batch never got going"
             time.sleep(0.05)
