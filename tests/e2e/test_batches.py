@@ -250,6 +250,20 @@ def test_a_spent_budget_stops_the_batch_without_overspending(srv: Server) -> Non
     assert_counters_match_rows(f"sqlite:///{srv.db}")
 
 
+def test_two_projects_batches_run_side_by_side(srv: Server) -> None:
+    """Neither waits for the other to finish: their lines interleave in the engine."""
+    a, b = client_for(srv, srv.keys["a"]), client_for(srv, srv.keys["b"])
+    ids = [submit(c, [chat_line(f"{n}{i}", max_tokens=16) for i in range(6)]).id
+           for n, c in (("a", a), ("b", b))]
+    for client, batch_id in zip((a, b), ids, strict=True):
+        assert wait_for(client, batch_id, ("completed",)).request_counts.completed == 6  # type: ignore[union-attr]
+    with sqlite3.connect(srv.db) as db:
+        first_a, last_a, first_b, last_b = (db.execute(
+            f"SELECT {f}(finished_at) FROM batch_lines WHERE batch_id = ?", (batch_id,)
+        ).fetchone()[0] for batch_id in ids for f in ("min", "max"))
+    assert first_b < last_a and first_a < last_b
+
+
 def test_cli_cancel_refuses_a_finished_batch(srv: Server) -> None:
     finished = submit_and_finish(client_for(srv, srv.keys["a"]))
     with pytest.raises(Exception) as caught:
