@@ -13,7 +13,9 @@ Poisson arrivals (`--rate` per second, `--interactive-tokens` each). Phases, in 
    from the usage ledger), as a share of the idle capacity of phase 1.
 
 Goals (issue 16): the capacity used together >= 90 % of the idle capacity, and the
-interactive TTFT p99 together <= 1.5x its value alone.
+interactive TTFT p99 together <= 1.5x its value alone. Each `--yield-lines` value is one
+server (all three phases): how many batch lines may run on the model while interactive
+requests do (`AICLOUD_BATCH_YIELD_LINES`; 1024 leaves only the scheduler's batch class).
 
 vLLM's `run-batch` is not compared here: see docs/benchmarks.md for why.
 
@@ -146,12 +148,25 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--sequences", type=int, default=None, help="aicloud --sequences")
+    parser.add_argument("--yield-lines", type=int, nargs="+", default=[4, 1024],
+                        help="AICLOUD_BATCH_YIELD_LINES per server (1024: no gate, the "
+                        "scheduler's batch class alone)")
     args = parser.parse_args()
+    rows = []
+    for yield_lines in args.yield_lines:
+        print(f"== AICLOUD_BATCH_YIELD_LINES={yield_lines}", flush=True)
+        rows += serve_and_measure(args, yield_lines)
+    print("\n| yield lines | phase | batch lines/s | batch tok/s | interactive tok/s "
+          "| TTFT p50 / p99 (s) | capacity used |\n|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
 
+
+def serve_and_measure(args: argparse.Namespace, yield_lines: int) -> list[str]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        env = {**os.environ, "AICLOUD_HOME": str(home), "PYTHONPATH": str(ROOT / "src")}
+        env = {**os.environ, "AICLOUD_HOME": str(home), "PYTHONPATH": str(ROOT / "src"),
+               "AICLOUD_BATCH_YIELD_LINES": str(yield_lines)}
         bulk, talk = new_key(env, "bulk"), new_key(env, "interactive")
         command = [sys.executable, "-m", "aicloud", "serve", "--port", str(port)]
         if args.sequences:
@@ -162,12 +177,13 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         try:
             wait_ready(base, proc, 300, {"Authorization": f"Bearer {bulk}"})
-            report(base, home / "aicloud.db", bulk, talk, args)
+            return [f"| {yield_lines} | {row}" for row in
+                    report(base, home / "aicloud.db", bulk, talk, args)]
         finally:
             stop_group(proc)
 
 
-def report(base: str, db: Path, bulk: str, talk: str, args: argparse.Namespace) -> None:
+def report(base: str, db: Path, bulk: str, talk: str, args: argparse.Namespace) -> list[str]:
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=bulk, max_retries=2)
     asyncio.run(interactive(base, talk, 4, 2, 8, 0))  # warm up
 
@@ -180,10 +196,13 @@ def report(base: str, db: Path, bulk: str, talk: str, args: argparse.Namespace) 
     print(f"batch alone: {lines} lines in {wall:.1f} s: {idle_lines_s:.2f} lines/s, "
           f"{idle_tok_s:.1f} output tok/s ({done.status})", flush=True)
 
+    solo_start = time.time()
     solo = asyncio.run(interactive(base, talk, args.rate, args.duration,
                                    args.interactive_tokens, args.seed))
+    solo_tok_s = solo.tokens / (time.time() - solo_start)
     print(f"interactive alone: {len(solo.ttft)} requests, TTFT p50 {pct(solo.ttft, 50):.3f} "
-          f"p99 {pct(solo.ttft, 99):.3f} s, errors {solo.errors}", flush=True)
+          f"p99 {pct(solo.ttft, 99):.3f} s, {solo_tok_s:.1f} tok/s, errors {solo.errors}",
+          flush=True)
 
     mixed_id = submit(client, args.lines, args.tokens)
     while client.batches.retrieve(mixed_id).status == "validating":
@@ -197,21 +216,18 @@ def report(base: str, db: Path, bulk: str, talk: str, args: argparse.Namespace) 
     client.batches.cancel(mixed_id)
     wait_done(client, mixed_id)
     used = (tokens_in + both.tokens) / window
+    ratio = pct(both.ttft, 99) / pct(solo.ttft, 99)
     print(f"together ({window:.1f} s, batch {status} at the end): interactive TTFT p50 "
-          f"{pct(both.ttft, 50):.3f} p99 {pct(both.ttft, 99):.3f} s "
-          f"({pct(both.ttft, 99) / pct(solo.ttft, 99):.2f}x alone), errors {both.errors}; "
-          f"batch {lines_in / window:.2f} lines/s, {tokens_in / window:.1f} tok/s; "
-          f"interactive {both.tokens / window:.1f} tok/s; capacity used "
-          f"{used / idle_tok_s:.0%} of idle", flush=True)
-    print("\n| phase | batch lines/s | batch tok/s | interactive tok/s | TTFT p50 / p99 (s) "
-          "| capacity used |\n|---|---|---|---|---|---|")
-    print(f"| batch alone | {idle_lines_s:.2f} | {idle_tok_s:.1f} | — | — | 100 % |")
-    print(f"| interactive alone | — | — | {solo.tokens / args.duration:.1f} | "
-          f"{pct(solo.ttft, 50):.3f} / {pct(solo.ttft, 99):.3f} | "
-          f"{solo.tokens / args.duration / idle_tok_s:.0%} |")
-    print(f"| together | {lines_in / window:.2f} | {tokens_in / window:.1f} | "
-          f"{both.tokens / window:.1f} | {pct(both.ttft, 50):.3f} / {pct(both.ttft, 99):.3f} "
-          f"| {used / idle_tok_s:.0%} |")
+          f"{pct(both.ttft, 50):.3f} p99 {pct(both.ttft, 99):.3f} s ({ratio:.2f}x alone), "
+          f"errors {both.errors}; batch {lines_in / window:.2f} lines/s, "
+          f"{tokens_in / window:.1f} tok/s; interactive {both.tokens / window:.1f} tok/s; "
+          f"capacity used {used / idle_tok_s:.0%} of idle", flush=True)
+    return [f"batch alone | {idle_lines_s:.2f} | {idle_tok_s:.1f} | — | — | 100 % |",
+            f"interactive alone | — | — | {solo_tok_s:.1f} | {pct(solo.ttft, 50):.3f} / "
+            f"{pct(solo.ttft, 99):.3f} | {solo_tok_s / idle_tok_s:.0%} |",
+            f"together | {lines_in / window:.2f} | {tokens_in / window:.1f} | "
+            f"{both.tokens / window:.1f} | {pct(both.ttft, 50):.3f} / {pct(both.ttft, 99):.3f} "
+            f"({ratio:.2f}x) | {used / idle_tok_s:.0%} |"]
 
 
 if __name__ == "__main__":

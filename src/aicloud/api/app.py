@@ -53,7 +53,8 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         housekeeping = asyncio.create_task(supervised("housekeeping", cloud.maintain))
         app.state.serving = Serving(cloud, app.state.background, app.state.telemetry,
                                     settings.fair_share_by, settings.prefix_cache_scope)
-        runner = BatchRunner(cloud.batches, cloud.files, LineRunner(app.state.serving, pool),
+        lines = LineRunner(app.state.serving, pool, settings.batch_yield_lines)
+        runner = BatchRunner(cloud.batches, cloud.files, lines,
                              cloud.keys.principal_of_key, cloud.journal.instance_id,
                              settings.batch_window)
         batch_task = asyncio.create_task(supervised("batch runner", runner.run))

@@ -6,6 +6,7 @@ progress journal) and one here: the answer is written in the usage row's transac
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Any
 
 from aicloud.api.deps import validate_body
@@ -16,20 +17,56 @@ from aicloud.api.routes.openai import open_chat, open_completion
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from aicloud.batches.runner import LineCall, LineOutcome
 from aicloud.billing.usage import Alongside
-from aicloud.engines.base import EngineUnavailable, Usage
-from aicloud.models.pool import ModelPool
+from aicloud.engines.base import Engine, EngineError, EngineUnavailable, Usage
+from aicloud.models.pool import ModelPool, UnknownModel
 from aicloud.store.direct import DatabaseUnavailable
 
 RETRY_SECONDS = 2.0  # when a refusal names no retry-after
+GATE_SECONDS = 0.05  # how often a held line looks at its engine's load again
 
 
 class LineRunner:
-    """The `LineExecutor` of the server's batch runner."""
+    """The `LineExecutor` of the server's batch runner.
 
-    def __init__(self, serving: Serving, pool: ModelPool) -> None:
-        self.serving, self.pool = serving, pool
+    The scheduler's batch class only orders the waiting line: a batch line that got a
+    sequence slot decodes in every step beside interactive ones, and on a CPU each extra
+    row makes the step (so every interactive token) slower. So while anything other than
+    this server's batch lines runs or waits on a model, at most `yield_lines` batch lines
+    start there; the others wait here, before admission, holding nothing."""
+
+    def __init__(self, serving: Serving, pool: ModelPool, yield_lines: int = 4) -> None:
+        self.serving, self.pool, self.yield_lines = serving, pool, yield_lines
+        self._running: Counter[str] = Counter()  # batch lines past the gate, by model
 
     async def __call__(self, call: LineCall) -> LineOutcome:
+        model = call.body.get("model")
+        engine = self._engine(model) if isinstance(model, str) else None
+        if engine is None or not isinstance(model, str):
+            return await self._guarded(call)
+        # polled: an engine's load changes without an event to wait on
+        while self._running[model] >= self.yield_lines and self._others(engine, model):  # noqa: ASYNC110
+            await asyncio.sleep(GATE_SECONDS)
+        self._running[model] += 1
+        try:
+            return await self._guarded(call)
+        finally:
+            self._running[model] -= 1
+
+    def _engine(self, model: str) -> Engine | None:
+        try:
+            return self.pool.get(model)
+        except UnknownModel:
+            return None
+
+    def _others(self, engine: Engine, model: str) -> bool:
+        """Interactive work (anything but this server's batch lines) on the model."""
+        try:
+            stats = engine.stats()
+        except EngineError:
+            return False
+        return stats.running + stats.waiting > self._running[model]
+
+    async def _guarded(self, call: LineCall) -> LineOutcome:
         try:
             return await self._run(call)
         except APIError as exc:
