@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--sequences", type=int, default=None, help="aicloud --sequences")
-    parser.add_argument("--yield-lines", type=int, nargs="+", default=[4, 1024],
+    parser.add_argument("--yield-lines", type=int, nargs="+", default=[8, 1024],
                         help="AICLOUD_BATCH_YIELD_LINES per server (1024: no gate, the "
                         "scheduler's batch class alone)")
     args = parser.parse_args()
@@ -213,8 +213,9 @@ def report(base: str, db: Path, bulk: str, talk: str, args: argparse.Namespace) 
     window = time.time() - window_start
     lines_in, tokens_in = batch_tokens(db, mixed_id, window_start, window_start + window)
     status = client.batches.retrieve(mixed_id).status
-    client.batches.cancel(mixed_id)
-    wait_done(client, mixed_id)
+    if status == "in_progress":
+        client.batches.cancel(mixed_id)
+        wait_done(client, mixed_id)
     used = (tokens_in + both.tokens) / window
     ratio = pct(both.ttft, 99) / pct(solo.ttft, 99)
     print(f"together ({window:.1f} s, batch {status} at the end): interactive TTFT p50 "

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(default=200 << 20, ge=1024, description="largest upload")
     batch_window: int = Field(default=32, ge=1, le=1024, description="lines of one batch "
                               "in flight at once (they wait in the batch class)")
-    batch_yield_lines: int = Field(default=4, ge=1, le=1024, description="batch lines "
+    batch_yield_lines: int = Field(default=8, ge=1, le=1024, description="batch lines "
                                    "that may run on a model while interactive requests do")
 
     @property

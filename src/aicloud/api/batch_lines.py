@@ -6,6 +6,7 @@ progress journal) and one here: the answer is written in the usage row's transac
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Any
 
@@ -23,6 +24,11 @@ from aicloud.store.direct import DatabaseUnavailable
 
 RETRY_SECONDS = 2.0  # when a refusal names no retry-after
 GATE_SECONDS = 0.05  # how often a held line looks at its engine's load again
+# interactive traffic comes in bursts: a model counts as busy this long after it was last
+# seen with interactive work, so a gap between two requests does not let a window's worth
+# of lines in (measured: without it, 1 request/s of 32 tokens still let the whole window
+# through between requests, and interactive TTFT p99 grew 18x on a loaded machine)
+BUSY_HOLD_SECONDS = 2.0
 
 
 class LineRunner:
@@ -31,12 +37,14 @@ class LineRunner:
     The scheduler's batch class only orders the waiting line: a batch line that got a
     sequence slot decodes in every step beside interactive ones, and on a CPU each extra
     row makes the step (so every interactive token) slower. So while anything other than
-    this server's batch lines runs or waits on a model, at most `yield_lines` batch lines
-    start there; the others wait here, before admission, holding nothing."""
+    this server's batch lines runs or waits on a model (or did within BUSY_HOLD_SECONDS),
+    at most `yield_lines` batch lines run there; the others wait here, before admission,
+    holding nothing."""
 
-    def __init__(self, serving: Serving, pool: ModelPool, yield_lines: int = 4) -> None:
+    def __init__(self, serving: Serving, pool: ModelPool, yield_lines: int = 8) -> None:
         self.serving, self.pool, self.yield_lines = serving, pool, yield_lines
         self._running: Counter[str] = Counter()  # batch lines past the gate, by model
+        self._busy_until: dict[str, float] = {}  # by model, time.monotonic()
 
     async def __call__(self, call: LineCall) -> LineOutcome:
         model = call.body.get("model")
@@ -59,12 +67,16 @@ class LineRunner:
             return None
 
     def _others(self, engine: Engine, model: str) -> bool:
-        """Interactive work (anything but this server's batch lines) on the model."""
+        """Interactive work (anything but this server's batch lines) on the model, now
+        or within the last BUSY_HOLD_SECONDS."""
         try:
             stats = engine.stats()
         except EngineError:
             return False
-        return stats.running + stats.waiting > self._running[model]
+        now = time.monotonic()
+        if stats.running + stats.waiting > self._running[model]:
+            self._busy_until[model] = now + BUSY_HOLD_SECONDS
+        return now < self._busy_until.get(model, 0.0)
 
     async def _guarded(self, call: LineCall) -> LineOutcome:
         try:
