@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -266,9 +267,9 @@ def test_two_projects_batches_run_side_by_side(srv: Server) -> None:
 
 def test_cli_cancel_refuses_a_finished_batch(srv: Server) -> None:
     finished = submit_and_finish(client_for(srv, srv.keys["a"]))
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(subprocess.CalledProcessError) as caught:
         srv.cli("batches", "cancel", finished.id)
-    assert "cannot be cancelled" in getattr(caught.value, "stderr", "")
+    assert "cannot be cancelled" in caught.value.stderr
 
 
 
