@@ -24,6 +24,8 @@ from aicloud.api.routes.admin.schemas import (
     price_json,
     project_json,
 )
+from aicloud.api.routes.batches import BatchObject
+from aicloud.batches import BatchStateError, BatchView
 from aicloud.billing.money import MoneyError, Rates, price_to_micro, usd_to_pico
 from aicloud.billing.reports import UsageFilter, invoice_csv, invoice_json
 from aicloud.config import Settings
@@ -39,6 +41,7 @@ keys = typer.Typer(help="API keys for the OpenAI API.", no_args_is_help=True)
 admin_keys = typer.Typer(help="Admin keys for /admin/v1.", no_args_is_help=True)
 prices = typer.Typer(help="Per-model prices (USD per million tokens).", no_args_is_help=True)
 billing = typer.Typer(help="Usage, credits and invoices.", no_args_is_help=True)
+batches = typer.Typer(help="Batch API batches, of every project.", no_args_is_help=True)
 
 Unset = Annotated[str | None, typer.Option(help="a number, or 'none' to clear")]
 
@@ -241,7 +244,9 @@ def admin_keys_revoke(key_id: str) -> None:
 def prices_set(model: str, input: Annotated[str, typer.Option(help="USD per 1M input tokens")],
                output: Annotated[str, typer.Option(help="USD per 1M output tokens")],
                cached_input: Annotated[str | None, typer.Option(
-                   help="USD per 1M cached input tokens (default: the input price)")] = None
+                   help="USD per 1M cached input tokens (default: the input price)")] = None,
+               batch_discount: Annotated[int, typer.Option(
+                   min=0, max=100, help="percent off for Batch API lines")] = 50,
                ) -> None:
     try:
         rates = Rates(price_to_micro(input, "--input"),
@@ -249,7 +254,7 @@ def prices_set(model: str, input: Annotated[str, typer.Option(help="USD per 1M i
                       price_to_micro(output, "--output"))
     except MoneyError as exc:
         raise typer.BadParameter(str(exc)) from None
-    show(price_json(run(lambda c: c.prices.set_price(SCOPE, model, rates))))
+    show(price_json(run(lambda c: c.prices.set_price(SCOPE, model, rates, batch_discount))))
 
 
 @prices.command("list")
@@ -301,3 +306,35 @@ def billing_credit(org_id: str, amount_usd: str,
         raise typer.BadParameter(str(exc)) from None
     created, _ = run(lambda c: c.reports.add_credit(SCOPE, org_id, amount, reference, note))
     typer.echo("credit added" if created else "credit already recorded under that reference")
+
+
+# -- batches ------------------------------------------------------------------------------
+
+def _batch_json(view: BatchView) -> dict[str, Any]:
+    return {**BatchObject.of(view).model_dump(), "project_id": view.project_id}
+
+
+@batches.command("list")
+def batches_list(project_id: Annotated[str | None, typer.Option()] = None,
+                 status: Annotated[str | None, typer.Option()] = None,
+                 limit: Annotated[int, typer.Option(min=1, max=1000)] = 100) -> None:
+    """Newest first."""
+    views = run(lambda c: c.batches.find(project_id, limit=limit, status=status))
+    show(listing([_batch_json(v) for v in views]))
+
+
+@batches.command("show")
+def batches_show(batch_id: str) -> None:
+    show(_batch_json(run(lambda c: c.batches.get(None, batch_id))))
+
+
+@batches.command("cancel")
+def batches_cancel(batch_id: str) -> None:
+    """Stop starting its lines; the server running it fails the rest and ends it."""
+    async def cancel(c: Cloud) -> BatchView:
+        try:
+            return await c.batches.cancel(None, batch_id)
+        except BatchStateError as exc:
+            raise AccountError(str(exc)) from None
+
+    show(_batch_json(run(cancel)))

@@ -34,6 +34,7 @@ app.add_typer(admin_cli.prices, name="prices")
 app.add_typer(admin_cli.billing, name="billing")
 app.add_typer(models_cli, name="models")
 app.add_typer(providers_cli.providers, name="providers")
+app.add_typer(admin_cli.batches, name="batches")
 
 
 def build_pool(settings: Settings) -> ModelPool:

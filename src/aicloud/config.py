@@ -76,6 +76,14 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = Field(
         default=None, description="master key for provider secrets at rest (a Fernet key or "
         "a passphrase); default: a key file created in home with mode 0600")
+    # the Files and Batch APIs
+    files_dir: Path | None = Field(default=None, description="uploaded and batch output "
+                                   "files (default: files/ under home)")
+    max_file_bytes: int = Field(default=200 << 20, ge=1024, description="largest upload")
+    batch_window: int = Field(default=32, ge=1, le=1024, description="lines of one batch "
+                              "in flight at once (they wait in the batch class)")
+    batch_yield_lines: int = Field(default=8, ge=1, le=1024, description="batch lines "
+                                   "that may run on a model while interactive requests do")
 
     @property
     def home_dir(self) -> Path:
@@ -88,6 +96,10 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or default_url(self.home_dir)
+
+    @property
+    def files_path(self) -> Path:
+        return (self.files_dir or self.home / "files").expanduser()
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -17,12 +17,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from aicloud.accounts.admin_keys import AdminKeyService
 from aicloud.accounts.keys import KeyService
 from aicloud.accounts.orgs import OrgService
+from aicloud.batches.store import BatchStore
 from aicloud.billing.budgets import Budgets
 from aicloud.billing.journal import Journal, new_instance_id
 from aicloud.billing.prices import PriceBook
 from aicloud.billing.reports import Reports
 from aicloud.billing.usage import UsageLedger
 from aicloud.config import Settings
+from aicloud.files import FileStorage, FileStore
 from aicloud.limits.buckets import Limiter, MemoryLimiter
 from aicloud.limits.policy import RateLimits
 from aicloud.models.catalog import Catalog
@@ -50,6 +52,8 @@ class Cloud:
     responses: ResponseStore
     catalog: Catalog
     providers: ProviderStore
+    files: FileStore
+    batches: BatchStore
 
     async def maintain(self, every: float = 5.0, vacuum_every: int = 2) -> None:
         """The server's housekeeping task: write spooled usage once the database is back,
@@ -99,4 +103,6 @@ def open_cloud(settings: Settings) -> Cloud:
                  ledger, Reports(sessions, orgs), RateLimits(limiter),
                  Journal(direct, ledger, instance, settings.instance_timeout),
                  ResponseStore(sessions), Catalog(sessions),
-                 ProviderStore(sessions, secret_box(settings)))
+                 ProviderStore(sessions, secret_box(settings)),
+                 FileStore(sessions, FileStorage(settings.files_path), settings.max_file_bytes),
+                 BatchStore(sessions))

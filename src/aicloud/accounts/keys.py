@@ -129,10 +129,14 @@ WHERE k.secret_hash = :hash AND k.revoked_at IS NULL
 """
 
 
-def _principal(conn: Conn, secret_hash: str) -> Principal | None:
+# the same, by key id: a batch runs with the key that created it, read again as it runs
+BY_KEY_ID = AUTHENTICATE.replace("k.secret_hash = :hash", "k.id = :hash")
+
+
+def _principal(conn: Conn, secret_hash: str, query: str = AUTHENTICATE) -> Principal | None:
     """Read on every request, never cached: a revoked key is refused by the very next
     request, whichever process revoked it."""
-    row = conn.one(AUTHENTICATE, {"hash": secret_hash})
+    row = conn.one(query, {"hash": secret_hash})
     if row is None:
         return None
     (org_id, project_id, project_name, key_id, models, key_rpm, key_tpm, project_rpm,
@@ -217,6 +221,11 @@ class KeyService:
             return None
         secret_hash = hash_secret(secret)
         return await self._direct.run(lambda conn: _principal(conn, secret_hash))
+
+    async def principal_of_key(self, key_id: str) -> Principal | None:
+        """The key's Principal as `authenticate` would give it (None once revoked or
+        expired), for work it started that runs without it (a batch)."""
+        return await self._direct.run(lambda conn: _principal(conn, key_id, BY_KEY_ID))
 
     async def _key(self, session: AsyncSession, scope: AdminScope,
                    key_id: str) -> tuple[ApiKey, Project]:

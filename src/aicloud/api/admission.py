@@ -67,15 +67,17 @@ def check_prompt_size(characters: int, context_length: int, param: str) -> None:
 
 async def admit(cloud: Cloud, principal: Principal, model: str, request_id: str,
                 prompt_tokens: int, max_completion: int,
-                requests: Ticket | None = None) -> Admission:
-    """With `requests` (from `admit_request`), only the token buckets are left to take."""
+                requests: Ticket | None = None, batch: bool = False) -> Admission:
+    """With `requests` (from `admit_request`), only the token buckets are left to take;
+    `batch`: a Batch API line, priced at the model's batch rates."""
     tokens = prompt_tokens + max_completion
     if requests is None:
         ticket = await _take(cloud, principal, tokens, ("rpm", "tpm"))
     else:
         ticket = await _take(cloud, principal, tokens, ("tpm",))
         ticket.headers = {**requests.headers, **ticket.headers}
-    admission = Admission(request_id, principal, await cloud.prices.rates(model), ticket)
+    admission = Admission(request_id, principal, await cloud.prices.rates(model, batch),
+                          ticket)
     ceiling = admission.rates.ceiling(prompt_tokens, max_completion)
     if ceiling:
         try:

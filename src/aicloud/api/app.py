@@ -12,11 +12,14 @@ from starlette.middleware.cors import CORSMiddleware
 
 from aicloud import console
 from aicloud.api import errors, openapi
+from aicloud.api.batch_lines import LineRunner
 from aicloud.api.body_limit import BodyLimit
 from aicloud.api.deps import clean_params
+from aicloud.api.generation import Serving
 from aicloud.api.request_id import RequestId
-from aicloud.api.routes import admin, embeddings, health, metrics, openai, responses
+from aicloud.api.routes import admin, batches, embeddings, files, health, metrics, openai, responses
 from aicloud.api.telemetry import Telemetry
+from aicloud.batches import BatchRunner
 from aicloud.config import Settings
 from aicloud.models.pool import ModelPool
 from aicloud.models.pulls import Pulls
@@ -51,6 +54,13 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         await cloud.journal.start(settings.home_dir, settings.host, settings.port)
         journal = asyncio.create_task(supervised("progress journal", cloud.journal.run))
         housekeeping = asyncio.create_task(supervised("housekeeping", cloud.maintain))
+        app.state.serving = Serving(cloud, app.state.background, app.state.telemetry,
+                                    settings.fair_share_by, settings.prefix_cache_scope)
+        lines = LineRunner(app.state.serving, pool, settings.batch_yield_lines)
+        runner = BatchRunner(cloud.batches, cloud.files, lines,
+                             cloud.keys.principal_of_key, cloud.journal.instance_id,
+                             settings.batch_window)
+        batch_task = asyncio.create_task(supervised("batch runner", runner.run))
         log.info("serving models: %s", ", ".join(c.id for c in pool.cards()))
         try:
             yield
@@ -59,6 +69,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
             if pending:
                 await asyncio.wait(pending, timeout=10)
             housekeeping.cancel()
+            batch_task.cancel()
             journal.cancel()
             await app.state.pulls.close()
             await pool.close()
@@ -67,7 +78,8 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
 
     app = FastAPI(title="aicloud", version="0.1.0", lifespan=lifespan,
                   dependencies=[Depends(clean_params)])
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
+                       uploads={"/v1/files": settings.max_file_bytes})
     if origins := settings.cors_origin_list:
         # outside the body limit and the routes, so a preflight never reaches auth
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],
@@ -78,6 +90,8 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(responses.router)
     app.include_router(embeddings.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -14,17 +14,26 @@ class BodyTooLarge(Exception):
     pass
 
 
+# multipart framing around an uploaded file: boundaries, part headers, the purpose field
+UPLOAD_OVERHEAD = 64 << 10
+
+
 class BodyLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    """`uploads`: paths that take a file, with their own (larger) limit."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int,
+                 uploads: dict[str, int] | None = None) -> None:
+        self.app, self.max_bytes, self.uploads = app, max_bytes, uploads or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        upload = self.uploads.get(scope["path"].rstrip("/"))
+        limit = self.max_bytes if upload is None else upload + UPLOAD_OVERHEAD
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._reject(send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._reject(send, limit)
             return
         seen = 0
         started = False
@@ -34,7 +43,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise BodyTooLarge
             return message
 
@@ -47,10 +56,10 @@ class BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._reject(send)
+                await self._reject(send, limit)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(error_body(413, f"request body exceeds {self.max_bytes} bytes")).encode()
+    async def _reject(self, send: Send, limit: int) -> None:
+        body = json.dumps(error_body(413, f"request body exceeds {limit} bytes")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode())]})

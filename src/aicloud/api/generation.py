@@ -21,7 +21,7 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -34,7 +34,7 @@ from aicloud.api.errors import APIError, error_body, invalid
 from aicloud.api.schemas import MAX_CHOICES, SamplingFields
 from aicloud.api.telemetry import Telemetry
 from aicloud.billing.journal import InFlight
-from aicloud.billing.usage import UsageEntry
+from aicloud.billing.usage import Alongside, UsageEntry
 from aicloud.engines.base import (
     Constraint,
     Engine,
@@ -49,6 +49,7 @@ from aicloud.engines.base import (
     Usage,
 )
 from aicloud.limits.policy import Ticket
+from aicloud.scheduling.fair_queue import Priority
 from aicloud.services import Cloud
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,23 @@ STATUS = {
     FinishReason.OVERLOADED: "overloaded",
     FinishReason.THROTTLED: "throttled",
 }
+
+
+@dataclass(slots=True, frozen=True)
+class Serving:
+    """What running a generation needs from the server, whoever asks for it (an HTTP
+    request, a batch line): built once by the app's lifespan."""
+
+    cloud: Cloud
+    background: set[asyncio.Task[Any]]  # work that outlives its request (billing)
+    telemetry: Telemetry
+    fair_share_by: str
+    prefix_cache_scope: str
+
+
+def serving(request: Request) -> Serving:
+    found: Serving = request.app.state.serving  # set by create_app; Starlette's state is untyped
+    return found
 
 
 def refusal(reason: FinishReason, retry_after: float = 1.0) -> APIError:
@@ -141,6 +159,11 @@ class Completed:
     logprobs: list[TokenLogprobs]
 
 
+# a batch line's answer (the response body from a run's choices and usage), written by
+# the transaction that writes the run's usage row
+Answer = Callable[[list[Completed], Usage], Alongside]
+
+
 @dataclass(slots=True)
 class Run:
     request_id: str
@@ -157,6 +180,7 @@ class Run:
     created: int = field(default_factory=lambda: int(time.time()))
     recorded: bool = False
     progress: InFlight | None = None  # its entry in the progress journal
+    answer: Answer | None = None  # a batch line's: written with the usage row
     _clock: float = field(default_factory=time.perf_counter)
     _tokens: int = 0
     _made: dict[int, int] = field(default_factory=dict)  # completion tokens by choice
@@ -192,10 +216,15 @@ class Run:
                 cached += usage.cached_tokens
         return Usage(prompt, completion, cached)
 
-    async def record(self, finals: list[TokenEvent]) -> None:
-        """Write the usage row and settle the hold in one transaction, then return the
-        rate-limit tokens the request did not use."""
+    async def record(self, finals: list[TokenEvent],
+                     completed: list[Completed] | None = None) -> None:
+        """Write the usage row and settle the hold in one transaction (with a batch line's
+        answer, when `completed` carries one), then return the rate-limit tokens the
+        request did not use."""
         usage = self.usage(finals)
+        alongside = None
+        if self.answer is not None and completed is not None:
+            alongside = self.answer(completed, usage)
         reasons = {final.finish_reason or FinishReason.ERROR for final in finals}
         outcome = next(r for r in OUTCOMES if r in reasons)
         principal = self.admission.principal
@@ -207,7 +236,7 @@ class Run:
             status=STATUS[outcome], started_at=self.started_at, finished_at=datetime.now(UTC),
             provider=next((f.provider for f in finals if f.provider), None),
             estimated=any(f.usage is not None and f.usage.estimated for f in finals),
-        ), self.admission.hold)
+        ), self.admission.hold, alongside)
         self.recorded = True
         if self.progress is not None:
             self.cloud.journal.finish(self.progress)
@@ -290,35 +319,41 @@ async def _replay(choice: Choice) -> AsyncIterator[TokenEvent]:
             return
 
 
-async def open_run(request: Request, engine: Engine, principal: Principal, model: str,
+async def open_run(serving: Serving, engine: Engine, principal: Principal, model: str,
                    prompts: list[list[int]], body: SamplingFields, max_tokens: int | None,
                    prefix: str, logprobs: int | None = None,
                    requests: Ticket | None = None,
-                   constraint: Constraint | None = None) -> Run:
+                   constraint: Constraint | None = None,
+                   batch_line: str | None = None) -> Run:
     """Admit the request (its hold covers every choice's max_tokens) and start the first
     choice of each prompt; `begin` starts the others. `requests`: the RPM already taken
-    by `admit_request` before tokenizing; `constraint`: the grammar every choice follows."""
-    cloud: Cloud = request.app.state.cloud
+    by `admit_request` before tokenizing; `constraint`: the grammar every choice follows.
+
+    `batch_line`: the request id of a Batch API line's attempt. It runs in the batch
+    class at the batch price, and outside the progress journal: a line cut by a crash
+    is not billed as interrupted but runs again (one usage row per answered line)."""
+    cloud = serving.cloud
     sampling = sampling_from(body)
     n = body.choices
     if n * len(prompts) > MAX_CHOICES:
         raise invalid(f"at most {MAX_CHOICES} choices (prompts x n) per request", "n")
-    request_id = f"{prefix}-{secrets.token_hex(12)}"
+    request_id = batch_line or f"{prefix}-{secrets.token_hex(12)}"
     window = engine.info().context_length
     most = sum(max(max_tokens if max_tokens is not None else window - len(p), 0)
                for p in prompts)
     prompt_tokens = sum(len(p) for p in prompts)
     admission = await admit(cloud, principal, model, request_id, prompt_tokens, most * n,
-                            requests)
-    run = Run(request_id, model, admission, engine, n, cloud, request.app.state.background,
-              request.app.state.telemetry)
-    scope = cache_scope_of(principal, request.app.state.prefix_cache_scope, body.cache_salt)
+                            requests, batch=batch_line is not None)
+    run = Run(request_id, model, admission, engine, n, cloud, serving.background,
+              serving.telemetry)
+    scope = cache_scope_of(principal, serving.prefix_cache_scope, body.cache_salt)
+    priority = Priority.BATCH if batch_line is not None else body.priority
     try:
         generations = [GenerationRequest(
             request_id=choice_id(request_id, k), prompt_tokens=prompts[k // n],
             sampling=sampling.for_choice(k % n), max_tokens=max_tokens,
-            stop=body.stops, tenant=tenant_of(principal, request.app.state.fair_share_by),
-            priority=body.priority, weight=principal.weight, logprobs=logprobs,
+            stop=body.stops, tenant=tenant_of(principal, serving.fair_share_by),
+            priority=priority, weight=principal.weight, logprobs=logprobs,
             logit_bias=dict(body.logit_bias or {}), cache_scope=scope, constraint=constraint,
         ) for k in range(n * len(prompts))]
         run.siblings = [(k, g) for k, g in enumerate(generations) if k % n]
@@ -332,8 +367,9 @@ async def open_run(request: Request, engine: Engine, principal: Principal, model
         if isinstance(exc, EngineError):
             raise invalid(exc.message, exc.param, exc.code) from None
         raise
-    run.progress = cloud.journal.track(request_id, principal, model, prompt_tokens,
-                                       admission.rates, admission.hold, run.started_at)
+    if batch_line is None:
+        run.progress = cloud.journal.track(request_id, principal, model, prompt_tokens,
+                                           admission.rates, admission.hold, run.started_at)
     return run
 
 
@@ -346,7 +382,7 @@ async def _unwind(run: Run) -> None:
         await withdraw(run.cloud, run.admission)
 
 
-async def begin(run: Run, request: Request) -> None:
+async def begin(run: Run, request: Request | None) -> None:
     """Wait for each prompt's first event before answering, so a request shed from the
     queue still gets a real 429/503 instead of a 200 with an error inside; then start
     the other choices, whose prompt the engine now holds."""
@@ -393,9 +429,12 @@ def sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def until_disconnect(run: Run, request: Request, work: Awaitable[T]) -> T:
+async def until_disconnect(run: Run, request: Request | None, work: Awaitable[T]) -> T:
     """Await `work` unless the client goes first: then stop every choice, bill what they
-    made, and answer 499."""
+    made, and answer 499. No request (a batch line): no client to leave."""
+    if request is None:
+        return await work
+
     async def disconnected() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -455,7 +494,7 @@ async def stream_events(run: Run, fmt: Format, include_usage: bool) -> AsyncIter
         run.abandon()
 
 
-async def collect(run: Run, request: Request) -> tuple[list[Completed], Usage]:
+async def collect(run: Run, request: Request | None) -> tuple[list[Completed], Usage]:
     """Gather every choice's whole text (after `begin`), cancelling them all if the
     client disconnects first."""
     texts: dict[int, list[str]] = defaultdict(list)
@@ -478,7 +517,8 @@ async def collect(run: Run, request: Request) -> tuple[list[Completed], Usage]:
     if bad is not None:
         raise await fail(run, bad.finish_reason or FinishReason.ERROR)
     ordered = [finals[c.index] for c in run.choices]
-    await run.record(ordered)
-    return [Completed(c.index, "".join(texts[c.index]),
-                      (finals[c.index].finish_reason or FinishReason.ERROR).openai,
-                      logprobs[c.index]) for c in run.choices], run.usage(ordered)
+    completed = [Completed(c.index, "".join(texts[c.index]),
+                           (finals[c.index].finish_reason or FinishReason.ERROR).openai,
+                           logprobs[c.index]) for c in run.choices]
+    await run.record(ordered, completed)
+    return completed, run.usage(ordered)

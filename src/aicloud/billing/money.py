@@ -71,6 +71,12 @@ class Rates:
         return (prompt_tokens * max(self.input_micro, self.cached_input_micro)
                 + max_completion_tokens * self.output_micro)
 
+    def discounted(self, percent: int) -> Rates:
+        """These rates `percent` lower, rounded down to the micro-dollar (batch prices)."""
+        keep = 100 - percent
+        return Rates(self.input_micro * keep // 100, self.cached_input_micro * keep // 100,
+                     self.output_micro * keep // 100)
+
     @property
     def free(self) -> bool:
         return not (self.input_micro or self.cached_input_micro or self.output_micro)

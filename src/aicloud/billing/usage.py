@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,10 @@ from aicloud.billing.budgets import SCOPES, Hold, month_key, release_where, scop
 from aicloud.store.direct import Conn, DatabaseUnavailable, Direct
 
 log = logging.getLogger(__name__)
+
+# more writes that belong to the same outcome as a usage row (a batch line's answer), run
+# in its transaction
+Alongside = Callable[[Conn], None]
 
 RETRY_DELAYS = (0.05, 0.2, 1.0)
 SPOOL_PREFIX, SPOOL_SUFFIX = "usage-spool-", ".jsonl"
@@ -95,15 +100,21 @@ ON CONFLICT (scope) DO UPDATE SET held_pico = budget_held.held_pico + excluded.h
 """
 
 
-def _write(conn: Conn, entry: UsageEntry, hold: Hold | None) -> None:
+def _write(conn: Conn, entry: UsageEntry, hold: Hold | None,
+           alongside: Alongside | None = None) -> None:
     row: dict[str, object] = asdict(entry)
     row["started_at"], row["finished_at"] = conn.time(entry.started_at), conn.time(
         entry.finished_at)
     month = month_key(entry.finished_at)
     both = scopes(entry.project_id, entry.organization_id)
     if conn.dialect == "postgresql":
-        conn.round_trip(WRITE_POSTGRES, {**row, **both, "month": month,
-                                         "hold": hold.request_id if hold else None})
+        params = {**row, **both, "month": month, "hold": hold.request_id if hold else None}
+        if alongside is None:
+            conn.round_trip(WRITE_POSTGRES, params)
+            return
+        with conn.transaction():
+            conn.run(WRITE_POSTGRES, params)
+            alongside(conn)
         return
     with conn.transaction():  # SQLite has no writes inside WITH: the same, step by step
         if conn.run(INSERT_USAGE, row) and entry.cost_pico:
@@ -111,6 +122,8 @@ def _write(conn: Conn, entry: UsageEntry, hold: Hold | None) -> None:
                 conn.run(ADD_SPEND, {"scope": scope, "month": month, "cost": entry.cost_pico})
         if hold is not None:
             release_where(conn, "request_id = :r", {"r": hold.request_id})
+        if alongside is not None:
+            alongside(conn)
 
 
 def _append_fsynced(path: Path, data: bytes) -> None:
@@ -154,18 +167,20 @@ class UsageLedger:
         self._lock = asyncio.Lock()
         self._odd: set[str] = set()  # spool-looking files already reported as not ours
 
-    async def record(self, entry: UsageEntry, hold: Hold | None = None) -> None:
+    async def record(self, entry: UsageEntry, hold: Hold | None = None,
+                     alongside: Alongside | None = None) -> None:
         """Idempotent by request id. Retried briefly; then spooled, so a caller can send
-        its response knowing the usage will land."""
+        its response knowing the usage will land. With `alongside` (writes that must
+        share the row's transaction) nothing is spooled: the error propagates."""
         for delay in (*RETRY_DELAYS, None):
             try:
-                await self._insert(entry, hold)
+                await self._insert(entry, hold, alongside)
                 return
             except DatabaseUnavailable as exc:
                 if delay is not None:
                     await asyncio.sleep(delay)
                     continue
-                if self._spool is None:
+                if self._spool is None or alongside is not None:
                     log.error("usage for request %s could not be written", entry.request_id)
                     raise
                 log.warning("database unavailable (%s); usage of %s spooled to disk",
@@ -252,5 +267,6 @@ class UsageLedger:
         tmp.write_bytes(b"".join(rest))
         os.replace(tmp, path)
 
-    async def _insert(self, entry: UsageEntry, hold: Hold | None) -> None:
-        await self._direct.run(lambda conn: _write(conn, entry, hold))
+    async def _insert(self, entry: UsageEntry, hold: Hold | None,
+                      alongside: Alongside | None = None) -> None:
+        await self._direct.run(lambda conn: _write(conn, entry, hold, alongside))

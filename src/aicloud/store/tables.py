@@ -120,6 +120,8 @@ class Price(Base):
     cached_input_micro: Mapped[int] = mapped_column(BigInteger)
     output_micro: Mapped[int] = mapped_column(BigInteger)
     effective_at: Mapped[datetime] = mapped_column(TS)
+    # batch lines pay this many percent less (OpenAI's Batch API: 50)
+    batch_discount_pct: Mapped[int] = mapped_column(Integer, default=50, server_default="50")
 
 
 class UsageRecord(Base):
@@ -300,3 +302,66 @@ class Provider(Base):
     max_concurrency: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(TS)
     updated_at: Mapped[datetime] = mapped_column(TS)
+
+
+class StoredFile(Base):
+    """An uploaded file (or a batch's output): its bytes live under the files folder,
+    named by this id; readable only by its own project."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(40), index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))  # as the client named it; never a path
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(TS)
+
+
+class Batch(Base):
+    """A batch of the Batch API. Its lines' counts are read from `batch_lines`."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = mapped_column(String(40), index=True)
+    api_key_id: Mapped[str] = mapped_column(String(40))  # whose limits and budget it uses
+    endpoint: Mapped[str] = mapped_column(String(40))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(8))
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # the server instance running it; another takes it over once that one is gone
+    owner_instance: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    expires_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    in_progress_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    finalizing_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    failed_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    expired_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    cancelling_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+    cancelled_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)
+
+
+class BatchLine(Base):
+    """One request of a batch: `pending` until answered (`completed`, a 2xx) or not
+    (`failed`). A line's answer is written in the transaction of its usage row, whose
+    request id is `<batch>-<line>-<attempt>`."""
+
+    __tablename__ = "batch_lines"
+    __table_args__ = (Index("ix_batch_lines_state", "batch_id", "state", "line"),)
+
+    batch_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)  # the line's body
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    answer: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(TS, nullable=True)

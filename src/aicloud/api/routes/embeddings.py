@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,10 +22,10 @@ from aicloud.accounts.keys import Principal
 from aicloud.api.admission import Admission, admit, withdraw
 from aicloud.api.deps import CurrentPrincipal, PoolDep, parse_body
 from aicloud.api.errors import invalid
-from aicloud.api.generation import tenant_of
+from aicloud.api.generation import Serving, serving, tenant_of
 from aicloud.api.routes.openai import engine_for
 from aicloud.api.schemas import EmbeddingRequest as EmbeddingBody
-from aicloud.billing.usage import UsageEntry
+from aicloud.billing.usage import Alongside, UsageEntry
 from aicloud.engines.base import (
     EMBED,
     EmbeddingRequest,
@@ -33,6 +34,7 @@ from aicloud.engines.base import (
     EngineError,
     check_embedding_inputs,
 )
+from aicloud.models.pool import ModelPool
 from aicloud.services import Cloud
 
 router = APIRouter(prefix="/v1")
@@ -42,6 +44,18 @@ router = APIRouter(prefix="/v1")
 async def embeddings(request: Request, principal: CurrentPrincipal,
                      pool: PoolDep) -> JSONResponse:
     body = await parse_body(request, EmbeddingBody)
+    data, admission = await embed(serving(request), principal, pool, body)
+    return JSONResponse(data, headers={**admission.headers,
+                                       "x-request-id": admission.request_id})
+
+
+async def embed(serving: Serving, principal: Principal, pool: ModelPool, body: EmbeddingBody,
+                batch_line: str | None = None,
+                answer: Callable[[dict[str, Any]], Alongside] | None = None
+                ) -> tuple[dict[str, Any], Admission]:
+    """Check, tokenize, admit and run an embeddings request: the part an HTTP request and
+    a batch line share. `batch_line`: the line attempt's request id (the batch price);
+    `answer`: the line's answer, written with the usage row."""
     engine = engine_for(pool, body.model, principal)
     try:
         info = engine.info()
@@ -53,22 +67,21 @@ async def embeddings(request: Request, principal: CurrentPrincipal,
     if body.dimensions is not None:
         raise invalid(f"The model '{body.model}' does not support specifying dimensions.",
                       "dimensions")
-    job = EmbeddingRequest(f"embd-{secrets.token_hex(12)}", await _tokens(engine, body),
-                           tenant_of(principal, request.app.state.fair_share_by))
+    job = EmbeddingRequest(batch_line or f"embd-{secrets.token_hex(12)}",
+                           await _tokens(engine, body),
+                           tenant_of(principal, serving.fair_share_by))
     try:
         check_embedding_inputs(job, info.context_length)
     except EngineError as exc:
         raise invalid(exc.message, exc.param, exc.code) from None
-    cloud: Cloud = request.app.state.cloud
+    cloud = serving.cloud
     admission = await admit(cloud, principal, body.model, job.request_id,
-                            sum(len(t) for t in job.inputs), 0)
+                            sum(len(t) for t in job.inputs), 0, batch=batch_line is not None)
     # shielded: a client that leaves (or a cancelled handler) still gets its usage billed
-    task = asyncio.ensure_future(_run(cloud, engine, job, admission, body.model))
-    request.app.state.background.add(task)
-    task.add_done_callback(request.app.state.background.discard)
-    result = await asyncio.shield(task)
-    return JSONResponse(_response(body, result),
-                        headers={**admission.headers, "x-request-id": job.request_id})
+    task = asyncio.ensure_future(_run(cloud, engine, job, admission, body, answer))
+    serving.background.add(task)
+    task.add_done_callback(serving.background.discard)
+    return await asyncio.shield(task), admission
 
 
 async def _tokens(engine: Engine, body: EmbeddingBody) -> list[list[int]]:
@@ -85,7 +98,8 @@ async def _tokens(engine: Engine, body: EmbeddingBody) -> list[list[int]]:
 
 
 async def _run(cloud: Cloud, engine: Engine, job: EmbeddingRequest, admission: Admission,
-               model: str) -> Embeddings:
+               body: EmbeddingBody, answer: Callable[[dict[str, Any]], Alongside] | None
+               ) -> dict[str, Any]:
     started = datetime.now(UTC)
     try:
         result = await engine.embed(job)
@@ -95,12 +109,14 @@ async def _run(cloud: Cloud, engine: Engine, job: EmbeddingRequest, admission: A
     except BaseException:
         await withdraw(cloud, admission)
         raise
-    await _record(cloud, admission, model, result, started)
-    return result
+    data = _response(body, result)
+    await _record(cloud, admission, body.model, result, started,
+                  answer(data) if answer is not None else None)
+    return data
 
 
 async def _record(cloud: Cloud, admission: Admission, model: str, result: Embeddings,
-                  started: datetime) -> None:
+                  started: datetime, alongside: Alongside | None) -> None:
     principal: Principal = admission.principal
     usage = result.usage
     await cloud.ledger.record(UsageEntry(
@@ -109,7 +125,7 @@ async def _record(cloud: Cloud, admission: Admission, model: str, result: Embedd
         prompt_tokens=usage.prompt_tokens, cached_tokens=0, completion_tokens=0,
         cost_pico=admission.cost(usage), status="completed", started_at=started,
         finished_at=datetime.now(UTC),
-    ), admission.hold)
+    ), admission.hold, alongside)
     await cloud.limits.settle(admission.ticket, usage.total_tokens)
 
 

@@ -9,15 +9,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from aicloud.accounts.keys import Principal
 from aicloud.api.admission import admit_request, check_prompt_size
-from aicloud.api.deps import CloudDep, CurrentPrincipal, PoolDep, parse_body
+from aicloud.api.deps import CurrentPrincipal, PoolDep, parse_body
 from aicloud.api.errors import APIError, invalid
 from aicloud.api.generation import (
     Completed,
     Format,
     Run,
+    Serving,
     begin,
     collect,
     open_run,
+    serving,
     stream_events,
     usage_json,
 )
@@ -35,7 +37,6 @@ from aicloud.engines.base import (
     Usage,
 )
 from aicloud.models.pool import ModelCard, ModelPool, UnknownModel
-from aicloud.services import Cloud
 from aicloud.structured import SchemaError, constraint_for
 
 router = APIRouter(prefix="/v1")
@@ -218,7 +219,6 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
                    ) -> StreamingResponse | JSONResponse:
     """One chat completion, whoever asked for it (the chat route, or a Responses call,
     whose ledger rows then carry the response's id)."""
-    cloud: Cloud = request.app.state.cloud
     engine = engine_for(pool, body.model, principal)
     if engine.info().can(RELAY):  # a provider's model: relayed as sent, nothing rendered
         return await relay_with_fallbacks(
@@ -226,6 +226,26 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
             lambda name: engine_for(pool, name, principal),
             lambda name: run_chat(request, principal, pool,
                                   body.model_copy(update={"model": name}), id_prefix))
+    run, fmt = await open_chat(serving(request), principal, pool, body, id_prefix)
+    return await _respond(request, run, fmt, body.stream, _include_usage(body))
+
+
+def not_local(model: str) -> APIError:
+    """A provider's model is relayed by the HTTP routes only: a batch line runs on a local
+    engine, whose scheduler can put it behind interactive work."""
+    return invalid(f"model {model} is served by a partner provider, which batches cannot "
+                   "use yet", "model")
+
+
+async def open_chat(serving: Serving, principal: Principal, pool: ModelPool,
+                    body: ChatCompletionRequest, id_prefix: str = "chatcmpl",
+                    batch_line: str | None = None) -> tuple[Run, Format]:
+    """Check, tokenize and admit a chat completion and start it: the part an HTTP
+    request and a batch line share (see `open_run` for `batch_line`)."""
+    cloud = serving.cloud
+    engine = engine_for(pool, body.model, principal)
+    if engine.info().can(RELAY):
+        raise not_local(body.model)
     # cheap refusals before the prompt is tokenized: requests per minute, then its size
     requests = await admit_request(cloud, principal)
     prompt = await chat_prompt(body, engine)  # tools: checked, compiled, rendered as text
@@ -238,31 +258,41 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
         tokens = await engine.encode_chat(prompt.messages, prompt.tools)
     except EngineError as exc:
         raise invalid(exc.message, exc.param or "messages", exc.code) from None
-    run = await open_run(request, engine, principal, body.model, [tokens], body,
+    run = await open_run(serving, engine, principal, body.model, [tokens], body,
                          body.completion_limit, id_prefix, body.top_logprobs_wanted,
-                         requests, constraint)
+                         requests, constraint, batch_line)
     plain = ChatFormat(bool(body.logprobs))
-    fmt = prompt.answer_format(plain) or plain
-    return await _respond(request, run, fmt, body.stream, _include_usage(body))
+    return run, prompt.answer_format(plain) or plain
 
 
 @router.post("/completions", response_model=None, **request_body(CompletionRequest))
 async def completions(request: Request, principal: CurrentPrincipal,
-                      pool: PoolDep, cloud: CloudDep) -> StreamingResponse | JSONResponse:
+                      pool: PoolDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, CompletionRequest, text_fields=("prompt",))
-    return await run_completion(request, principal, pool, cloud, body)
+    return await run_completion(request, principal, pool, body)
 
 
 async def run_completion(request: Request, principal: Principal, pool: ModelPool,
-                         cloud: Cloud, body: CompletionRequest
-                         ) -> StreamingResponse | JSONResponse:
+                         body: CompletionRequest) -> StreamingResponse | JSONResponse:
     engine = engine_for(pool, body.model, principal)
     if engine.info().can(RELAY):
         return await relay_with_fallbacks(
             request, principal, body, TEXT, "cmpl",
             lambda name: engine_for(pool, name, principal),
-            lambda name: run_completion(request, principal, pool, cloud,
+            lambda name: run_completion(request, principal, pool,
                                         body.model_copy(update={"model": name})))
+    run, fmt = await open_completion(serving(request), principal, pool, body)
+    return await _respond(request, run, fmt, body.stream, _include_usage(body))
+
+
+async def open_completion(serving: Serving, principal: Principal, pool: ModelPool,
+                          body: CompletionRequest, batch_line: str | None = None
+                          ) -> tuple[Run, Format]:
+    """Check, tokenize and admit a text completion and start it (see `open_chat`)."""
+    cloud = serving.cloud
+    engine = engine_for(pool, body.model, principal)
+    if engine.info().can(RELAY):
+        raise not_local(body.model)
     constraint = await _constraint(body)
     prompts = body.prompts
     if body.echo and not all(isinstance(p, str) for p in prompts):
@@ -275,9 +305,8 @@ async def run_completion(request: Request, principal: Principal, pool: ModelPool
         if isinstance(prompt, str):
             check_prompt_size(len(prompt), context, "prompt")
     tokens = [await engine.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
-    run = await open_run(request, engine, principal, body.model, tokens, body,
+    run = await open_run(serving, engine, principal, body.model, tokens, body,
                          body.max_tokens if body.max_tokens is not None else 16, "cmpl",
-                         body.logprobs, requests, constraint)
+                         body.logprobs, requests, constraint, batch_line)
     echo = [p for p in prompts if isinstance(p, str)] if body.echo else None
-    fmt = TextFormat(body.choices, body.logprobs, echo)
-    return await _respond(request, run, fmt, body.stream, _include_usage(body))
+    return run, TextFormat(body.choices, body.logprobs, echo)

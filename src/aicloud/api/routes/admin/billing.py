@@ -36,7 +36,8 @@ async def set_price(model: str, request: Request, scope: CurrentAdmin,
     rates = Rates(price_to_micro(body.input_per_million, "input_per_million"),
                   price_to_micro(cached, "cached_input_per_million"),
                   price_to_micro(body.output_per_million, "output_per_million"))
-    return price_json(await cloud.prices.set_price(scope, model, rates))
+    return price_json(await cloud.prices.set_price(scope, model, rates,
+                                                   body.batch_discount_pct))
 
 
 def usage_filter(organization_id: str | None = None, project_id: str | None = None,

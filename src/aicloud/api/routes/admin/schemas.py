@@ -90,6 +90,7 @@ class PriceSet(Strict):
     input_per_million: Decimal
     output_per_million: Decimal
     cached_input_per_million: Decimal | None = None
+    batch_discount_pct: int = Field(default=50, ge=0, le=100)
 
 
 class CreditCreate(Strict):
@@ -141,6 +142,7 @@ def price_json(p: PriceView) -> dict[str, Any]:
             "input_per_million": micro_to_usd(p.rates.input_micro),
             "cached_input_per_million": micro_to_usd(p.rates.cached_input_micro),
             "output_per_million": micro_to_usd(p.rates.output_micro),
+            "batch_discount_pct": p.batch_discount_pct,
             "effective_at": iso(p.effective_at)}
 
 
