@@ -34,13 +34,13 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.prepare_home()
-        # the schema and the weights are independent: get both ready at once
-        await asyncio.gather(asyncio.to_thread(migrate.upgrade, settings.db_url), pool.start())
+        await asyncio.to_thread(migrate.upgrade, settings.db_url)
         cloud = open_cloud(settings)
         app.state.cloud = cloud
         app.state.pool = pool
         app.state.background = set()
-        app.state.telemetry = Telemetry()
+        app.state.telemetry = pool.observer = Telemetry()
+        await pool.start(cloud.catalog)  # the catalog's pinned models (and --model) load
         app.state.fair_share_by = settings.fair_share_by
         app.state.prefix_cache_scope = settings.prefix_cache_scope
         app.state.metrics_public = settings.metrics_public
@@ -48,7 +48,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         await cloud.journal.start(settings.home_dir, settings.host, settings.port)
         journal = asyncio.create_task(supervised("progress journal", cloud.journal.run))
         housekeeping = asyncio.create_task(supervised("housekeeping", cloud.maintain))
-        log.info("serving models: %s", ", ".join(c.id for c in pool.cards()))
+        log.info("serving models: %s", ", ".join(v.id for v in pool.views()))
         try:
             yield
         finally:

@@ -157,6 +157,7 @@ class Run:
     created: int = field(default_factory=lambda: int(time.time()))
     recorded: bool = False
     progress: InFlight | None = None  # its entry in the progress journal
+    cold_since: float | None = None  # when it began waiting for its model's load
     _clock: float = field(default_factory=time.perf_counter)
     _tokens: int = 0
     _made: dict[int, int] = field(default_factory=dict)  # completion tokens by choice
@@ -176,6 +177,8 @@ class Run:
         elapsed = now - self._clock
         if self._tokens == 0:  # any others that came with the first token took no time
             self.telemetry.first_token(self.model, elapsed)
+            if self.cold_since is not None:
+                self.telemetry.cold_first_token(self.model, now - self.cold_since)
             made, elapsed = made - 1, 0.0
         self.telemetry.next_tokens(self.model, elapsed, made)
         self._clock, self._tokens = now, event.completion_tokens
@@ -309,7 +312,8 @@ async def open_run(request: Request, engine: Engine, principal: Principal, model
     admission = await admit(cloud, principal, model, request_id, prompt_tokens, most * n,
                             requests)
     run = Run(request_id, model, admission, engine, n, cloud, request.app.state.background,
-              request.app.state.telemetry)
+              request.app.state.telemetry,
+              cold_since=getattr(request.state, "cold_since", None))
     scope = cache_scope_of(principal, request.app.state.prefix_cache_scope, body.cache_salt)
     try:
         generations = [GenerationRequest(

@@ -42,7 +42,7 @@ router = APIRouter(prefix="/v1")
 async def embeddings(request: Request, principal: CurrentPrincipal,
                      pool: PoolDep) -> JSONResponse:
     body = await parse_body(request, EmbeddingBody)
-    engine = engine_for(pool, body.model, principal)
+    engine = await engine_for(request, pool, body.model, principal)
     try:
         info = engine.info()
     except EngineError as exc:

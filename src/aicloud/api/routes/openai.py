@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -46,14 +47,39 @@ def _no_such_model(model: str) -> APIError:
                     "access to it.", param="model", code="model_not_found")
 
 
-def engine_for(pool: ModelPool, model: str, principal: Principal) -> Engine:
-    """A model outside the key's allow-list looks exactly like one that does not exist."""
+KEEP_ALIVE_HEADER = "X-Keep-Alive"
+
+
+def keep_alive_of(request: Request) -> float | None:
+    """`X-Keep-Alive: SECONDS`: how long the model should stay loaded once idle (OpenAI's
+    request schema has no such field, so it travels as a header, like Ollama's keep_alive)."""
+    raw = request.headers.get(KEEP_ALIVE_HEADER)
+    if raw is None:
+        return None
     try:
-        if not principal.may_use(model):
-            raise UnknownModel(model)
-        return pool.get(model)
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise invalid(f"{KEEP_ALIVE_HEADER} must be a number of seconds (0 or more)",
+                      KEEP_ALIVE_HEADER)
+    return seconds
+
+
+async def engine_for(request: Request, pool: ModelPool, model: str,
+                     principal: Principal) -> Engine:
+    """The model, loaded (a request for an unloaded one waits for its load). A model
+    outside the key's allow-list or its organization's looks exactly like one that does
+    not exist."""
+    keep_alive = keep_alive_of(request)
+    try:
+        lease = await pool.lease(model, principal.organization_id, principal.may_use,
+                                 keep_alive)
     except UnknownModel:
         raise _no_such_model(model) from None
+    if lease.cold_since is not None:
+        request.state.cold_since = lease.cold_since
+    return lease.model
 
 
 def _model_json(card: ModelCard) -> dict[str, Any]:
@@ -64,8 +90,9 @@ def _model_json(card: ModelCard) -> dict[str, Any]:
 
 @router.get("/models")
 async def list_models(principal: CurrentPrincipal, pool: PoolDep) -> dict[str, Any]:
+    """Every model the caller may use, loaded or not."""
     return {"object": "list", "data": [
-        _model_json(c) for c in pool.cards() if principal.may_use(c.id)
+        _model_json(c) for c in await pool.cards(principal.organization_id, principal.may_use)
     ]}
 
 
@@ -76,8 +103,10 @@ def _chat_logprob(lp: Logprob) -> dict[str, Any]:
 @router.get("/models/{model:path}")
 async def retrieve_model(model: str, principal: CurrentPrincipal,
                          pool: PoolDep) -> dict[str, Any]:
-    card = next((c for c in pool.cards() if c.id == model), None)
-    if card is None or not principal.may_use(model):
+    entry = await pool.find(model)
+    cards = await pool.cards(principal.organization_id, principal.may_use)
+    card = next((c for c in cards if entry is not None and c.id == entry.id), None)
+    if card is None:
         raise _no_such_model(model)
     return _model_json(card)
 
@@ -217,7 +246,7 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
     """One chat completion, whoever asked for it (the chat route, or a Responses call,
     whose ledger rows then carry the response's id)."""
     cloud: Cloud = request.app.state.cloud
-    engine = engine_for(pool, body.model, principal)
+    engine = await engine_for(request, pool, body.model, principal)
     # cheap refusals before the prompt is tokenized: requests per minute, then its size
     requests = await admit_request(cloud, principal)
     prompt = await chat_prompt(body, engine)  # tools: checked, compiled, rendered as text
@@ -242,7 +271,7 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
 async def completions(request: Request, principal: CurrentPrincipal,
                       pool: PoolDep, cloud: CloudDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, CompletionRequest, text_fields=("prompt",))
-    engine = engine_for(pool, body.model, principal)
+    engine = await engine_for(request, pool, body.model, principal)
     constraint = await _constraint(body)
     prompts = body.prompts
     if body.echo and not all(isinstance(p, str) for p in prompts):
