@@ -149,6 +149,7 @@ async def use(pool: ModelPool, name: str, keep_alive: float | None = None) -> St
     """One request that stays running until the test finishes its stream."""
     lease = await pool.lease(name, "org_a", keep_alive=keep_alive)
     stream = await lease.model.generate(GenerationRequest("r", [1]))
+    lease.release()  # the response is sent; the stream still counts until it ends
     assert isinstance(stream, Stream)
     return stream
 
@@ -182,7 +183,7 @@ def test_concurrent_first_requests_trigger_one_load(tmp_path: Path) -> None:
         streams = await asyncio.gather(*waiting)
         assert world.starts == ["a"]
         assert states(pool)["a"] == "ready"
-        assert pool.views()[0].in_flight == 8
+        assert pool.views()[0].in_flight == 8  # the eight streams
         for s in streams:
             s.finish()
 
@@ -316,13 +317,19 @@ def test_removed_model_is_unloaded_and_unknown(tmp_path: Path) -> None:
     run(tmp_path, [entry("a")], scenario)
 
 
-def test_an_unloaded_model_is_loaded_again_by_the_next_call_of_a_request(
+def test_a_leased_model_stays_until_released_and_a_later_call_loads_it_again(
         tmp_path: Path) -> None:
-    """A request leased a model, which an admin then unloaded before it generated: the
-    generation waits for a new load instead of running on a closed engine."""
+    """A request's lease keeps its model between the request's steps: an admin's unload
+    waits for it. A call on the model after it was unloaded loads it again instead of
+    running on a closed engine."""
     async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
-        lease = await pool.lease("a", "org_a")
-        await pool.unload("a")
+        lease = await pool.lease("a", "org_a", keep_alive=0)
+        await asyncio.sleep(0.2)  # several ticks: keep_alive 0 does not unload it
+        unloading = asyncio.ensure_future(pool.unload("a"))
+        await asyncio.sleep(0.1)
+        assert states(pool)["a"] == "draining" and not unloading.done()
+        lease.release()
+        await unloading
         assert states(pool)["a"] == "unloaded"
         stream = await lease.model.generate(GenerationRequest("r", [1]))
         assert world.starts == ["a", "a"] and states(pool)["a"] == "ready"
@@ -338,7 +345,9 @@ def test_organizations_and_allow_lists_hide_models(tmp_path: Path) -> None:
         assert [c.id for c in await pool.cards("org_a", lambda n: n == "o")] == ["open"]
         with pytest.raises(UnknownModel):
             await pool.lease("theirs", "org_b")
-        assert (await pool.lease("o", "org_b")).model.entry.id == "open"
+        lease = await pool.lease("o", "org_b")
+        assert lease.model.entry.id == "open"
+        lease.release()
 
     run(tmp_path, [entry("open", aliases=("o",)),
                    entry("theirs", organizations=("org_a",))], scenario)

@@ -13,6 +13,7 @@ from starlette.middleware.cors import CORSMiddleware
 from aicloud.api import errors, openapi
 from aicloud.api.body_limit import BodyLimit
 from aicloud.api.deps import clean_params
+from aicloud.api.model_leases import ReleaseLeases
 from aicloud.api.request_id import RequestId
 from aicloud.api.routes import admin, embeddings, health, metrics, openai, responses
 from aicloud.api.telemetry import Telemetry
@@ -64,6 +65,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     app = FastAPI(title="aicloud", version="0.1.0", lifespan=lifespan,
                   dependencies=[Depends(clean_params)])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ReleaseLeases)  # the models a request leased, once it is answered
     if origins := settings.cors_origin_list:
         # outside the body limit and the routes, so a preflight never reaches auth
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],

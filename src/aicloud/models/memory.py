@@ -7,6 +7,7 @@ the budget refused) without loading a byte of its weights, and without the `gguf
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
 from dataclasses import dataclass
@@ -28,13 +29,13 @@ STRING, ARRAY = 8, 9
 # claims more is refused before its claims are believed.
 MAX_KEYS = 100_000
 MAX_ITEMS = 10_000_000
+OVERHEAD = 0.15
 
 
 @dataclass(slots=True, frozen=True)
 class MemoryNeed:
     """Bytes a model takes once loaded: its weights, the KV cache of all its sequences,
-    and llama.cpp's compute buffers (the output logits of a whole batch dominate them for
-    small models: vocabulary x batch x 4 bytes, for the generating and embedding contexts)."""
+    and llama.cpp's compute buffers (for the generating and the embedding context)."""
 
     weights: int
     kv: int
@@ -109,11 +110,17 @@ def llamacpp_need(path: Path, *, context: int | None, sequences: int | None,
     seqs = sequences or max(1, min(MAX_AUTO_SEQUENCES, (kv_budget_mb << 20)
                                    // max(1, per_sequence)))
     rows = max(batch_tokens, seqs)
-    # per context: logits and hidden states of a batch, attention scores of one sequence
-    graph = 4 * rows * (shape.vocab + 4 * shape.embedding + shape.heads * ctx)
+    # per context: hidden states and attention scores of a batch's rows, and logits of the
+    # rows that are sampled (one per sequence, plus a prompt's last). llama.cpp reserves
+    # logits for every row of a batch, but only the pages written become resident.
+    graph = 4 * rows * (4 * shape.embedding + shape.heads * ctx) + 4 * (seqs + 1) * shape.vocab
+    weights = path.stat().st_size
     # the embedding context: its own KV for one sequence and the same batch buffers
-    return MemoryNeed(weights=path.stat().st_size, kv=(seqs + 1) * per_sequence,
-                      compute=2 * graph)
+    kv, compute = (seqs + 1) * per_sequence, 2 * graph
+    # what the estimate does not see: the tokenizer's tables, the chat template, allocator
+    # slack (SmolLM2, 256-token context, 2 sequences: 136 MiB estimated, 151-153 measured)
+    return MemoryNeed(weights=weights, kv=kv,
+                      compute=compute + int(OVERHEAD * (weights + kv + compute)))
 
 
 def resident_bytes() -> int | None:
@@ -123,6 +130,20 @@ def resident_bytes() -> int | None:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed by an unloaded model back to the system (glibc keeps freed heap
+    for reuse): otherwise the process stays as large, and the next load's cost, measured
+    as growth, reads low (a SmolLM2 loaded after another was unloaded measured 95 MiB
+    instead of 150)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def machine_memory() -> int:

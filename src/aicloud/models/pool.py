@@ -43,7 +43,7 @@ from aicloud.engines.base import (
 )
 from aicloud.models.catalog import MAX_KEEP_ALIVE, Catalog, CatalogEntry
 from aicloud.models.engines import EngineKinds
-from aicloud.models.memory import resident_bytes
+from aicloud.models.memory import resident_bytes, return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +121,21 @@ class ModelView:
     error: str | None
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Lease:
-    """A model made ready for one request; `cold_since` is when the request began waiting
-    for its load (None when the model was already loaded)."""
+    """A model made ready for one request, which counts as work in flight on it until
+    `release` (the API releases it when the response has been sent), so the model is
+    not unloaded between the request's steps (tokenizing, the budget hold, generating).
+    `cold_since` is when the request began waiting for a load (None if it did not)."""
 
     model: PooledModel
     cold_since: float | None = None
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.model.end()
 
 
 class PooledModel:
@@ -389,6 +397,7 @@ class ModelPool:
         model.last_used = time.monotonic()
         cold = None if model.state is ModelState.READY else time.perf_counter()
         await self.ensure(model)
+        model.begin()  # no await since ensure() saw it ready
         return Lease(model, cold)
 
     async def cards(self, organization_id: str | None = None,
@@ -522,6 +531,7 @@ class ModelPool:
             await self._close_engine(model)
         except Exception:
             log.exception("closing model %s failed", model.entry.id)
+        await asyncio.to_thread(return_freed_memory)
         after = self._memory()
         # what unloading freed is what the model held, buffers it touched since included
         if model.measured and before is not None and after is not None:

@@ -22,6 +22,7 @@ from aicloud.api.generation import (
     stream_events,
     usage_json,
 )
+from aicloud.api.model_leases import hold
 from aicloud.api.openapi import request_body
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from aicloud.api.tool_calls import chat_prompt
@@ -77,6 +78,7 @@ async def engine_for(request: Request, pool: ModelPool, model: str,
                                  keep_alive)
     except UnknownModel:
         raise _no_such_model(model) from None
+    hold(request, lease)
     if lease.cold_since is not None:
         request.state.cold_since = lease.cold_since
     return lease.model
