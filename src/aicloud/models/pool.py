@@ -74,7 +74,7 @@ class PoolConfig:
     memory_budget: int = 8 << 30
     keep_alive: float = 300.0
     max_keep_alive: float = MAX_KEEP_ALIVE
-    min_residency: float = 30.0
+    min_residency: float = 5.0
     fit_wait: float = 30.0
     retry_after: float = 5.0
     tick: float = 1.0  # how often idle models are looked at and the catalog re-read
@@ -88,6 +88,14 @@ class PoolConfig:
                 raise ValueError(f"{name} must be a non-negative number of seconds")
         if self.tick <= 0 or self.retry_after <= 0:
             raise ValueError("tick and retry_after must be positive")
+
+
+class CatalogSource(Protocol):
+    """Where the pool reads the catalog: `catalog.Catalog` (the database)."""
+
+    async def entries(self) -> list[CatalogEntry]: ...
+
+    async def find(self, name: str) -> CatalogEntry | None: ...
 
 
 class PoolObserver(Protocol):
@@ -313,7 +321,7 @@ class ModelPool:
         self._kinds = kinds or EngineKinds({})
         self._register = list(register)
         self._default = default  # served when the catalog is empty and nothing is given
-        self._catalog: Catalog | None = None
+        self._catalog: CatalogSource | None = None
         self._models: dict[str, PooledModel] = {}
         self._entries: dict[str, CatalogEntry] = {}  # the catalog as last read, by name
         self._created = int(time.time())
@@ -327,16 +335,16 @@ class ModelPool:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, catalog: Catalog | None = None) -> None:
+    async def start(self, catalog: CatalogSource | None = None) -> None:
         """Register the `--model` entries, start the caller's engines, load the pinned
         models (one that fails is marked failed; the others serve), then keep watch."""
         self._catalog = catalog
-        if catalog is not None:
+        if isinstance(catalog, Catalog):  # the database's: `--model` registers into it
             for entry in self._register:
                 await catalog.add(entry, replace=True)
             if not self._register and self._default and not await catalog.entries():
                 await catalog.add(self._default)
-            await self.refresh()
+        await self.refresh()
         for model in self._models.values():
             if model.fixed and model.engine is not None:
                 await model.engine.start()
