@@ -125,7 +125,7 @@ def run(tmp_path: Path, entries: list[CatalogEntry], scenario: Scenario,
     kinds = EngineKinds({e.engine: lambda e: StandIn(e, world) for e in entries},
                         {e.engine: lambda e: e.options["size_mb"] * MB for e in entries})
     defaults: dict[str, Any] = {"memory_budget": 250 * MB, "min_residency": 0.0,
-                                "fit_wait": 0.3, "tick": 0.05, "keep_alive": 60.0}
+                                "fit_wait": 1.0, "tick": 0.05, "keep_alive": 60.0}
 
     async def go() -> None:
         database = db.create_engine_async(url)

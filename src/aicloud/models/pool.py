@@ -41,6 +41,7 @@ from aicloud.engines.base import (
     GenerationStream,
     TenantLoad,
 )
+from aicloud.engines.llamacpp.model import ModelLoadError
 from aicloud.models.catalog import MAX_KEEP_ALIVE, Catalog, CatalogEntry
 from aicloud.models.engines import EngineKinds
 from aicloud.models.memory import resident_bytes, return_freed_memory
@@ -337,7 +338,8 @@ class ModelPool:
 
     async def start(self, catalog: CatalogSource | None = None) -> None:
         """Register the `--model` entries, start the caller's engines, load the pinned
-        models (one that fails is marked failed; the others serve), then keep watch."""
+        models (one that fails is marked failed; the others serve, but a `--model` that
+        fails stops the start: the operator named it), then keep watch."""
         self._catalog = catalog
         if isinstance(catalog, Catalog):  # the database's: `--model` registers into it
             for entry in self._register:
@@ -352,6 +354,10 @@ class ModelPool:
                 model.set_state(ModelState.READY)
         pinned = [e for e in self._unique_entries() if e.pinned]
         await asyncio.gather(*(self._preload(e) for e in pinned))
+        for entry in self._register:  # what the command line names must serve, or say why
+            model = self._models.get(entry.id)
+            if model is not None and model.state is ModelState.FAILED:
+                raise ModelLoadError(model.error or f"model {entry.id} failed to load")
         self._reaper = asyncio.create_task(self._watch())
 
     async def close(self) -> None:
@@ -368,10 +374,12 @@ class ModelPool:
             await engine.close()
 
     async def _preload(self, entry: CatalogEntry) -> None:
+        model = self._model_for(entry)
         try:
-            await self.ensure(self._model_for(entry))
+            await self.ensure(model)
         except EngineUnavailable as exc:
-            log.warning("pinned model %s is not loaded: %s", entry.id, exc.message)
+            if model.state is not ModelState.FAILED:  # a failure was logged by the load
+                log.warning("pinned model %s is not loaded: %s", entry.id, exc.message)
 
     # -- what requests call ----------------------------------------------------------------
 
@@ -473,7 +481,9 @@ class ModelPool:
         except Exception as exc:
             message = exc.message if isinstance(exc, EngineError) else (
                 f"{type(exc).__name__}: {exc}")
-            log.error("model %s failed to load: %s", entry.id, message)
+            if self._reaper is not None or entry not in self._register:  # else the start
+                # fails, saying why once
+                log.error("model %s failed to load: %s", entry.id, message)
             model.error = message
             model.set_state(ModelState.FAILED)
             self._observe_load(entry.id, time.perf_counter() - started, ok=False)
