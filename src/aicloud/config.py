@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     max_keep_alive: float = Field(
         default=3600.0, ge=0, le=WEEK,
         description="the most a request's X-Keep-Alive header may ask for")
-    min_residency: float = Field(default=5.0, ge=0, description="seconds a loaded model "
+    min_residency: float = Field(default=2.0, ge=0, description="seconds a loaded model "
                                  "stays before another load may evict it")
     load_wait: float = Field(default=30.0, ge=0, description="how long a load waits for "
                              "busy models to make room before its requests get a 503")

@@ -75,7 +75,7 @@ class PoolConfig:
     memory_budget: int = 8 << 30
     keep_alive: float = 300.0
     max_keep_alive: float = MAX_KEEP_ALIVE
-    min_residency: float = 5.0
+    min_residency: float = 2.0
     fit_wait: float = 30.0
     retry_after: float = 5.0
     tick: float = 1.0  # how often idle models are looked at and the catalog re-read
@@ -293,17 +293,22 @@ class PooledModel:
 
 @dataclass(slots=True)
 class _Room:
-    """Signalled whenever memory may have become free (an unload, a model going idle)."""
+    """Signalled whenever memory may have become free (an unload, a model going idle).
+    Each wait is on a fresh event, so a wake-up between a check and the wait is not lost
+    (the waiter then re-checks at once)."""
 
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
     def wake(self) -> None:
         self.event.set()
+        self.event = asyncio.Event()
 
-    async def wait(self, seconds: float) -> None:
-        self.event.clear()
+    def waiter(self) -> asyncio.Event:
+        return self.event
+
+    async def wait(self, event: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.event.wait(), seconds)
+            await asyncio.wait_for(event.wait(), seconds)
 
 
 class ModelPool:
@@ -355,9 +360,9 @@ class ModelPool:
         pinned = [e for e in self._unique_entries() if e.pinned]
         await asyncio.gather(*(self._preload(e) for e in pinned))
         for entry in self._register:  # what the command line names must serve, or say why
-            model = self._models.get(entry.id)
-            if model is not None and model.state is ModelState.FAILED:
-                raise ModelLoadError(model.error or f"model {entry.id} failed to load")
+            named = self._models.get(entry.id)
+            if named is not None and named.state is ModelState.FAILED:
+                raise ModelLoadError(named.error or f"model {entry.id} failed to load")
         self._reaper = asyncio.create_task(self._watch())
 
     async def close(self) -> None:
@@ -489,7 +494,11 @@ class ModelPool:
             self._observe_load(entry.id, time.perf_counter() - started, ok=False)
             return
         if before is not None and after is not None and model.need > 0:
-            model.need, model.measured = max(after - before, 1), True
+            # llama.cpp's buffers become resident only as they are first written, so right
+            # after a load the growth reads low; the estimate was made to match what they
+            # reach, and an unload measures what the model really held
+            estimate = model.need if not model.measured else 0
+            model.need, model.measured = max(after - before, estimate, 1), True
         if self._models.get(entry.id) is not model:  # removed from the catalog meanwhile
             await _quietly_close(engine)
             model.set_state(ModelState.UNLOADED)
@@ -506,6 +515,7 @@ class ModelPool:
         busy ones up to `fit_wait`, then refuse (503: nothing is wrong with the model)."""
         deadline = time.monotonic() + self.config.fit_wait
         while self.used() > self.config.memory_budget:
+            woken = self._room.waiter()
             now = time.monotonic()
             victims = [m for m in self._models.values() if m is not model
                        and m.evictable(now, self.config.min_residency)]
@@ -516,7 +526,7 @@ class ModelPool:
                 raise EngineUnavailable(
                     f"The model '{model.entry.id}' does not fit in memory beside the models "
                     "busy now; retry shortly.", retry_after=self.config.retry_after)
-            await self._room.wait(min(deadline - now, self.config.tick))
+            await self._room.wait(woken, min(deadline - now, self.config.tick))
 
     def used(self) -> int:
         return sum(m.need for m in self._models.values() if m.state.resident)
@@ -543,7 +553,7 @@ class ModelPool:
             return
         model.set_state(ModelState.DRAINING)
         while model.in_flight:
-            await self._room.wait(self.config.tick)
+            await self._room.wait(self._room.waiter(), self.config.tick)
         before = self._memory()
         try:
             await self._close_engine(model)
