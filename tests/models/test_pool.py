@@ -374,3 +374,16 @@ def test_a_load_that_reads_lower_than_its_estimate_keeps_the_estimate(tmp_path: 
         assert {v.id: v.memory_bytes for v in pool.views()}["a"] == 100 * MB
 
     run(tmp_path, [entry("a", 100, options={"real_mb": 40})], scenario)
+
+
+def test_loads_waiting_for_room_do_not_block_each_other(tmp_path: Path) -> None:
+    """With `a` busy, only one of b and c fits at a time: b loads, serves, and makes way
+    for c. A load still waiting for room must not count against the other, or both would
+    wait for each other until refused."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        running = await use(pool, "a")
+        await asyncio.gather(call(pool, "b"), call(pool, "c"))
+        assert sorted(world.starts) == ["a", "b", "c"]
+        running.finish()
+
+    run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario, fit_wait=5.0)

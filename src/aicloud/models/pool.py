@@ -62,7 +62,7 @@ class ModelState(enum.StrEnum):
 
     @property
     def resident(self) -> bool:
-        """Holds (or is about to hold) its memory: counted against the budget."""
+        """Holds (or is loading into) its memory."""
         return self in (ModelState.LOADING, ModelState.READY, ModelState.DRAINING)
 
 
@@ -162,11 +162,13 @@ class PooledModel:
         self.state = ModelState.UNLOADED
         self.need = 0
         self.measured = False
+        self.reserved = False  # a load that has made its room (counted while loading)
         self.error: str | None = None
         self.loaded_at = 0.0
         self.last_used = time.monotonic()
         self.requested_keep_alive: float | None = None  # the last request's X-Keep-Alive
         self.in_flight = 0
+        self.waiters = 0  # requests waiting for it to be ready: it is theirs once loaded
         self.changed = asyncio.Event()  # set and replaced at every state change
         self._info: EngineInfo | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -183,7 +185,16 @@ class PooledModel:
             return self.entry.keep_alive
         return self._pool.config.keep_alive
 
+    @property
+    def holds_memory(self) -> bool:
+        """Counted against the budget: loaded, or loading once it has made room (a load
+        still waiting for room must not keep the others from finding theirs)."""
+        return self.state in (ModelState.READY, ModelState.DRAINING) or (
+            self.state is ModelState.LOADING and self.reserved)
+
     def set_state(self, state: ModelState) -> None:
+        if state is not ModelState.LOADING:
+            self.reserved = False
         self.state = state
         self.changed.set()
         self.changed = asyncio.Event()
@@ -191,7 +202,8 @@ class PooledModel:
 
     def evictable(self, now: float, min_residency: float) -> bool:
         return (self.state is ModelState.READY and not self.entry.pinned and not self.fixed
-                and self.in_flight == 0 and now - self.loaded_at >= min_residency)
+                and self.in_flight == 0 and self.waiters == 0
+                and now - self.loaded_at >= min_residency)
 
     def view(self, now: float) -> ModelView:
         idle = now - self.last_used if self.in_flight == 0 and self.state.resident else None
@@ -439,7 +451,16 @@ class ModelPool:
 
     async def ensure(self, model: PooledModel) -> None:
         """Return once `model` is ready; start its load if nobody has. A failed model
-        stays failed until its catalog entry changes or an admin loads it again."""
+        stays failed until its catalog entry changes or an admin loads it again. While it
+        waits, the model cannot be evicted (a model loaded for waiting requests is theirs:
+        evicting it before they run would only make them load it again)."""
+        model.waiters += 1
+        try:
+            await self._until_ready(model)
+        finally:
+            model.waiters -= 1
+
+    async def _until_ready(self, model: PooledModel) -> None:
         while model.state is not ModelState.READY:
             if model.state is ModelState.FAILED:
                 raise EngineUnavailable(
@@ -509,12 +530,26 @@ class ModelPool:
         self._observe_load(entry.id, time.perf_counter() - started, ok=True)
         log.info("model %s loaded in %.1f s (%d MiB)", entry.id,
                  time.perf_counter() - started, _mib(model.need))
+        await self._trim(model)
+
+    async def _trim(self, loaded: PooledModel) -> None:
+        """A load that cost more than its estimate may leave the pool over budget: unload
+        idle models (never waiting for busy ones) until it is not."""
+        while self.used() > self.config.memory_budget:
+            now = time.monotonic()
+            victims = [m for m in self._models.values() if m is not loaded
+                       and m.evictable(now, self.config.min_residency)]
+            if not victims:
+                log.warning("the loaded models take %d MiB, over the budget of %d MiB",
+                            _mib(self.used()), _mib(self.config.memory_budget))
+                return
+            await self._unload(min(victims, key=lambda m: m.last_used), "evicted")
 
     async def _make_room(self, model: PooledModel) -> None:
         """Unload idle models, least recently used first, until `model` fits; wait for
         busy ones up to `fit_wait`, then refuse (503: nothing is wrong with the model)."""
         deadline = time.monotonic() + self.config.fit_wait
-        while self.used() > self.config.memory_budget:
+        while self.used() + model.need > self.config.memory_budget:
             woken = self._room.waiter()
             now = time.monotonic()
             victims = [m for m in self._models.values() if m is not model
@@ -527,9 +562,10 @@ class ModelPool:
                     f"The model '{model.entry.id}' does not fit in memory beside the models "
                     "busy now; retry shortly.", retry_after=self.config.retry_after)
             await self._room.wait(woken, min(deadline - now, self.config.tick))
+        model.reserved = True  # no await since the check: two loads cannot both fit
 
     def used(self) -> int:
-        return sum(m.need for m in self._models.values() if m.state.resident)
+        return sum(m.need for m in self._models.values() if m.holds_memory)
 
     async def load(self, name: str) -> PooledModel:
         """An admin's load: also a failed model tries again."""
@@ -617,7 +653,7 @@ class ModelPool:
     def _expire_idle(self) -> None:
         now = time.monotonic()
         for model in list(self._models.values()):
-            if (model.state is ModelState.READY and model.in_flight == 0
+            if (model.state is ModelState.READY and model.in_flight == 0 and not model.waiters
                     and not model.entry.pinned and not model.fixed
                     and now - model.last_used >= model.keep_alive):
                 self._spawn(self._unload(model, "keep_alive"))
