@@ -8,6 +8,7 @@ the budget refused) without loading a byte of its weights, and without the `gguf
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 from dataclasses import dataclass
@@ -79,6 +80,14 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def gguf_shape(path: Path) -> GgufShape:
+    """Read once per file version: a header with a large vocabulary takes ~0.1 s to walk,
+    which a cold request would otherwise wait for at every load."""
+    stat = path.stat()
+    return _shape(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _shape(path: Path, size: int, mtime_ns: int) -> GgufShape:
     meta = read_metadata(path)
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
