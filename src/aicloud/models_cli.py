@@ -99,8 +99,7 @@ def add(
     cached_input_price: Annotated[Decimal | None, typer.Option(help="USD per million")] = None,
     output_price: Annotated[Decimal | None, typer.Option(help="USD per million")] = None,
 ) -> None:
-    """Add a model to the catalog; a server loads it on its first request (at once
-    if pinned)."""
+    """Add a model to the catalog; servers load it on its first request (pinned: now)."""
     if (path is None) == (provider is None):
         raise typer.BadParameter("give either --path or --provider (with --upstream-model)")
     kind = engine or (EngineKind.UPSTREAM if provider else EngineKind.LLAMACPP)
@@ -174,6 +173,7 @@ def pin(model_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
 
 @models.command("unpin")
 def unpin(model_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Let a model be unloaded again when idle or for room."""
     _set_pinned(model_id, False)
 
 
