@@ -10,17 +10,35 @@ from typing import Annotated, Any, Literal
 import typer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from aicloud import admin_cli, logs, providers_cli
+from aicloud import admin_cli, logs, models_cli, providers_cli
 from aicloud.cluster.replica import EngineFactory, ReplicaSpec
 from aicloud.config import Settings
 from aicloud.engines.base import Engine
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
-from aicloud.engines.llamacpp.model import ContextConfig, ModelLoadError, check_gguf_path
-from aicloud.engines.llamacpp.weights import check_format
-from aicloud.models.catalog import CatalogError, ModelSpec, resolve_models
-from aicloud.models.pool import ModelPool
-from aicloud.models.pull_cli import models as models_cli
-from aicloud.providers.serving import upstream_engines
+from aicloud.engines.llamacpp.model import (
+    ContextConfig,
+    ModelLoadError,
+    check_gguf_path,
+    default_threads,
+)
+from aicloud.engines.llamacpp.threads import ThreadBudget
+from aicloud.engines.llamacpp.weights import NATIVE, check_format, retyped_path
+from aicloud.engines.upstream import make_upstream_engine
+from aicloud.models.catalog import (
+    CatalogEntry,
+    CatalogError,
+    EngineKind,
+    ModelSpec,
+    bundled_model,
+    resolve_models,
+    spec_entry,
+)
+from aicloud.models.engines import EngineFactory as ModelFactory
+from aicloud.models.engines import EngineKinds
+from aicloud.models.memory import llamacpp_need, machine_memory
+from aicloud.models.pool import ModelPool, PoolConfig
+from aicloud.models.pull_cli import pull_command
+from aicloud.providers.serving import provider_links
 from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 
 FCFS = SchedulingConfig(mode=Mode.FCFS)
@@ -32,52 +50,100 @@ app.add_typer(admin_cli.keys, name="keys")
 app.add_typer(admin_cli.admin_keys, name="admin-keys")
 app.add_typer(admin_cli.prices, name="prices")
 app.add_typer(admin_cli.billing, name="billing")
-app.add_typer(models_cli, name="models")
+models_cli.models.command("pull")(pull_command)
+app.add_typer(models_cli.models, name="models")
 app.add_typer(providers_cli.providers, name="providers")
 app.add_typer(admin_cli.batches, name="batches")
 
 
 def build_pool(settings: Settings) -> ModelPool:
-    config = ContextConfig(
-        sequences=settings.sequences, context_per_sequence=settings.context,
+    """The catalog's models, each built when first needed by its engine kind's factory;
+    `--model` entries are registered into the catalog (pinned), and with none given and
+    an empty catalog the bundled model is. Upstream models share one link per provider."""
+    kind = EngineKind(settings.engine)
+    specs = resolve_models(settings.models) if settings.models else []
+    if kind is EngineKind.VLLM:
+        check_vllm(specs)
+    else:
+        for spec in specs:
+            check_gguf_path(spec.path)
+        check_format(settings.weights)
+    budget = ThreadBudget(settings.threads or default_threads())
+    factories: dict[EngineKind, ModelFactory] = {
+        EngineKind.LLAMACPP: partial(llamacpp_engine, settings, budget),
+        EngineKind.VLLM: partial(vllm_engine, settings),
+        EngineKind.UPSTREAM: partial(make_upstream_engine, providers=provider_links(settings))}
+    # replicas on Ray take memory on the cluster's nodes, not this process's
+    estimators = {} if settings.ray_address else {
+        EngineKind.LLAMACPP: partial(llamacpp_estimate, settings)}
+    machine = machine_memory()
+    config = PoolConfig(
+        memory_budget=(settings.memory_budget_mb << 20) if settings.memory_budget_mb
+        else machine // 2, keep_alive=settings.keep_alive,
+        max_keep_alive=settings.max_keep_alive, min_residency=settings.min_residency,
+        fit_wait=settings.load_wait)
+    default = None if specs else spec_entry(bundled_model(), kind)
+    return ModelPool(kinds=EngineKinds(factories, estimators), config=config,
+                     register=[spec_entry(s, kind) for s in specs], default=default)
+
+
+def context_config(settings: Settings, entry: CatalogEntry) -> ContextConfig:
+    """The server's layout, with the catalog entry's own `context` and `sequences`."""
+    options = entry.options
+    return ContextConfig(
+        sequences=options.get("sequences", settings.sequences),
+        context_per_sequence=options.get("context", settings.context),
         threads=settings.threads, step_sequences=settings.step_sequences,
         batch_tokens=settings.batch_tokens,
         kv_budget_mb=settings.kv_budget_mb, adapt_threads=settings.adapt_threads,
     )
-    specs = resolve_models(settings.models)
-    if settings.engine == "vllm":
-        return vllm_pool(settings, specs, config)
-    for spec in specs:
-        check_gguf_path(spec.path)
-    check_format(settings.weights)
-    cache = settings.weights_cache
+
+
+def llamacpp_engine(settings: Settings, budget: ThreadBudget, entry: CatalogEntry) -> Engine:
+    """Every local llama.cpp model decodes from the one `budget` of threads."""
+    check_gguf_path(entry.path)
+    weights = check_format(str(entry.options.get("weights", settings.weights)))
     # on Ray the replica set keeps the fair line; each replica then simply runs what it gets
     inner = FCFS if settings.ray_address else scheduling_config(settings)
-    makers = {s.model_id: partial(LlamaCppEngine, s.model_id, s.path, config,
-                                  queue=FairQueue(inner), weights=settings.weights,
-                                  weights_cache=cache) for s in specs}
-    upstream = upstream_engines(settings)  # the catalog's provider models
+    make = partial(LlamaCppEngine, entry.id, entry.path, context_config(settings, entry),
+                   queue=FairQueue(inner), weights=weights,
+                   weights_cache=settings.weights_cache)
     if settings.ray_address:
-        return ModelPool({**upstream, **{mid: on_ray(settings, mid, make)
-                                         for mid, make in makers.items()}})
-    return ModelPool({**upstream, **{mid: make() for mid, make in makers.items()}})
+        return on_ray(settings, entry.id, make)
+    return make(threads_budget=budget)
 
 
-def vllm_pool(settings: Settings, specs: list[ModelSpec], config: ContextConfig) -> ModelPool:
-    """Models on vLLM, which schedules by itself: priorities, but no tenant fairness."""
-    from aicloud.engines.vllm import VllmEngine
+def llamacpp_estimate(settings: Settings, entry: CatalogEntry) -> int:
+    """From the GGUF's header; a re-typed copy already made is sized by its own file."""
+    config = context_config(settings, entry)
+    weights = str(entry.options.get("weights", settings.weights))
+    path = check_gguf_path(entry.path)
+    if weights != NATIVE and (typed := retyped_path(
+            path, weights, settings.weights_cache)).is_file():
+        path = typed
+    return llamacpp_need(path, context=config.context_per_sequence,
+                         sequences=config.sequences, kv_budget_mb=config.kv_budget_mb,
+                         batch_tokens=config.batch_tokens).total
+
+
+def check_vllm(specs: list[ModelSpec]) -> None:
     from aicloud.engines.vllm_convert import check_model_path
 
     if importlib.util.find_spec("vllm") is None:
         raise ModelLoadError("--engine vllm needs the vllm extra: pip install 'aicloud[vllm]'")
-    if settings.ray_address:
-        raise ModelLoadError("--engine vllm does not run on Ray yet")
     for spec in specs:
         check_model_path(spec.path)
-    cache = settings.weights_cache
-    return ModelPool({**upstream_engines(settings), **{
-        s.model_id: VllmEngine(s.model_id, s.path, config, weights_cache=cache,
-                               eager=settings.vllm_eager) for s in specs}})
+
+
+def vllm_engine(settings: Settings, entry: CatalogEntry) -> Engine:
+    """Models on vLLM, which schedules by itself: priorities, but no tenant fairness."""
+    from aicloud.engines.vllm import VllmEngine
+
+    if settings.ray_address:
+        raise ModelLoadError("vLLM models do not run on Ray yet")
+    check_vllm([ModelSpec(entry.id, entry.path)])
+    return VllmEngine(entry.id, entry.path, context_config(settings, entry),
+                      weights_cache=settings.weights_cache, eager=settings.vllm_eager)
 
 
 def scheduling_config(settings: Settings) -> SchedulingConfig:
@@ -96,6 +162,22 @@ def on_ray(settings: Settings, model_id: str, make: EngineFactory) -> Engine:
                       settings.scale_down_after)
     return ReplicaSet(spec, scaling, FairQueue(scheduling_config(settings)),
                       address=settings.ray_address or "auto")
+
+
+def memory_mb(text: str) -> int:
+    """`6G`, `512M`, `1.5g` or a number of MiB."""
+    units = {"k": 1 / 1024, "m": 1, "g": 1024, "t": 1024 * 1024}
+    raw = text.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = units.get(raw[-1:])
+    try:
+        value = float(raw[:-1] if scale is not None else raw) * (scale or 1)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a size such as 6G or 512M",
+                                 param_hint="--memory-budget") from None
+    if not 16 <= value < 1 << 40:
+        raise typer.BadParameter("the memory budget must be at least 16M",
+                                 param_hint="--memory-budget")
+    return int(value)
 
 
 class OneLineLoadErrors:
@@ -154,6 +236,9 @@ def serve(
         help="autoscaling ceiling (default: --replicas)")] = None,
     replica_cpus: Annotated[float | None, typer.Option(
         help="CPUs Ray reserves for each replica (default: --threads, or 1)")] = None,
+    memory_budget: Annotated[str | None, typer.Option(
+        help="memory the loaded models may take together, e.g. 6G or 512M (default: half "
+             "of the machine's); idle models are unloaded to make room")] = None,
 ) -> None:
     """Start the OpenAI-compatible server."""
     import uvicorn
@@ -164,7 +249,8 @@ def serve(
         host=host, port=port, models=model, engine=engine, sequences=sequences,
         context=context, threads=threads, step_sequences=step_sequences,
         kv_budget_mb=kv_budget_mb, weights=weights, ray_address=ray, replicas=replicas,
-        min_replicas=min_replicas, max_replicas=max_replicas, replica_cpus=replica_cpus)
+        min_replicas=min_replicas, max_replicas=max_replicas, replica_cpus=replica_cpus,
+        memory_budget_mb=memory_mb(memory_budget) if memory_budget else None)
     # Settings validates each value; `--port 0` is a port: any free one
     overrides = {k: v for k, v in options.items() if v is not None}
     settings = Settings(**overrides)
@@ -185,7 +271,8 @@ def status(url: Annotated[str | None, typer.Option(
            admin_key: Annotated[str | None, typer.Option(
         envvar="AICLOUD_ADMIN_KEY",
         help="an admin key, to see the node and process of each replica")] = None) -> None:
-    """Models, their load and, on Ray, where every replica runs."""
+    """Models, their state (unloaded, loading, ready, draining, failed), their load and,
+    on Ray, where every replica runs."""
     import httpx
 
     settings = Settings()
@@ -202,8 +289,10 @@ def status(url: Annotated[str | None, typer.Option(
     health = resp.json()
     typer.echo(f"{base}: {health['status']}")
     for model, view in health["models"].items():
-        typer.echo(f"{model}: {view['running']} running, {view['waiting']} waiting, "
-                   f"{view['tokens_per_second']} tok/s")
+        typer.echo(f"{model}: {view.get('state', 'ready')}, {view['running']} running, "
+                   f"{view['waiting']} waiting, {view['tokens_per_second']} tok/s")
+        if view.get("error"):
+            typer.echo(f"  failed: {view['error']}")
         for r in view.get("placement", {}).get("replicas", []):
             where = f"node {r['node_ip']} pid {r['pid']}" if "pid" in r else ""
             typer.echo(f"  replica {r['index']}: {r['state']:<9} {where}  "

@@ -10,6 +10,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aicloud.store.db import default_url
 
+WEEK = 7 * 24 * 3600.0  # the longest keep_alive (catalog.MAX_KEEP_ALIVE)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AICLOUD_", extra="ignore")
@@ -84,6 +86,19 @@ class Settings(BaseSettings):
                               "in flight at once (they wait in the batch class)")
     batch_yield_lines: int = Field(default=8, ge=1, le=1024, description="batch lines "
                                    "that may run on a model while interactive requests do")
+    # the model pool (models/pool.py): memory budget, idle unloading, residency
+    memory_budget_mb: int | None = Field(
+        default=None, ge=16, description="memory the loaded models may take together "
+        "(default: half of the machine's)")
+    keep_alive: float = Field(default=300.0, ge=0, le=WEEK,
+                              description="idle seconds before an unpinned model unloads")
+    max_keep_alive: float = Field(
+        default=3600.0, ge=0, le=WEEK,
+        description="the most a request's X-Keep-Alive header may ask for")
+    min_residency: float = Field(default=2.0, ge=0, description="seconds a loaded model "
+                                 "stays before another load may evict it")
+    load_wait: float = Field(default=30.0, ge=0, description="how long a load waits for "
+                             "busy models to make room before its requests get a 503")
 
     @property
     def home_dir(self) -> Path:

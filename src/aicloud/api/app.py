@@ -16,6 +16,7 @@ from aicloud.api.batch_lines import LineRunner
 from aicloud.api.body_limit import BodyLimit
 from aicloud.api.deps import clean_params
 from aicloud.api.generation import Serving
+from aicloud.api.model_leases import ReleaseLeases
 from aicloud.api.request_id import RequestId
 from aicloud.api.routes import admin, batches, embeddings, files, health, metrics, openai, responses
 from aicloud.api.telemetry import Telemetry
@@ -39,14 +40,14 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.prepare_home()
-        # the schema and the weights are independent: get both ready at once
-        await asyncio.gather(asyncio.to_thread(migrate.upgrade, settings.db_url), pool.start())
+        await asyncio.to_thread(migrate.upgrade, settings.db_url)
         cloud = open_cloud(settings)
         app.state.cloud = cloud
         app.state.pool = pool
         app.state.pulls = Pulls(cloud.catalog, settings.home_dir)
         app.state.background = set()
-        app.state.telemetry = Telemetry()
+        app.state.telemetry = pool.observer = Telemetry()
+        await pool.start(cloud.catalog)  # the catalog's pinned models (and --model) load
         app.state.fair_share_by = settings.fair_share_by
         app.state.prefix_cache_scope = settings.prefix_cache_scope
         app.state.metrics_public = settings.metrics_public
@@ -61,7 +62,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
                              cloud.keys.principal_of_key, cloud.journal.instance_id,
                              settings.batch_window)
         batch_task = asyncio.create_task(supervised("batch runner", runner.run))
-        log.info("serving models: %s", ", ".join(c.id for c in pool.cards()))
+        log.info("serving models: %s", ", ".join(v.id for v in pool.views()))
         try:
             yield
         finally:
@@ -80,6 +81,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
                   dependencies=[Depends(clean_params)])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes,
                        uploads={"/v1/files": settings.max_file_bytes})
+    app.add_middleware(ReleaseLeases)  # the models a request leased, once it is answered
     if origins := settings.cors_origin_list:
         # outside the body limit and the routes, so a preflight never reaches auth
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"],

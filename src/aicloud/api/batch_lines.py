@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from aicloud.api.deps import validate_body
 from aicloud.api.errors import APIError, error_body, invalid
-from aicloud.api.generation import Completed, Serving, begin, collect
+from aicloud.api.generation import Completed, Format, Run, Serving, begin, collect
 from aicloud.api.routes.embeddings import embed
-from aicloud.api.routes.openai import open_chat, open_completion
+from aicloud.api.routes.openai import lease_for, open_chat, open_completion
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from aicloud.batches.runner import LineCall, LineOutcome
 from aicloud.billing.usage import Alongside
@@ -94,30 +96,39 @@ class LineRunner:
             raise invalid("batch requests cannot stream", "stream")
         if call.endpoint == "/v1/embeddings":
             body = validate_body(call.body, EmbeddingRequest)
-            data, _ = await embed(self.serving, call.principal, self.pool, body,
-                                  call.request_id, lambda data: call.answer(200, data))
+            lease = await lease_for(self.pool, body.model, call.principal)
+            try:
+                data, _ = await embed(self.serving, call.principal, lease.model, body,
+                                      call.request_id, lambda data: call.answer(200, data))
+            finally:
+                lease.release()
             return LineOutcome(200, data, recorded=True)
+        opener: Callable[..., Awaitable[tuple[Run, Format]]]
         if call.endpoint == "/v1/chat/completions":
             chat = validate_body(call.body, ChatCompletionRequest, ("messages",))
-            run, fmt = await open_chat(self.serving, call.principal, self.pool, chat,
-                                       batch_line=call.request_id)
+            model, opener = chat.model, partial(open_chat, body=chat)
         else:
             text = validate_body(call.body, CompletionRequest, ("prompt",))
-            run, fmt = await open_completion(self.serving, call.principal, self.pool, text,
-                                             batch_line=call.request_id)
-        answered: dict[str, Any] = {}
-
-        def answer(completed: list[Completed], usage: Usage) -> Alongside:
-            answered.update(fmt.whole(run, completed, usage))
-            return call.answer(200, answered)
-
-        run.answer = answer
+            model, opener = text.model, partial(open_completion, body=text)
+        lease = await lease_for(self.pool, model, call.principal)
         try:
-            await begin(run, None)
-            await collect(run, None)
-        except asyncio.CancelledError:  # the server stops: the line stays pending
-            run.cancel()
-            raise
+            run, fmt = await opener(self.serving, call.principal, lease.model,
+                                    batch_line=call.request_id, cold_since=lease.cold_since)
+            answered: dict[str, Any] = {}
+
+            def answer(completed: list[Completed], usage: Usage) -> Alongside:
+                answered.update(fmt.whole(run, completed, usage))
+                return call.answer(200, answered)
+
+            run.answer = answer
+            try:
+                await begin(run, None)
+                await collect(run, None)
+            except asyncio.CancelledError:  # the server stops: the line stays pending
+                run.cancel()
+                raise
+        finally:
+            lease.release()
         return LineOutcome(200, answered, recorded=True)
 
 

@@ -181,6 +181,7 @@ class Run:
     recorded: bool = False
     progress: InFlight | None = None  # its entry in the progress journal
     answer: Answer | None = None  # a batch line's: written with the usage row
+    cold_since: float | None = None  # when it began waiting for its model's load
     _clock: float = field(default_factory=time.perf_counter)
     _tokens: int = 0
     _made: dict[int, int] = field(default_factory=dict)  # completion tokens by choice
@@ -200,6 +201,8 @@ class Run:
         elapsed = now - self._clock
         if self._tokens == 0:  # any others that came with the first token took no time
             self.telemetry.first_token(self.model, elapsed)
+            if self.cold_since is not None:
+                self.telemetry.cold_first_token(self.model, now - self.cold_since)
             made, elapsed = made - 1, 0.0
         self.telemetry.next_tokens(self.model, elapsed, made)
         self._clock, self._tokens = now, event.completion_tokens
@@ -324,7 +327,7 @@ async def open_run(serving: Serving, engine: Engine, principal: Principal, model
                    prefix: str, logprobs: int | None = None,
                    requests: Ticket | None = None,
                    constraint: Constraint | None = None,
-                   batch_line: str | None = None) -> Run:
+                   batch_line: str | None = None, cold_since: float | None = None) -> Run:
     """Admit the request (its hold covers every choice's max_tokens) and start the first
     choice of each prompt; `begin` starts the others. `requests`: the RPM already taken
     by `admit_request` before tokenizing; `constraint`: the grammar every choice follows.
@@ -345,7 +348,7 @@ async def open_run(serving: Serving, engine: Engine, principal: Principal, model
     admission = await admit(cloud, principal, model, request_id, prompt_tokens, most * n,
                             requests, batch=batch_line is not None)
     run = Run(request_id, model, admission, engine, n, cloud, serving.background,
-              serving.telemetry)
+              serving.telemetry, cold_since=cold_since)
     scope = cache_scope_of(principal, serving.prefix_cache_scope, body.cache_salt)
     priority = Priority.BATCH if batch_line is not None else body.priority
     try:

@@ -64,7 +64,7 @@ PROMPT_FIELDS = ("messages", "prompt", "tools", "functions", "response_format")
 MAX_FALLBACKS = 8
 
 Local = Callable[[str], Awaitable[StreamingResponse | JSONResponse]]
-Resolve = Callable[[str], Engine]
+Resolve = Callable[[str], Awaitable[Engine]]
 
 
 async def fallbacks_of(cloud: Cloud, model: str) -> list[str]:
@@ -81,7 +81,7 @@ async def relay_with_fallbacks(request: Request, principal: Principal, body: Sam
     model's route."""
     cloud: Cloud = request.app.state.cloud
     try:
-        return await relay(request, principal, resolve(body.model), body.model, body,
+        return await relay(request, principal, await resolve(body.model), body.model, body,
                            endpoint, prefix)
     except EngineUnavailable as exc:
         unavailable = exc  # only now are the fallbacks read: nothing on the happy path
@@ -89,7 +89,7 @@ async def relay_with_fallbacks(request: Request, principal: Principal, body: Sam
              if n != body.model]
     for name in names:
         try:
-            engine = resolve(name)
+            engine = await resolve(name)
         except APIError:
             continue  # a fallback the caller may not use, or one that is gone
         log.warning("model %s unavailable (%s); trying its fallback %s", body.model,

@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 ITL_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -39,6 +40,22 @@ class Telemetry:
     ttft: dict[str, Histogram] = field(default_factory=dict)
     itl: dict[str, Histogram] = field(default_factory=dict)
     refused: Counter[tuple[str, str]] = field(default_factory=Counter)  # (model, reason)
+    # the model pool: loads (model, ok|failed), their seconds, unloads (model, reason) and
+    # the first token of requests that waited for a load
+    loads: Counter[tuple[str, str]] = field(default_factory=Counter)
+    load_seconds: dict[str, Histogram] = field(default_factory=dict)
+    unloads: Counter[tuple[str, str]] = field(default_factory=Counter)
+    cold_ttft: dict[str, Histogram] = field(default_factory=dict)
+
+    def model_loaded(self, model: str, seconds: float, ok: bool) -> None:
+        self.loads[model, "ok" if ok else "failed"] += 1
+        self.load_seconds.setdefault(model, Histogram(LOAD_BUCKETS)).observe(seconds)
+
+    def model_unloaded(self, model: str, reason: str) -> None:
+        self.unloads[model, reason] += 1
+
+    def cold_first_token(self, model: str, seconds: float) -> None:
+        self.cold_ttft.setdefault(model, Histogram(TTFT_BUCKETS)).observe(seconds)
 
     def first_token(self, model: str, seconds: float) -> None:
         self.ttft.setdefault(model, Histogram(TTFT_BUCKETS)).observe(seconds)

@@ -74,6 +74,11 @@ def pool_of(request: Request) -> ModelPool:
     return pool
 
 
+async def model_ids(request: Request, organization_id: str | None) -> list[str]:
+    """The catalog's models an organization may use (None: the installation's, all)."""
+    return [c.id for c in await pool_of(request).cards(organization_id)]
+
+
 def config_of(request: Request) -> ConsoleConfig:
     config: ConsoleConfig = request.app.state.console
     return config

@@ -34,7 +34,6 @@ from aicloud.engines.base import (
     EngineError,
     check_embedding_inputs,
 )
-from aicloud.models.pool import ModelPool
 from aicloud.services import Cloud
 
 router = APIRouter(prefix="/v1")
@@ -44,19 +43,20 @@ router = APIRouter(prefix="/v1")
 async def embeddings(request: Request, principal: CurrentPrincipal,
                      pool: PoolDep) -> JSONResponse:
     body = await parse_body(request, EmbeddingBody)
-    data, admission = await embed(serving(request), principal, pool, body)
+    engine = await engine_for(request, pool, body.model, principal)
+    data, admission = await embed(serving(request), principal, engine, body)
     return JSONResponse(data, headers={**admission.headers,
                                        "x-request-id": admission.request_id})
 
 
-async def embed(serving: Serving, principal: Principal, pool: ModelPool, body: EmbeddingBody,
+async def embed(serving: Serving, principal: Principal, engine: Engine, body: EmbeddingBody,
                 batch_line: str | None = None,
                 answer: Callable[[dict[str, Any]], Alongside] | None = None
                 ) -> tuple[dict[str, Any], Admission]:
-    """Check, tokenize, admit and run an embeddings request: the part an HTTP request and
-    a batch line share. `batch_line`: the line attempt's request id (the batch price);
-    `answer`: the line's answer, written with the usage row."""
-    engine = engine_for(pool, body.model, principal)
+    """Check, tokenize, admit and run an embeddings request on `engine` (leased from the
+    pool by the caller): the part an HTTP request and a batch line share. `batch_line`:
+    the line attempt's request id (the batch price); `answer`: the line's answer, written
+    with the usage row."""
     try:
         info = engine.info()
     except EngineError as exc:

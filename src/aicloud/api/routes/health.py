@@ -12,11 +12,13 @@ from fastapi import APIRouter, Request
 from aicloud.api.deps import PoolDep, current_admin
 from aicloud.api.errors import APIError
 from aicloud.cluster.replica_set import ReplicaSet
-from aicloud.engines.base import Engine
+from aicloud.engines.base import Engine, EngineStats
+from aicloud.models.pool import ModelState
 
 router = APIRouter()
 
 WHEREABOUTS = ("node_id", "node_ip", "pid")
+IDLE = EngineStats(0, 0, 0.0, 0, 0)  # the load of a model that is not loaded
 
 
 def engine_view(engine: Engine, *, whereabouts: bool = True) -> dict[str, Any]:
@@ -48,8 +50,20 @@ async def _from_admin(request: Request) -> bool:
 @router.get("/healthz")
 @router.get("/health")
 async def healthz(request: Request, pool: PoolDep) -> dict[str, Any]:
-    whereabouts = await _from_admin(request)
-    views = {mid: engine_view(engine, whereabouts=whereabouts) for mid, engine in pool.items()}
-    degraded = any(r["state"] == "dead" for v in views.values()
-                   for r in v.get("placement", {}).get("replicas", []))
+    """Every catalog model with its pool state (unloaded, loading, ready, draining,
+    failed) and, when loaded, its load; why a model failed only with an admin key (the
+    reason may name files). A failed model or a dead replica makes the status
+    `degraded`: the others still serve, so the answer is still a 200."""
+    admin = await _from_admin(request)
+    engines = dict(pool.items())
+    views: dict[str, dict[str, Any]] = {}
+    for model in pool.views():
+        engine = engines.get(model.id)
+        view = engine_view(engine, whereabouts=admin) if engine is not None else asdict(IDLE)
+        views[model.id] = {"state": model.state.value, **view}
+        if admin and model.error:
+            views[model.id]["error"] = model.error
+    degraded = any(v["state"] == ModelState.FAILED for v in views.values()) or any(
+        r["state"] == "dead" for v in views.values()
+        for r in v.get("placement", {}).get("replicas", []))
     return {"status": "degraded" if degraded else "ok", "models": views}

@@ -17,6 +17,7 @@ from aicloud.api.deps import CloudDep, PoolDep, current_admin
 from aicloud.api.provider_metrics import provider_lines
 from aicloud.api.telemetry import Histogram, Telemetry
 from aicloud.engines.base import Engine, TenantLoad
+from aicloud.models.pool import ModelPool, ModelState
 from aicloud.services import Cloud
 
 router = APIRouter()
@@ -88,9 +89,41 @@ def _histogram_lines(name: str, text: str, by_model: dict[str, Histogram]) -> It
         yield f"{name}_count{_labels(model=mid)} {h.n}"
 
 
+def _pool_lines(pool: ModelPool, telemetry: Telemetry) -> Iterator[str]:
+    views = pool.views()
+    name = "aicloud_model_state"
+    yield f"# HELP {name} 1 for the state each model is in\n# TYPE {name} gauge"
+    for v in views:
+        for state in ModelState:
+            yield f"{name}{_labels(model=v.id, state=state.value)} {int(v.state is state)}"
+    name = "aicloud_model_resident_bytes"
+    yield f"# HELP {name} Memory a loaded model takes (measured at its load)\n# TYPE {name} gauge"
+    for v in views:
+        yield f"{name}{_labels(model=v.id)} {v.memory_bytes if v.state.resident else 0}"
+    for name, text, value in (
+            ("aicloud_pool_memory_budget_bytes", "Memory the loaded models may take",
+             pool.config.memory_budget),
+            ("aicloud_pool_memory_used_bytes", "Memory the loaded models take", pool.used())):
+        yield f"# HELP {name} {text}\n# TYPE {name} gauge\n{name} {value}"
+    for name, text, counts, label in (
+            ("aicloud_model_loads_total", "Model loads, by outcome", telemetry.loads, "outcome"),
+            ("aicloud_model_evictions_total", "Models unloaded, by reason (evicted for "
+             "another, keep_alive, admin, removed)", telemetry.unloads, "reason")):
+        yield f"# HELP {name} {text}\n# TYPE {name} counter"
+        yield from (f"{name}{_labels(model=m, **{label: r})} {n}"
+                    for (m, r), n in sorted(counts.items()))
+    yield from _histogram_lines("aicloud_model_load_seconds", "Time to load a model",
+                                telemetry.load_seconds)
+    yield from _histogram_lines("aicloud_cold_start_time_to_first_token_seconds",
+                                "Time to first token of requests that waited for a load",
+                                telemetry.cold_ttft)
+
+
 def render(models: list[tuple[str, Engine]], telemetry: Telemetry,
-           visible: set[str] | None = None) -> str:
+           visible: set[str] | None = None, pool: ModelPool | None = None) -> str:
     lines = [*_engine_lines(models), *_tenant_lines(models, visible)]
+    if pool is not None:
+        lines += _pool_lines(pool, telemetry)
     lines += _histogram_lines("aicloud_time_to_first_token_seconds",
                               "Time from request to first token", telemetry.ttft)
     lines += _histogram_lines("aicloud_inter_token_latency_seconds",
@@ -108,5 +141,5 @@ async def metrics(request: Request, pool: PoolDep, cloud: CloudDep) -> PlainText
     visible = None
     if not request.app.state.metrics_public:
         visible = await visible_tenants(await current_admin(request), cloud)
-    return PlainTextResponse(render(pool.items(), request.app.state.telemetry, visible),
+    return PlainTextResponse(render(pool.items(), request.app.state.telemetry, visible, pool),
                              media_type="text/plain; version=0.0.4")

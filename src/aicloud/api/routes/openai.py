@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,6 +24,7 @@ from aicloud.api.generation import (
     stream_events,
     usage_json,
 )
+from aicloud.api.model_leases import hold
 from aicloud.api.openapi import request_body
 from aicloud.api.relay import CHAT, TEXT, relay_with_fallbacks
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
@@ -36,7 +38,7 @@ from aicloud.engines.base import (
     TokenLogprobs,
     Usage,
 )
-from aicloud.models.pool import ModelCard, ModelPool, UnknownModel
+from aicloud.models.pool import Lease, ModelCard, ModelPool, UnknownModel
 from aicloud.structured import SchemaError, constraint_for
 
 router = APIRouter(prefix="/v1")
@@ -49,14 +51,52 @@ def _no_such_model(model: str) -> APIError:
                     "access to it.", param="model", code="model_not_found")
 
 
-def engine_for(pool: ModelPool, model: str, principal: Principal) -> Engine:
-    """A model outside the key's allow-list looks exactly like one that does not exist."""
+KEEP_ALIVE_HEADER = "X-Keep-Alive"
+
+
+def keep_alive_of(request: Request) -> float | None:
+    """`X-Keep-Alive: SECONDS`: how long the model should stay loaded once idle (OpenAI's
+    request schema has no such field, so it travels as a header, like Ollama's keep_alive)."""
+    raw = request.headers.get(KEEP_ALIVE_HEADER)
+    if raw is None:
+        return None
     try:
-        if not principal.may_use(model):
-            raise UnknownModel(model)
-        return pool.get(model)
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise invalid(f"{KEEP_ALIVE_HEADER} must be a number of seconds (0 or more)",
+                      KEEP_ALIVE_HEADER)
+    return seconds
+
+
+async def lease_for(pool: ModelPool, model: str, principal: Principal,
+                    keep_alive: float | None = None) -> Lease:
+    """The model, loaded, held for the caller until the lease is released; a model outside
+    the key's allow-list or its organization's looks exactly like one that does not exist."""
+    try:
+        return await pool.lease(model, principal.organization_id, principal.may_use,
+                                keep_alive)
     except UnknownModel:
         raise _no_such_model(model) from None
+
+
+def cold_since_of(request: Request) -> float | None:
+    """When the request began waiting for its model's load, if it had to."""
+    cold: float | None = getattr(request.state, "cold_since", None)
+    return cold
+
+
+async def engine_for(request: Request, pool: ModelPool, model: str,
+                     principal: Principal) -> Engine:
+    """The model, loaded (a request for an unloaded one waits for its load). A model
+    outside the key's allow-list or its organization's looks exactly like one that does
+    not exist."""
+    lease = await lease_for(pool, model, principal, keep_alive_of(request))
+    hold(request, lease)
+    if lease.cold_since is not None:
+        request.state.cold_since = lease.cold_since
+    return lease.model
 
 
 def _model_json(card: ModelCard) -> dict[str, Any]:
@@ -67,8 +107,9 @@ def _model_json(card: ModelCard) -> dict[str, Any]:
 
 @router.get("/models")
 async def list_models(principal: CurrentPrincipal, pool: PoolDep) -> dict[str, Any]:
+    """Every model the caller may use, loaded or not."""
     return {"object": "list", "data": [
-        _model_json(c) for c in pool.cards() if principal.may_use(c.id)
+        _model_json(c) for c in await pool.cards(principal.organization_id, principal.may_use)
     ]}
 
 
@@ -79,8 +120,10 @@ def _chat_logprob(lp: Logprob) -> dict[str, Any]:
 @router.get("/models/{model:path}")
 async def retrieve_model(model: str, principal: CurrentPrincipal,
                          pool: PoolDep) -> dict[str, Any]:
-    card = next((c for c in pool.cards() if c.id == model), None)
-    if card is None or not principal.may_use(model):
+    entry = await pool.find(model)
+    cards = await pool.cards(principal.organization_id, principal.may_use)
+    card = next((c for c in cards if entry is not None and c.id == entry.id), None)
+    if card is None:
         raise _no_such_model(model)
     return _model_json(card)
 
@@ -219,14 +262,15 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
                    ) -> StreamingResponse | JSONResponse:
     """One chat completion, whoever asked for it (the chat route, or a Responses call,
     whose ledger rows then carry the response's id)."""
-    engine = engine_for(pool, body.model, principal)
+    engine = await engine_for(request, pool, body.model, principal)
     if engine.info().can(RELAY):  # a provider's model: relayed as sent, nothing rendered
         return await relay_with_fallbacks(
             request, principal, body, CHAT, id_prefix,
-            lambda name: engine_for(pool, name, principal),
+            lambda name: engine_for(request, pool, name, principal),
             lambda name: run_chat(request, principal, pool,
                                   body.model_copy(update={"model": name}), id_prefix))
-    run, fmt = await open_chat(serving(request), principal, pool, body, id_prefix)
+    run, fmt = await open_chat(serving(request), principal, engine, body, id_prefix,
+                               cold_since=cold_since_of(request))
     return await _respond(request, run, fmt, body.stream, _include_usage(body))
 
 
@@ -237,13 +281,14 @@ def not_local(model: str) -> APIError:
                    "use yet", "model")
 
 
-async def open_chat(serving: Serving, principal: Principal, pool: ModelPool,
+async def open_chat(serving: Serving, principal: Principal, engine: Engine,
                     body: ChatCompletionRequest, id_prefix: str = "chatcmpl",
-                    batch_line: str | None = None) -> tuple[Run, Format]:
-    """Check, tokenize and admit a chat completion and start it: the part an HTTP
-    request and a batch line share (see `open_run` for `batch_line`)."""
+                    batch_line: str | None = None, cold_since: float | None = None
+                    ) -> tuple[Run, Format]:
+    """Check, tokenize and admit a chat completion and start it on `engine` (leased from
+    the pool by the caller): the part an HTTP request and a batch line share (see
+    `open_run` for `batch_line`)."""
     cloud = serving.cloud
-    engine = engine_for(pool, body.model, principal)
     if engine.info().can(RELAY):
         raise not_local(body.model)
     # cheap refusals before the prompt is tokenized: requests per minute, then its size
@@ -260,7 +305,7 @@ async def open_chat(serving: Serving, principal: Principal, pool: ModelPool,
         raise invalid(exc.message, exc.param or "messages", exc.code) from None
     run = await open_run(serving, engine, principal, body.model, [tokens], body,
                          body.completion_limit, id_prefix, body.top_logprobs_wanted,
-                         requests, constraint, batch_line)
+                         requests, constraint, batch_line, cold_since)
     plain = ChatFormat(bool(body.logprobs))
     return run, prompt.answer_format(plain) or plain
 
@@ -274,23 +319,23 @@ async def completions(request: Request, principal: CurrentPrincipal,
 
 async def run_completion(request: Request, principal: Principal, pool: ModelPool,
                          body: CompletionRequest) -> StreamingResponse | JSONResponse:
-    engine = engine_for(pool, body.model, principal)
+    engine = await engine_for(request, pool, body.model, principal)
     if engine.info().can(RELAY):
         return await relay_with_fallbacks(
             request, principal, body, TEXT, "cmpl",
-            lambda name: engine_for(pool, name, principal),
+            lambda name: engine_for(request, pool, name, principal),
             lambda name: run_completion(request, principal, pool,
                                         body.model_copy(update={"model": name})))
-    run, fmt = await open_completion(serving(request), principal, pool, body)
+    run, fmt = await open_completion(serving(request), principal, engine, body,
+                                     cold_since=cold_since_of(request))
     return await _respond(request, run, fmt, body.stream, _include_usage(body))
 
 
-async def open_completion(serving: Serving, principal: Principal, pool: ModelPool,
-                          body: CompletionRequest, batch_line: str | None = None
-                          ) -> tuple[Run, Format]:
+async def open_completion(serving: Serving, principal: Principal, engine: Engine,
+                          body: CompletionRequest, batch_line: str | None = None,
+                          cold_since: float | None = None) -> tuple[Run, Format]:
     """Check, tokenize and admit a text completion and start it (see `open_chat`)."""
     cloud = serving.cloud
-    engine = engine_for(pool, body.model, principal)
     if engine.info().can(RELAY):
         raise not_local(body.model)
     constraint = await _constraint(body)
@@ -307,6 +352,6 @@ async def open_completion(serving: Serving, principal: Principal, pool: ModelPoo
     tokens = [await engine.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
     run = await open_run(serving, engine, principal, body.model, tokens, body,
                          body.max_tokens if body.max_tokens is not None else 16, "cmpl",
-                         body.logprobs, requests, constraint, batch_line)
+                         body.logprobs, requests, constraint, batch_line, cold_since)
     echo = [p for p in prompts if isinstance(p, str)] if body.echo else None
     return run, TextFormat(body.choices, body.logprobs, echo)

@@ -26,8 +26,8 @@ from aicloud.console.web import (
     Form,
     SignedInDep,
     cloud_of,
+    model_ids,
     nav_page,
-    pool_of,
     render,
     see_other,
 )
@@ -56,7 +56,7 @@ async def _keys_page(request: Request, signed: SignedInDep, form: Form | None = 
     return await render(
         request, "keys.html", status, SECRET_HEADERS if created else None, keys=keys,
         projects=await cloud.orgs.list_projects(scope), project_id=project_id,
-        models=[c.id for c in pool_of(request).cards()], form=form or Form(),
+        models=await model_ids(request, signed.scope.organization_id), form=form or Form(),
         created=created, may_edit=scope.role >= Role.ADMIN)
 
 
@@ -83,7 +83,7 @@ async def _key_page(request: Request, signed: SignedInDep, key_id: str,
                     form: Form | None = None, status: int = 200) -> HTMLResponse:
     key = await cloud_of(request).keys.get_key(signed.scope, key_id)
     return await render(request, "key.html", status, key=key, form=form or Form(),
-                        models=[c.id for c in pool_of(request).cards()],
+                        models=await model_ids(request, signed.scope.organization_id),
                         may_edit=signed.scope.role >= Role.ADMIN)
 
 

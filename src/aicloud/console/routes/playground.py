@@ -64,7 +64,8 @@ class AnswerUsage(BaseModel):
 
 @nav_page(router, "/playground", "Playground", 90)
 async def playground(request: Request, signed: SignedInDep) -> HTMLResponse:
-    cards = [c for c in pool_of(request).cards() if "generate" in c.capabilities]
+    cards = [c for c in await pool_of(request).cards(signed.scope.organization_id)
+             if "generate" in c.capabilities]
     projects = await cloud_of(request).orgs.list_projects(signed.scope)
     return await render(request, "playground.html", models=[c.id for c in cards],
                         projects=projects, may_chat=signed.scope.role >= Role.ADMIN)

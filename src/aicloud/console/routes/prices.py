@@ -15,8 +15,8 @@ from aicloud.console.web import (
     Form,
     SignedInDep,
     cloud_of,
+    model_ids,
     nav_page,
-    pool_of,
     render,
     see_other,
 )
@@ -38,7 +38,7 @@ async def _prices_page(request: Request, signed: SignedInDep, form: Form,
     scope = signed.scope
     return await render(request, "prices.html", status,
                         prices=await cloud_of(request).prices.current(), form=form,
-                        models=[c.id for c in pool_of(request).cards()],
+                        models=await model_ids(request, signed.scope.organization_id),
                         may_set=scope.role >= Role.ADMIN and scope.installation_wide)
 
 

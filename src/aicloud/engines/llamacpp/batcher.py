@@ -31,7 +31,7 @@ from aicloud.engines.llamacpp.model import LlamaModel
 from aicloud.engines.llamacpp.sampling import build_sampler, free_sampler
 from aicloud.engines.llamacpp.sequence import SeqState, Sequence
 from aicloud.engines.llamacpp.slots import Slot, SlotTable
-from aicloud.engines.llamacpp.threads import ThreadTuner
+from aicloud.engines.llamacpp.threads import ThreadBudget, ThreadTuner
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,10 @@ class Batcher:
     """New sequences are admitted only through `queue` (the scheduler's), at every step
     that has a free slot, and only to tenants the queue lets take one (`can_start`)."""
 
-    def __init__(self, model: LlamaModel, queue: AdmissionQueue[Sequence]) -> None:
+    def __init__(self, model: LlamaModel, queue: AdmissionQueue[Sequence],
+                 budget: ThreadBudget | None = None) -> None:
         self.model = model
+        self.budget = budget  # the process's decode threads, shared with other models
         self.config = model.config
         self.slots = SlotTable(model.memory, self.config.sequences or 1)
         self.queue = queue
@@ -163,7 +165,12 @@ class Batcher:
     def _run_chore(self) -> None:
         with self._wake:
             chore = self._chores.popleft() if self._chores else None
-        if chore is not None:
+        if chore is None:
+            return
+        if self.budget is None:
+            _safely(chore)
+            return
+        with self.budget.held(self.config.threads or 1, exact=True):  # its own context's
             _safely(chore)
 
     def _may_run(self, tenant: str) -> bool:
@@ -257,15 +264,23 @@ class Batcher:
         return out
 
     def _llama_decode(self, measured: bool) -> int:
-        """One llama_decode with the tuner's thread count. Only calls of next tokens are
-        timed for it: a prompt chunk is other work, its speed would not compare."""
-        n = self.threads.threads() if self.config.adapt_threads else self._threads_set
-        if n != self._threads_set:
-            llama_cpp.llama_set_n_threads(self.model.ctx, n, n)
-            self._threads_set = n
-        start = time.perf_counter()
-        status: int = llama_cpp.llama_decode(self.model.ctx, self._batch)
-        if measured and status == 0:
+        """One llama_decode with the tuner's thread count, or fewer if the shared budget
+        has fewer free. Only calls of next tokens are timed for it: a prompt chunk is other
+        work, its speed would not compare."""
+        wanted = self.threads.threads() if self.config.adapt_threads else (
+            self.config.threads or 1)
+        n = self.budget.take(wanted) if self.budget is not None else wanted
+        try:
+            if n != self._threads_set:
+                llama_cpp.llama_set_n_threads(self.model.ctx, n, n)
+                self._threads_set = n
+            start = time.perf_counter()
+            status: int = llama_cpp.llama_decode(self.model.ctx, self._batch)
+        finally:
+            if self.budget is not None:
+                self.budget.give(n)
+        # a decode short of threads (other models held some) says nothing about the count
+        if measured and status == 0 and n == wanted:
             self.threads.record(self._batch.n_tokens, time.perf_counter() - start)
         return status
 

@@ -33,6 +33,7 @@ from aicloud.engines.llamacpp.constrain import Guide
 from aicloud.engines.llamacpp.embedder import Embedder, pooling_of
 from aicloud.engines.llamacpp.model import ContextConfig, LlamaModel
 from aicloud.engines.llamacpp.sequence import Sequence
+from aicloud.engines.llamacpp.threads import ThreadBudget
 from aicloud.engines.llamacpp.weights import DEFAULT_CACHE, NATIVE, ensure_weights
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,10 @@ class LlamaCppEngine:
 
     def __init__(self, model_id: str, path: Path, config: ContextConfig | None = None, *,
                  queue: AdmissionQueue[Sequence], weights: str = NATIVE,
-                 weights_cache: Path | None = None) -> None:
+                 weights_cache: Path | None = None,
+                 threads_budget: ThreadBudget | None = None) -> None:
         self.model_id = model_id
+        self.threads_budget = threads_budget
         self.queue = queue
         self.path = path
         self.weights = weights
@@ -88,7 +91,7 @@ class LlamaCppEngine:
             bos_token=model.bos_text, eos_token=model.eos_text, model=self.model_id,
         )
         await asyncio.to_thread(lambda: model.controls)  # read the vocabulary once, off-loop
-        self._batcher = Batcher(model, self.queue)
+        self._batcher = Batcher(model, self.queue, self.threads_budget)
         self._embedder = await asyncio.to_thread(self._new_embedder, model, self._batcher)
         self._batcher.start()
 
