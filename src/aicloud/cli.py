@@ -22,7 +22,13 @@ from aicloud.engines.llamacpp.model import (
     default_threads,
 )
 from aicloud.engines.llamacpp.threads import ThreadBudget
-from aicloud.engines.llamacpp.weights import NATIVE, check_format, retyped_path
+from aicloud.engines.llamacpp.weights import (
+    AUTO,
+    NATIVE,
+    check_format,
+    decided_format,
+    retyped_path,
+)
 from aicloud.engines.upstream import make_upstream_engine
 from aicloud.models.catalog import (
     CatalogEntry,
@@ -118,6 +124,8 @@ def llamacpp_estimate(settings: Settings, entry: CatalogEntry) -> int:
     config = context_config(settings, entry)
     weights = str(entry.options.get("weights", settings.weights))
     path = check_gguf_path(entry.path)
+    if weights == AUTO:  # the copy it will serve, once it has been chosen on this machine
+        weights = decided_format(path, settings.weights_cache) or NATIVE
     if weights != NATIVE and (typed := retyped_path(
             path, weights, settings.weights_cache)).is_file():
         path = typed

@@ -21,15 +21,16 @@ from tests.conftest import Server, start_server
 
 PINNED = "smollm2-135m-instruct"  # the bundled model, registered pinned when nothing else is
 BUNDLED = str(bundled_model().path)
-# at a 256-token context and 2 sequences a SmolLM2 takes ~150 MiB: the pinned one and two
-# others fit, a third evicts one
+# at a 256-token context and 2 sequences a SmolLM2 takes ~150 MiB as shipped: the pinned one
+# and two others fit, a third evicts one (the files are served as they are: re-typed to q4_0,
+# llama.cpp repacks the weights into memory of the process, and fewer would fit)
 BUDGET_MB = 560
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     home = tmp_path_factory.mktemp("pool")
-    srv = start_server(home, "--context", "256", "--sequences", "2",
+    srv = start_server(home, "--context", "256", "--sequences", "2", "--weights", "native",
                        "--memory-budget", f"{BUDGET_MB}M",
                        extra_env={"AICLOUD_MIN_RESIDENCY": "0", "AICLOUD_LOAD_WAIT": "2"})
     srv.keys["alpha"] = srv.new_key("alpha")

@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +47,8 @@ FOUR_BIT = {llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1, llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K
             llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_XS}
 # Re-typed weights must beat the file by this much to be served instead of it.
 MIN_GAIN = 1.10
+# A trial decode that takes longer than this (a machine too busy to tell) decides nothing.
+PROBE_TIMEOUT = 120.0
 DEFAULT_CACHE = Path("~/.aicloud/weights")
 
 
@@ -97,7 +101,7 @@ def choose_format(source: Path, cache: Path, probe: Probe | None = None) -> str:
         return decisions[key]
     if file_type(source) not in FOUR_BIT:
         return NATIVE
-    probe = probe or decode_rate
+    probe = probe or decode_rate_apart
     started = time.perf_counter()
     try:
         native = probe(source)
@@ -112,6 +116,26 @@ def choose_format(source: Path, cache: Path, probe: Probe | None = None) -> str:
     decisions[key] = choice
     _write_decisions(record, decisions)
     return choice
+
+
+def decided_format(source: Path, cache: Path) -> str | None:
+    """The format `auto` chose for `source` on this machine, if it has chosen yet."""
+    key = f"{retyped_path(source, NATIVE, cache).name}|{machine_signature()}"
+    return _read_decisions(cache / "formats.json").get(key)
+
+
+def decode_rate_apart(path: Path) -> float:
+    """`decode_rate` in a process of its own, so the two trial loads neither add to this
+    process's memory (which the model pool measures around a load) nor share its threads."""
+    code = ("import sys; from pathlib import Path; "
+            "from aicloud.engines.llamacpp.weights import decode_rate; "
+            "print(decode_rate(Path(sys.argv[1])))")
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True,
+                              text=True, timeout=PROBE_TIMEOUT, check=True)
+        return float(done.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+        raise ModelLoadError(f"could not time {path.name}: {type(exc).__name__}") from None
 
 
 def file_type(path: Path) -> int:
