@@ -42,7 +42,7 @@ from aicloud.engines.base import (
     TenantLoad,
 )
 from aicloud.engines.llamacpp.model import ModelLoadError
-from aicloud.models.catalog import MAX_KEEP_ALIVE, Catalog, CatalogEntry
+from aicloud.models.catalog import MAX_KEEP_ALIVE, Catalog, CatalogEntry, EngineKind
 from aicloud.models.engines import EngineKinds
 from aicloud.models.memory import resident_bytes, return_freed_memory
 
@@ -338,7 +338,7 @@ class ModelPool:
         self.observer: PoolObserver | None = None
         self._kinds = kinds or EngineKinds({})
         self._register = list(register)
-        self._default = default  # served when the catalog is empty and nothing is given
+        self._default = default  # served when nothing is given and no local model is listed
         self._catalog: CatalogSource | None = None
         self._models: dict[str, PooledModel] = {}
         self._entries: dict[str, CatalogEntry] = {}  # the catalog as last read, by name
@@ -361,7 +361,10 @@ class ModelPool:
         if isinstance(catalog, Catalog):  # the database's: `--model` registers into it
             for entry in self._register:
                 await catalog.add(entry, replace=True)
-            if not self._register and self._default and not await catalog.entries():
+            entries = await catalog.entries()
+            if not self._register and self._default and all(
+                    e.engine is EngineKind.UPSTREAM and e.id != self._default.id
+                    for e in entries):  # partner models only: the bundled one serves too
                 await catalog.add(self._default)
         await self.refresh()
         for model in self._models.values():
