@@ -9,7 +9,9 @@ Run it alternately on two source trees (the code before and after a change) to g
     PYTHONPATH=src python bench/engine_features.py embeddings --batch 1 32
 
 `structured`: json_schema-constrained chat (bench/structured.py's schema and prompt)
-against free chat, alternating within each round, tok/s at each concurrency.
+against free chat, alternating within each round, tok/s at each concurrency; `--timers`
+also reports what each constrained step waited for its masks between `llama_decode` and
+sampling, and the decode's own time.
 `embeddings`: vectors/s of bench/embeddings.py's 24-word inputs, in requests of `--batch`
 inputs, one request at a time.
 """
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import statistics
 import time
+from typing import Any
 
 from aicloud.engines.base import ChatMessage, EmbeddingRequest, GenerationRequest, SamplingParams
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
@@ -40,8 +43,45 @@ async def started(sequences: int) -> LlamaCppEngine:
     return engine
 
 
+class StepTimers:
+    """Wall time of each `Guidance.mask` call (what a step waits for between its decode and
+    sampling) and of each `llama_decode`, by wrapping the engine's own methods."""
+
+    def __init__(self, engine: LlamaCppEngine) -> None:
+        self.masks: list[float] = []
+        self.decodes: list[float] = []
+        batcher = engine.batcher
+        mask, decode = batcher.guidance.mask, batcher._llama_decode
+
+        def timed_mask(ctx: Any, rows: list[Any]) -> None:
+            start = time.perf_counter()
+            mask(ctx, rows)
+            if rows:
+                self.masks.append(time.perf_counter() - start)
+
+        def timed_decode(measured: bool) -> int:
+            start = time.perf_counter()
+            status = decode(measured)
+            self.decodes.append(time.perf_counter() - start)
+            return status
+
+        batcher.guidance.mask = timed_mask  # type: ignore[method-assign]
+        batcher._llama_decode = timed_decode  # type: ignore[method-assign]
+
+    def report(self) -> str:
+        def ms(xs: list[float]) -> str:
+            if not xs:
+                return "-"
+            return f"{statistics.median(xs) * 1e3:.2f} / {statistics.mean(xs) * 1e3:.2f} ms"
+        text = f"mask wait {ms(self.masks)}, llama_decode {ms(self.decodes)} (median / mean)"
+        self.masks.clear()
+        self.decodes.clear()
+        return text
+
+
 async def structured(args: argparse.Namespace) -> None:
     engine = await started(max(args.concurrency))
+    timers = StepTimers(engine) if args.timers else None
     prompt = await engine.encode_chat([ChatMessage("user", PROMPT)])
     constraint = compile_constraint("json_schema", SCHEMA)
 
@@ -65,7 +105,13 @@ async def structured(args: argparse.Namespace) -> None:
     for c in args.concurrency:
         pairs = []
         for _ in range(args.rounds):
-            pairs.append((await rate(c, True), await rate(c, False)))
+            if timers is not None:
+                timers.report()  # drop what earlier levels left
+            constrained = await rate(c, True)
+            if timers is not None:
+                print(f"  c={c} json_schema: {constrained:.1f} tok/s, {timers.report()}",
+                      flush=True)
+            pairs.append((constrained, await rate(c, False)))
         ratios = [a / b for a, b in pairs]
         print(f"| {c} | {' '.join(f'{a:.1f}' for a, _ in pairs)} | "
               f"{' '.join(f'{b:.1f}' for _, b in pairs)} | "
@@ -99,6 +145,8 @@ def main() -> None:
     s.add_argument("--concurrency", nargs="+", type=int, default=[1])
     s.add_argument("--tokens", type=int, default=128)
     s.add_argument("--rounds", type=int, default=3)
+    s.add_argument("--timers", action="store_true",
+                   help="also time each step's mask wait and llama_decode (constrained runs)")
     e = sub.add_parser("embeddings")
     e.add_argument("--batch", nargs="+", type=int, default=[1, 32])
     e.add_argument("--vectors", type=int, default=64, help="inputs per round")
