@@ -103,3 +103,21 @@ def test_bad_inputs_are_refused_before_decoding(engine: LlamaCppEngine,
     # the longest input the model takes still works, alone in its decode
     (vec,) = loop_thread.run(engine.embed(EmbeddingRequest("e", [[1] * 256]))).vectors
     assert abs(np.linalg.norm(vec) - 1.0) < 1e-5
+
+
+def test_a_vector_does_not_depend_on_the_thread_count(engine: LlamaCppEngine,
+                                                      loop_thread: LoopThread) -> None:
+    """The embedder re-decides its thread count while serving (threads.py), so a vector
+    must come out the same at any count."""
+    embedder = engine._embedder
+    assert embedder is not None
+    counts = (1, 2)
+    try:
+        at = []
+        for n in counts:
+            embedder.threads.current = n
+            at.append(loop_thread.run(embed(engine, TEXTS)))
+            assert embedder._threads_set == n
+    finally:
+        embedder.threads.current = 1
+    assert np.abs(at[0] - at[1]).max() < 1e-6

@@ -133,6 +133,7 @@ class Batcher:
             self._stopping = True
             self._wake.notify()
         self._thread.join()
+        self.guidance.close()
         llama_cpp.llama_batch_free(self._batch)
 
     # -- the engine thread ------------------------------------------------------------------
@@ -241,6 +242,8 @@ class Batcher:
         out: list[Outcome] = []
         for k, group in enumerate(groups):
             outputs = self._fill(group)
+            # masks not already coming (a sequence's first) are computed during this decode
+            self.guidance.prefetch([seq.guide for seq, _ in outputs if seq.guide is not None])
             status = self._llama_decode(all(len(tokens) == 1 for _, tokens, _ in group))
             if status == 1 and self.slots.drop_idle_caches():
                 status = self._llama_decode(measured=False)
@@ -261,6 +264,10 @@ class Batcher:
             sampled = [self._sample(seq, index, row) for seq, index, row in rows]
             with self._wake:
                 out += [self._account(*item) for item in sampled]
+            # each guide has consumed its token: its next mask is computed while the next
+            # decode runs (it depends on nothing else)
+            self.guidance.prefetch([seq.guide for seq, _, _ in sampled if seq.guide is not None
+                                    and seq.state is not SeqState.FINISHED])
         return out
 
     def _llama_decode(self, measured: bool) -> int:

@@ -4,17 +4,23 @@ each sequence's own sampler chain runs.
 
 On SmolLM2's 49k vocabulary a JSON-schema mask costs 0.02-0.11 ms per token with llguidance
 against 5-9 ms for llama.cpp's GBNF grammar sampler (issue 12), so masks are computed here
-rather than with `llama_sampler_init_grammar`; writing one mask into its logits row as -inf
-in numpy took 0.75 ms with the 2 cores ~9x oversubscribed (about 0.1 ms on a quiet one).
+rather than with `llama_sampler_init_grammar`. A schema with length-bounded strings costs
+1-2 ms a mask, a tenth of a decode step at one sequence; the mask a sequence needs after a
+decode depends only on the tokens it sampled before, so it is computed ahead, on a worker
+thread while the decode runs (llguidance releases the GIL), and is off the step's critical
+path. Writing a mask into its logits row is ~0.05 ms in numpy.
 End-of-text is in a mask only when the grammar accepts, and a sequence whose grammar is
 complete ends at once (without spending a step on sampling the end token).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import llama_cpp
 import llguidance
@@ -25,6 +31,7 @@ from llguidance.numpy import (
     fill_next_token_bitmask,
     fill_next_token_bitmask_par,
 )
+from numpy.typing import NDArray
 
 from aicloud.engines.base import GRAMMAR_LIMITS, Constraint, EngineError
 
@@ -35,13 +42,28 @@ def parser_limits() -> llguidance.LLParserLimits:
     return llguidance.LLParserLimits(**GRAMMAR_LIMITS)  # type: ignore[arg-type]  # int|bool
 
 
-class Guide:
-    """One sequence's matcher: what it may sample next, and what it has sampled."""
+Bitmask = NDArray[np.int32]
 
-    __slots__ = ("matcher",)
+
+@dataclass(slots=True, frozen=True)
+class Ahead:
+    """A mask being computed ahead: row `row` of `bitmask` once `done` has finished."""
+
+    done: Future[None]
+    bitmask: Bitmask
+    row: int
+
+
+class Guide:
+    """One sequence's matcher: what it may sample next, and what it has sampled. While
+    `ahead` is set a worker is computing its next mask, and nothing else may touch the
+    matcher (its Rust object is borrowed for the call) until `Guidance.mask` takes it."""
+
+    __slots__ = ("ahead", "matcher")
 
     def __init__(self, matcher: llguidance.LLMatcher) -> None:
         self.matcher = matcher
+        self.ahead: Ahead | None = None
 
     def advance(self, token: int, eog: bool) -> bool:
         """Consume a sampled token. False if the matcher failed: on its step limits while
@@ -61,8 +83,8 @@ class Guide:
 
 class Guidance:
     """Per model: the llguidance tokenizer (built once, ~1 s for 49k tokens, on the first
-    constrained request, off the event loop), an executor for the step's masks, and the
-    mask buffer."""
+    constrained request, off the event loop), an executor for the step's masks, a worker
+    that computes next masks ahead, and the mask buffer."""
 
     def __init__(self, vocab: llama_cpp.llama_vocab_p, n_vocab: int, threads: int) -> None:
         self._vocab = vocab
@@ -72,6 +94,7 @@ class Guidance:
         self._executor: llguidance.LLExecutor | None = None
         self._lock = threading.Lock()
         self._bitmask = allocate_token_bitmask(1, n_vocab)
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llguidance")
 
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
@@ -95,25 +118,59 @@ class Guidance:
                               param="response_format")
         return Guide(matcher)
 
+    def prefetch(self, guides: list[Guide]) -> None:
+        """Start computing, on the worker, the next mask of each guide that has none coming:
+        called by the engine thread once a guide has consumed its token (or before its
+        first decode), so the mask is ready when the decode that needs it ends."""
+        todo = [g for g in guides if g.ahead is None]
+        if not todo:
+            return
+        bitmask = allocate_token_bitmask(len(todo), self.n_vocab)
+        done = self._ahead.submit(self._fill, [g.matcher for g in todo], bitmask)
+        for k, g in enumerate(todo):
+            g.ahead = Ahead(done, bitmask, k)
+
+    def _fill(self, matchers: list[llguidance.LLMatcher], bitmask: Bitmask) -> None:
+        """Every matcher's next mask into its row of `bitmask`, without the GIL."""
+        if len(matchers) == 1:  # on this thread: no hand-off to the executor's workers
+            fill_next_token_bitmask(matchers[0], bitmask, 0)
+            return
+        executor = self._executor
+        if executor is None:  # a Guide exists only once the tokenizer (and executor) does
+            raise RuntimeError("a mask before any guide was built")
+        fill_next_token_bitmask_par(executor, [(m, k) for k, m in enumerate(matchers)],
+                                    bitmask)
+
     def mask(self, ctx: llama_cpp.llama_context_p, rows: list[tuple[Guide, int]]) -> None:
         """Forbid, in each `(guide, logits index)` row of the last decode, every token its
         grammar does not allow next. Called by the engine thread between `llama_decode` and
-        sampling; llguidance computes all rows in parallel without the GIL."""
+        sampling; a mask computed ahead is waited for, the others are computed now."""
         if not rows:
             return
-        if len(self._bitmask) < len(rows):
-            self._bitmask = allocate_token_bitmask(len(rows), self.n_vocab)
-        bitmask = self._bitmask[: len(rows)]
-        executor = self._executor
-        if executor is None:  # a Guide exists only once the tokenizer (and executor) does
-            raise RuntimeError("mask() before any guide was built")
-        if len(rows) == 1:  # on this thread: no hand-off to the executor's workers
-            fill_next_token_bitmask(rows[0][0].matcher, bitmask, 0)
-        else:
-            fill_next_token_bitmask_par(executor, [(g.matcher, k) for k, (g, _) in
-                                                   enumerate(rows)], bitmask)
-        for k, (_, index) in enumerate(rows):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index),
-                                           shape=(self.n_vocab,))
-            allowed = np.unpackbits(bitmask[k].view(np.uint8), bitorder="little")
-            logits[allowed[: self.n_vocab] == 0] = -np.inf
+        fresh = [g for g, _ in rows if g.ahead is None]
+        if fresh:
+            if len(self._bitmask) < len(fresh):
+                self._bitmask = allocate_token_bitmask(len(fresh), self.n_vocab)
+            self._fill([g.matcher for g in fresh], self._bitmask)
+            for k, g in enumerate(fresh):
+                g.ahead = Ahead(_DONE, self._bitmask, k)
+        for guide, index in rows:
+            ahead = guide.ahead
+            assert ahead is not None
+            ahead.done.result()  # re-raises what failed on the worker
+            guide.ahead = None
+            self._forbid(llama_cpp.llama_get_logits_ith(ctx, index), ahead.bitmask[ahead.row])
+
+    def _forbid(self, row: ctypes._Pointer[ctypes.c_float], mask: Bitmask) -> None:
+        """-inf into the logits row wherever the mask's bit is clear (in place, no copy)."""
+        logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
+        allowed = np.unpackbits(mask.view(np.uint8), count=self.n_vocab, bitorder="little")
+        np.copyto(logits, -np.inf, where=~allowed.view(np.bool_))
+
+    def close(self) -> None:
+        """Stop the worker (after the engine thread, its only client, has stopped)."""
+        self._ahead.shutdown(wait=True)
+
+
+_DONE: Future[None] = Future()
+_DONE.set_result(None)

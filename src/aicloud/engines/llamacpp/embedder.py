@@ -2,21 +2,25 @@
 
 The context shares the model (no second copy of the weights) and its decodes run on the
 batcher's thread between generation steps (`Batcher.between_steps`), so the two never
-compute at the same time on the same cores. Inputs of all waiting requests are packed
-together: one sequence id per input, several inputs per `llama_decode`, each input whole
-inside one decode (pooling reads all of a sequence's rows at once), up to about the
-tokens of one generation step per decode, so a flood of embeddings delays a token stream
-by about one prompt chunk per step, not by the whole flood.
+compute at the same time on the same cores. Each chore takes the inputs of every waiting
+request in arrival order, up to about the tokens of one generation step (one input
+always), so a flood of embeddings delays a token stream by about one prompt chunk per step,
+not by the whole flood.
 
-Batch identity: an input gets the same vector alone and packed with others (to ~6e-8,
-last-bit noise) only if its rows start at a multiple of `ALIGN` in the decode. Packed at
-other offsets, vectors of SmolLM2-135M moved by up to 9e-4 (max abs, unit vectors): the
-attention sums over the KV cells run in SIMD lanes, and where a sequence's cells fall
-among the lanes changes their order. Offsets that are multiples of 8 (AVX2's f32 lanes)
-measured identical over 6 random packings of 16 inputs, multiples of 4 did not; 16 covers
-AVX-512's lanes too. The gaps are filled with tokens of filler sequences (one per gap: a
-single filler sequence spread over several gaps trips a llama.cpp assertion) that every
-input's attention masks out; for inputs of ~10 tokens they cost ~40 % of the rows.
+Each input is decoded alone, in its own `llama_decode` on an emptied cache. An input then
+gets the same vector alone and beside others by construction: packed into one decode, its
+attention sums would run over KV cells at an offset that depends on the batch, which moved
+vectors of SmolLM2-135M by up to 9e-4, and keeping offsets aligned to the SIMD lanes took
+filler rows (a third more rows for inputs of ~24 tokens, several times more for short
+ones). Alone, an input costs exactly its own rows, and its attention spans its own cells
+only, not every cell of a packed batch. On a CPU a decode of a few dozen rows is already
+compute-bound (the weights are read once per decode, a few ms against ~100 ms of
+arithmetic for 24 tokens here), so packing saved nothing to pay for that.
+
+llama.cpp computes the model's output head for every row of an embedding context too
+(about a fifth of SmolLM2's arithmetic per row; only a graph without it would avoid that).
+The thread count is re-decided by measuring, as for generation (threads.py): beside a busy
+neighbour, spinning workers make two threads slower than one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,19 +39,9 @@ import numpy as np
 
 from aicloud.engines.base import EngineError
 from aicloud.engines.llamacpp.model import LlamaModel
+from aicloud.engines.llamacpp.threads import ThreadTuner
 
 log = logging.getLogger(__name__)
-
-# Sequences per decode: the context's n_seq_max. With one unified KV cache the memory is
-# n_ctx cells whatever this is; llama.cpp allows up to 256.
-MAX_SEQUENCES = 64
-ALIGN = 16
-FILLER_TOKEN = 0  # the gap before input k is sequence MAX_SEQUENCES + k, never read back
-
-
-def aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
 
 def pooling_of(model: LlamaModel) -> int | None:
     """The pooling the model declares; mean for decoder models that declare none (or
@@ -114,6 +109,8 @@ class Embedder:
         self.window = window
         self.step_tokens = max(step_tokens, 1)
         self.n_embd = llama_cpp.llama_model_n_embd(model.model)
+        self.threads = ThreadTuner(threads)
+        self._threads_set = threads
         self._schedule = schedule
         self._ctx = self._new_context(threads)
         self._batch = llama_cpp.llama_batch_init(window, 0, 1)
@@ -127,8 +124,7 @@ class Embedder:
         cparams.n_ctx = self.window
         cparams.n_batch = self.window  # a whole input in one ubatch, as pooling needs
         cparams.n_ubatch = self.window
-        cparams.n_seq_max = 2 * MAX_SEQUENCES  # inputs and the gaps between them
-        cparams.kv_unified = True  # the inputs of a decode share the window's cells
+        cparams.n_seq_max = 1  # one input per decode
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.embeddings = True
@@ -167,63 +163,61 @@ class Embedder:
     # -- the engine thread ------------------------------------------------------------------
 
     def _work(self) -> None:
-        """One decode of what fits, then back in line if more waits."""
+        """About one step's worth of inputs, then back in line if more waits."""
         with self._lock:
             items = self._take()
-        try:
-            self._decode(items)
-        except Exception as exc:
-            log.exception("embedding decode failed")
-            for job, _ in items:
-                job.fail(EngineError(f"the engine failed while embedding: {exc}"))
+        for k, (job, index) in enumerate(items):
+            if job.failed or job.future.cancelled():
+                continue
+            try:
+                vector = self._embed_one(job.inputs[index])
+            except Exception as exc:
+                log.exception("embedding decode failed")
+                for other, _ in items[k:]:
+                    other.fail(EngineError(f"the engine failed while embedding: {exc}"))
+                break
+            job.put(index, vector)
         with self._lock:
             again = self._scheduled = bool(self._pending)
         if again:
             self._wake()
 
     def _take(self) -> list[Item]:
-        """Inputs in arrival order, each at an `ALIGN`ed row, up to `step_tokens` rows (one
-        input always, however long; each is at most `window`) and `MAX_SEQUENCES`."""
+        """Inputs in arrival order, up to `step_tokens` tokens (one input always, however
+        long; each is at most `window`)."""
         items: list[Item] = []
         rows = 0
-        while self._pending and len(items) < MAX_SEQUENCES:
+        while self._pending:
             job, index = self._pending[0]
-            end = aligned(rows) + len(job.inputs[index])
-            if items and end > min(self.step_tokens, self.window):
+            rows += len(job.inputs[index])
+            if items and rows > self.step_tokens:
                 break
             items.append(self._pending.popleft())
-            rows = end
         return items
 
-    def _decode(self, items: list[Item]) -> None:
-        live = [(job, i) for job, i in items if not job.failed and not job.future.cancelled()]
-        if not live:
-            return
-        batch, n = self._batch, 0
-        for seq, (job, index) in enumerate(live):
-            for pos in range(aligned(n) - n):
-                n = self._put(n, FILLER_TOKEN, pos, MAX_SEQUENCES + seq)
-            for pos, token in enumerate(job.inputs[index]):
-                n = self._put(n, token, pos, seq)
-        batch.n_tokens = n
+    def _embed_one(self, tokens: list[int]) -> list[float]:
+        batch = self._batch
+        for pos, token in enumerate(tokens):
+            batch.token[pos], batch.pos[pos], batch.n_seq_id[pos] = token, pos, 1
+            batch.seq_id[pos][0] = 0
+            batch.logits[pos] = 1  # pooling reads every row
+        batch.n_tokens = len(tokens)
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        n = self.threads.threads()
+        if n != self._threads_set:
+            llama_cpp.llama_set_n_threads(self._ctx, n, n)
+            self._threads_set = n
+        start = time.perf_counter()
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status}")
-        for seq, (job, index) in enumerate(live):
-            job.put(index, self._vector(seq))
+        self.threads.record(len(tokens), time.perf_counter() - start)
+        return self._vector()
 
-    def _put(self, row: int, token: int, pos: int, seq: int) -> int:
-        batch = self._batch
-        batch.token[row], batch.pos[row], batch.n_seq_id[row] = token, pos, 1
-        batch.seq_id[row][0] = seq
-        batch.logits[row] = 1  # pooling reads every row
-        return row + 1
-
-    def _vector(self, seq: int) -> list[float]:
-        pointer = llama_cpp.llama_get_embeddings_seq(self._ctx, seq)
+    def _vector(self) -> list[float]:
+        pointer = llama_cpp.llama_get_embeddings_seq(self._ctx, 0)
         if not pointer:
-            raise EngineError(f"llama.cpp has no pooled embedding for sequence {seq}")
+            raise EngineError("llama.cpp has no pooled embedding for the input")
         raw = np.ctypeslib.as_array(pointer, shape=(self.n_embd,)).astype(np.float64)
         norm = float(np.linalg.norm(raw))
         unit = raw / norm if norm > 0 else raw
