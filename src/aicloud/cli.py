@@ -19,9 +19,8 @@ from aicloud.engines.llamacpp.model import ContextConfig, ModelLoadError, check_
 from aicloud.engines.llamacpp.weights import check_format
 from aicloud.models.catalog import CatalogError, ModelSpec, resolve_models
 from aicloud.models.pool import ModelPool
+from aicloud.scheduling.admission import Admitter
 from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
-
-FCFS = SchedulingConfig(mode=Mode.FCFS)
 
 app = typer.Typer(help="aicloud: your own AI cloud.", no_args_is_help=True)
 app.add_typer(admin_cli.orgs, name="orgs")
@@ -41,23 +40,31 @@ def build_pool(settings: Settings) -> ModelPool:
     )
     specs = resolve_models(settings.models)
     if settings.engine == "vllm":
-        return vllm_pool(settings, specs, config)
+        return admitted(settings, vllm_pool(settings, specs, config))
     for spec in specs:
         check_gguf_path(spec.path)
     check_format(settings.weights)
     cache = settings.home_dir / "weights"
-    # on Ray the replica set keeps the fair line; each replica then simply runs what it gets
-    inner = FCFS if settings.ray_address else scheduling_config(settings)
     makers = {s.model_id: partial(LlamaCppEngine, s.model_id, s.path, config,
-                                  queue=FairQueue(inner), weights=settings.weights,
-                                  weights_cache=cache) for s in specs}
+                                  weights=settings.weights, weights_cache=cache)
+              for s in specs}
     if settings.ray_address:
-        return ModelPool({mid: on_ray(settings, mid, make) for mid, make in makers.items()})
-    return ModelPool({mid: make() for mid, make in makers.items()})
+        return admitted(settings, {mid: on_ray(settings, mid, make)
+                                   for mid, make in makers.items()})
+    return admitted(settings, {mid: make() for mid, make in makers.items()})
 
 
-def vllm_pool(settings: Settings, specs: list[ModelSpec], config: ContextConfig) -> ModelPool:
-    """Models on vLLM, which schedules by itself: priorities, but no tenant fairness."""
+def admitted(settings: Settings, engines: dict[str, Engine]) -> ModelPool:
+    """Every engine behind the one admission layer: its fair line, priorities and
+    back-pressure, whatever the engine is."""
+    return ModelPool({mid: Admitter(engine, FairQueue(scheduling_config(settings)))
+                      for mid, engine in engines.items()})
+
+
+def vllm_pool(settings: Settings, specs: list[ModelSpec],
+              config: ContextConfig) -> dict[str, Engine]:
+    """Models on vLLM, which keeps its own scheduler; the admission layer decides who
+    enters it."""
     from aicloud.engines.vllm import VllmEngine
     from aicloud.engines.vllm_convert import check_model_path
 
@@ -68,8 +75,8 @@ def vllm_pool(settings: Settings, specs: list[ModelSpec], config: ContextConfig)
     for spec in specs:
         check_model_path(spec.path)
     cache = settings.home_dir / "weights"
-    return ModelPool({s.model_id: VllmEngine(s.model_id, s.path, config, weights_cache=cache,
-                                             eager=settings.vllm_eager) for s in specs})
+    return {s.model_id: VllmEngine(s.model_id, s.path, config, weights_cache=cache,
+                                   eager=settings.vllm_eager) for s in specs}
 
 
 def scheduling_config(settings: Settings) -> SchedulingConfig:
@@ -86,8 +93,8 @@ def on_ray(settings: Settings, model_id: str, make: EngineFactory) -> Engine:
     scaling = Scaling(settings.replicas, settings.min_replicas or settings.replicas,
                       settings.max_replicas or settings.replicas, settings.scale_up_after,
                       settings.scale_down_after)
-    return ReplicaSet(spec, scaling, FairQueue(scheduling_config(settings)),
-                      address=settings.ray_address or "auto")
+    return ReplicaSet(spec, scaling, address=settings.ray_address or "auto",
+                      max_wait=settings.max_queue_wait)
 
 
 class OneLineLoadErrors:
