@@ -194,6 +194,16 @@ def test_a_newcomer_below_its_share_is_admitted_beyond_the_slots() -> None:
     assert q.pop(lambda t: q.can_start(t, busy=32, slots=32, preempts=True)) == "light-0"
 
 
+def test_going_beyond_the_slots_takes_a_whole_slot_below_the_share() -> None:
+    """One slot, two tenants: each's share is half a slot, so the newcomer waits (the
+    engine could not give it a slot without taking the flood's only one)."""
+    for slots, admitted in ((1, False), (2, True)):
+        q = FairQueue()
+        busy(q, "heavy", running=slots)
+        busy(q, "light", running=0)
+        assert q.can_start("light", busy=slots, slots=slots, preempts=True) is admitted
+
+
 def test_the_share_that_opens_the_reserve_is_weighted() -> None:
     q = FairQueue()
     busy(q, "heavy", running=10)

@@ -9,8 +9,10 @@ counters, applied at admission here and token by token inside the engine.
 
 - Room: any tenant may fill every free slot (`info().max_sequences`), so a tenant alone
   gets the whole engine. An engine that `preempts` (pauses a sequence to lend its slot)
-  is handed up to a quarter more, only for tenants below their weighted share of the
-  slots: a newcomer's first token then comes at once instead of after a whole generation.
+  is handed up to a quarter more, only for tenants a whole slot below their weighted share
+  of the slots: a newcomer's first token then comes at once instead of after a whole
+  generation. (A request handed over waits inside the engine if it finds no room after
+  all; it no longer expires, and the reserve bounds how many can.)
 - Counters grow as service happens: the prompt when admitted (an estimate: the final
   usage corrects it by what was cached), each output token as its event passes.
 - Back-pressure: a full line or a long wait is refused with a 429 (the tenant floods the

@@ -52,8 +52,9 @@ class SchedulingConfig:
     gets the whole engine. The shares are kept token by token instead (an engine that
     decodes fewer sequences per step than it holds picks them by these counters), and on
     an engine that can pause a sequence, up to `reserve` more requests than it has slots
-    (None: a quarter of them) are admitted for tenants below their weighted share of the
-    slots: the engine parks a flood's sequence to give a newcomer a slot at once."""
+    (None: a quarter of them) are admitted for tenants a whole slot below their weighted
+    share of the slots: the engine parks a flood's sequence to give a newcomer a slot at
+    once."""
 
     mode: Mode = Mode.VTC
     input_weight: float = 1.0
@@ -284,13 +285,13 @@ class FairQueue(Generic[Item]):
     def can_start(self, tenant: str, busy: int, slots: int, preempts: bool = False) -> bool:
         """Whether `tenant` may be admitted now, with `busy` of the engine's `slots` taken.
         Any tenant may take a free slot. Beyond them, and up to the reserve, only a tenant
-        holding less than its weighted share of the slots among the tenants with work
+        a whole slot below its weighted share of the slots among the tenants with work
         (never one alone), and only on an engine that `preempts` (makes room by pausing a
-        sequence of a tenant above its share)."""
+        sequence of a tenant holding more)."""
         if busy < slots:
             return True
         return (preempts and busy < slots + self.config.reserved(slots)
-                and self.running(tenant) < self._share(tenant, slots))
+                and self.running(tenant) + 1 <= self._share(tenant, slots))
 
     def _share(self, tenant: str, slots: int) -> float:
         active = {t: s.weight for t, s in self._tenants.items()

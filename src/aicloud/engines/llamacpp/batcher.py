@@ -204,29 +204,26 @@ class Batcher:
         self.running.append(seq)
 
     def _make_room(self, seq: Sequence) -> bool:
-        """Park a decoding sequence of the tenant furthest above its weighted share of the
-        slots, when `seq`'s tenant holds less than its own. Only with the admission
-        layer's shares (it is what hands over more sequences than slots). A tenant gives
-        up a slot only while it holds at least one more than its share, so two tenants
-        never trade one back and forth."""
+        """Park a decoding sequence of the tenant holding the most slots per weight, if it
+        would still hold at least as many per weight as `seq`'s tenant once `seq` has its
+        slot (so two tenants never trade a slot back and forth); its shortest, the least to
+        copy. Only with the admission layer's shares: it is what hands over more sequences
+        than slots, for tenants a whole slot below their share."""
         if seq.request.shares is None:
             return False
-        everyone = (*self.running, *self.parked, *self.pending)
-        weights = {s.request.tenant: s.request.weight for s in everyone}
-        unit = len(self.slots.slots) / sum(weights.values())
+        tenant = seq.request.tenant
         held = Counter(s.request.tenant for s in self.running)
+        after = (held[tenant] + 1) / seq.request.weight
 
-        def above(tenant: str) -> float:
-            return held[tenant] - unit * weights[tenant]
+        def per_weight(s: Sequence) -> float:
+            return held[s.request.tenant] / s.request.weight
 
-        if above(seq.request.tenant) >= 0:
-            return False
         victims = [s for s in self.running if s.state is SeqState.DECODE and not s.cancelled
-                   and above(s.request.tenant) >= 1]
+                   and s.request.tenant != tenant
+                   and (held[s.request.tenant] - 1) / s.request.weight >= after]
         if not victims:
             return False
-        victim = min(victims, key=lambda s: (-above(s.request.tenant),
-                                             len(self._slot(s).tokens)))
+        victim = min(victims, key=lambda s: (-per_weight(s), len(self._slot(s).tokens)))
         cells = park(self.model.ctx, self.slots, self._slot(victim),
                      keep=min(victim.n_past, len(victim.prompt)))
         if cells is None:
