@@ -63,9 +63,9 @@ class AdmittedStream:
     def __init__(self, request: GenerationRequest, admitter: Admitter) -> None:
         self.request = request
         self._admitter = admitter
-        self._engine_stream: asyncio.Future[GenerationStream | None] = (
+        # the engine's stream once admitted, or the one event of a request that never ran
+        self._outcome: asyncio.Future[GenerationStream | TokenEvent] = (
             asyncio.get_running_loop().create_future())
-        self._end: TokenEvent | None = None  # how it ended without running
         self.cancelled = False
         self.charged_input = 0
         self.charged_output = 0
@@ -75,12 +75,11 @@ class AdmittedStream:
         return self.request.tenant
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        inner = await asyncio.shield(self._engine_stream)
-        if inner is None:
-            assert self._end is not None
-            yield self._end
+        outcome = await asyncio.shield(self._outcome)
+        if isinstance(outcome, TokenEvent):
+            yield outcome
             return
-        async for event in inner:
+        async for event in outcome:
             self._admitter.charge_output(self, event.completion_tokens)
             yield event
             if event.finish_reason is not None:
@@ -88,31 +87,26 @@ class AdmittedStream:
 
     def cancel(self) -> None:
         self.cancelled = True
-        stream = self._engine_stream
-        if stream.done() and (inner := stream.result()) is not None:
-            inner.cancel()
-        elif not stream.done():
+        if not self._outcome.done():
             self._admitter.withdraw(self)
+        elif not isinstance(outcome := self._outcome.result(), TokenEvent):
+            outcome.cancel()
 
     async def final(self) -> TokenEvent:
-        inner = await asyncio.shield(self._engine_stream)
-        if inner is None:
-            assert self._end is not None
-            return self._end
-        return await inner.final()
+        outcome = await asyncio.shield(self._outcome)
+        return outcome if isinstance(outcome, TokenEvent) else await outcome.final()
 
     def started(self, inner: GenerationStream) -> None:
-        if not self._engine_stream.done():
-            self._engine_stream.set_result(inner)
+        if not self._outcome.done():
+            self._outcome.set_result(inner)
         if self.cancelled:
             inner.cancel()
 
     def end(self, reason: FinishReason) -> None:
         """Finish without having run: refused, cancelled while waiting, or failed to
         start. Nothing was computed, so nothing is used."""
-        if not self._engine_stream.done():
-            self._end = TokenEvent("", 0, reason, Usage(0, 0))
-            self._engine_stream.set_result(None)
+        if not self._outcome.done():
+            self._outcome.set_result(TokenEvent("", 0, reason, Usage(0, 0)))
 
 
 class Admitter:
