@@ -173,26 +173,25 @@ class Batcher:
     def _admit(self) -> list[Outcome]:
         """Give free slots to waiting sequences, the least-served tenant's first (a parked
         one before a newcomer of the same standing); with no slot free, a newcomer of a
-        tenant below its share takes one from a tenant above it. Returns the sequences
-        that could not be resumed (the lock is held)."""
+        tenant below its share takes one from a tenant above it. One that finds no room
+        does not hold up the others. Returns the sequences that could not be resumed (the
+        lock is held)."""
         failed: list[Outcome] = []
-        while (seq := self._next_waiting()) is not None:
+        for seq in self._by_standing():
             if not self.slots.free and not self._make_room(seq):
-                break
+                continue
             if seq in self.parked:
                 failed += self._resume(seq)
             else:
                 self._place(seq)
         return failed
 
-    def _next_waiting(self) -> Sequence | None:
+    def _by_standing(self) -> list[Sequence]:
         waiting = [*self.parked, *self.pending]
-        if not waiting:
-            return None
-        shares = waiting[0].request.shares
+        shares = waiting[0].request.shares if waiting else None
         if shares is None:
-            return waiting[0]
-        return min(waiting, key=lambda s: shares.standing(s.request.tenant))
+            return waiting
+        return sorted(waiting, key=lambda s: shares.standing(s.request.tenant))
 
     def _place(self, seq: Sequence) -> None:
         self.pending.remove(seq)
