@@ -12,6 +12,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -25,6 +26,8 @@ import pytest
 T = TypeVar("T")
 PG_ADMIN_URL = os.environ.get("AICLOUD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# Test servers share re-typed weights and the format decision (measured once per machine).
+SHARED_WEIGHTS = Path(tempfile.gettempdir()) / "aicloud-test-weights"
 
 
 def need_service(name: str, error: Exception) -> None:
@@ -83,7 +86,8 @@ def start_server(home: Path, *args: str, extra_env: dict[str, str] | None = None
                  ready_within: float = 120, port: int | None = None) -> Server:
     port = port or free_port()
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("AICLOUD_")}
-    env = {**inherited, "AICLOUD_HOME": str(home), **(extra_env or {})}
+    env = {**inherited, "AICLOUD_HOME": str(home), "AICLOUD_WEIGHTS_DIR": str(SHARED_WEIGHTS),
+           **(extra_env or {})}
     log = home / "server.log"
     home.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 import typer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from aicloud import admin_cli, logs
+from aicloud import admin_cli, logs, providers_cli
 from aicloud.cluster.replica import EngineFactory, ReplicaSpec
 from aicloud.config import Settings
 from aicloud.engines.base import Engine
@@ -19,6 +19,8 @@ from aicloud.engines.llamacpp.model import ContextConfig, ModelLoadError, check_
 from aicloud.engines.llamacpp.weights import check_format
 from aicloud.models.catalog import CatalogError, ModelSpec, resolve_models
 from aicloud.models.pool import ModelPool
+from aicloud.models.pull_cli import models as models_cli
+from aicloud.providers.serving import upstream_engines
 from aicloud.scheduling.admission import Admitter
 from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 
@@ -29,6 +31,8 @@ app.add_typer(admin_cli.keys, name="keys")
 app.add_typer(admin_cli.admin_keys, name="admin-keys")
 app.add_typer(admin_cli.prices, name="prices")
 app.add_typer(admin_cli.billing, name="billing")
+app.add_typer(models_cli, name="models")
+app.add_typer(providers_cli.providers, name="providers")
 
 
 def build_pool(settings: Settings) -> ModelPool:
@@ -44,14 +48,15 @@ def build_pool(settings: Settings) -> ModelPool:
     for spec in specs:
         check_gguf_path(spec.path)
     check_format(settings.weights)
-    cache = settings.home_dir / "weights"
+    cache = settings.weights_cache
     makers = {s.model_id: partial(LlamaCppEngine, s.model_id, s.path, config,
                                   weights=settings.weights, weights_cache=cache)
               for s in specs}
+    upstream = upstream_engines(settings)  # the catalog's provider models
     if settings.ray_address:
-        return admitted(settings, {mid: on_ray(settings, mid, make)
-                                   for mid, make in makers.items()})
-    return admitted(settings, {mid: make() for mid, make in makers.items()})
+        return admitted(settings, {**upstream, **{mid: on_ray(settings, mid, make)
+                                                  for mid, make in makers.items()}})
+    return admitted(settings, {**upstream, **{mid: make() for mid, make in makers.items()}})
 
 
 def admitted(settings: Settings, engines: dict[str, Engine]) -> ModelPool:
@@ -74,9 +79,10 @@ def vllm_pool(settings: Settings, specs: list[ModelSpec],
         raise ModelLoadError("--engine vllm does not run on Ray yet")
     for spec in specs:
         check_model_path(spec.path)
-    cache = settings.home_dir / "weights"
-    return {s.model_id: VllmEngine(s.model_id, s.path, config, weights_cache=cache,
-                                   eager=settings.vllm_eager) for s in specs}
+    cache = settings.weights_cache
+    return {**upstream_engines(settings), **{
+        s.model_id: VllmEngine(s.model_id, s.path, config, weights_cache=cache,
+                               eager=settings.vllm_eager) for s in specs}}
 
 
 def scheduling_config(settings: Settings) -> SchedulingConfig:
@@ -140,7 +146,8 @@ def serve(
         help="memory for the KV cache of each model, used to size --sequences "
              "(default 2048)")] = None,
     weights: Annotated[str | None, typer.Option(
-        help="serve the weights as they are (native) or re-typed once into q4_0, q8_0, "
+        help="auto (default: the faster of the file and q4_0 on this machine, measured "
+             "once), native (the file as it is), or re-typed once into q4_0, q8_0, "
              "bf16 or f16 (on AVX2 CPUs q4_0 decodes batches fastest)")] = None,
     ray: Annotated[str | None, typer.Option(
         help="run engine replicas on a Ray cluster: auto (the cluster of this machine), "

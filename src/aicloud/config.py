@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from aicloud.store.db import default_url
@@ -34,7 +34,10 @@ class Settings(BaseSettings):
     adapt_threads: bool = Field(default=True, description="re-decide the decode thread "
                                 "count by measuring (a busy neighbour makes fewer faster)")
     kv_budget_mb: int = Field(default=2048, ge=16)
-    weights: str = Field(default="native", description="native, q4_0, q8_0, bf16 or f16")
+    weights: str = Field(default="auto", description="auto (the faster of the file and "
+                         "q4_0 here, measured once), native, q4_0, q8_0, bf16 or f16")
+    weights_dir: Path | None = Field(default=None, description="re-typed weights and the "
+                                     "format decisions (default: AICLOUD_HOME/weights)")
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
     scheduling: Literal["vtc", "fcfs"] = Field(default="vtc",
                                                description="vtc (tenant-fair) or fcfs")
@@ -64,10 +67,23 @@ class Settings(BaseSettings):
         default=60, ge=10, description="a server whose heartbeat is this old is dead: any "
         "other server bills its running requests as interrupted and releases its holds")
     log_level: str = "info"
+    console: bool = Field(default=True, description="serve the admin console at /console")
+    console_session_minutes: int = Field(default=480, ge=1, le=43200,
+                                         description="a console sign-in lasts this long")
+    console_sign_in_attempts: int = Field(
+        default=10, ge=1, description="failed console sign-ins allowed per minute from one "
+        "client address (a burst of as many, then one every 60/N s)")
+    secret_key: SecretStr | None = Field(
+        default=None, description="master key for provider secrets at rest (a Fernet key or "
+        "a passphrase); default: a key file created in home with mode 0600")
 
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser()
+
+    @property
+    def weights_cache(self) -> Path:
+        return (self.weights_dir or self.home_dir / "weights").expanduser()
 
     @property
     def db_url(self) -> str:

@@ -26,6 +26,7 @@ from aicloud.config import Settings
 from aicloud.limits.buckets import Limiter, MemoryLimiter
 from aicloud.limits.policy import RateLimits
 from aicloud.models.catalog import Catalog
+from aicloud.providers.store import ProviderStore, secret_box
 from aicloud.responses.store import ResponseStore
 from aicloud.store import db
 from aicloud.store.direct import DatabaseUnavailable, Direct, vacuum_churn_tables
@@ -48,6 +49,7 @@ class Cloud:
     journal: Journal
     responses: ResponseStore
     catalog: Catalog
+    providers: ProviderStore
 
     async def maintain(self, every: float = 5.0, vacuum_every: int = 2) -> None:
         """The server's housekeeping task: write spooled usage once the database is back,
@@ -96,4 +98,5 @@ def open_cloud(settings: Settings) -> Cloud:
                  Budgets(sessions, direct, settings.hold_seconds, instance),
                  ledger, Reports(sessions, orgs), RateLimits(limiter),
                  Journal(direct, ledger, instance, settings.instance_timeout),
-                 ResponseStore(sessions), Catalog(sessions))
+                 ResponseStore(sessions), Catalog(sessions),
+                 ProviderStore(sessions, secret_box(settings)))

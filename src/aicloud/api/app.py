@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
+from aicloud import console
 from aicloud.api import errors, openapi
 from aicloud.api.body_limit import BodyLimit
 from aicloud.api.deps import clean_params
@@ -18,6 +19,7 @@ from aicloud.api.routes import admin, embeddings, health, metrics, openai, respo
 from aicloud.api.telemetry import Telemetry
 from aicloud.config import Settings
 from aicloud.models.pool import ModelPool
+from aicloud.models.pulls import Pulls
 from aicloud.services import open_cloud
 from aicloud.store import migrate
 from aicloud.tasks import supervised
@@ -39,6 +41,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
         cloud = open_cloud(settings)
         app.state.cloud = cloud
         app.state.pool = pool
+        app.state.pulls = Pulls(cloud.catalog, settings.home_dir)
         app.state.background = set()
         app.state.telemetry = Telemetry()
         app.state.fair_share_by = settings.fair_share_by
@@ -57,6 +60,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
                 await asyncio.wait(pending, timeout=10)
             housekeeping.cancel()
             journal.cancel()
+            await app.state.pulls.close()
             await pool.close()
             await cloud.journal.close()
             await cloud.close()
@@ -77,5 +81,7 @@ def create_app(settings: Settings, pool: ModelPool) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    if settings.console:
+        console.install(app, settings)
     app.openapi = lambda: openapi.describe(app)  # type: ignore[method-assign]
     return app

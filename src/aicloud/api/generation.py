@@ -205,6 +205,8 @@ class Run:
             prompt_tokens=usage.prompt_tokens, cached_tokens=usage.cached_tokens,
             completion_tokens=usage.completion_tokens, cost_pico=self.admission.cost(usage),
             status=STATUS[outcome], started_at=self.started_at, finished_at=datetime.now(UTC),
+            provider=next((f.provider for f in finals if f.provider), None),
+            estimated=any(f.usage is not None and f.usage.estimated for f in finals),
         ), self.admission.hold)
         self.recorded = True
         if self.progress is not None:

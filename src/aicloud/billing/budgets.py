@@ -214,3 +214,23 @@ class Budgets:
     async def month_to_date(self, column: str, ident: str) -> tuple[int, int]:
         async with self._sessions() as session:
             return await month_to_date(session, column, ident, now())
+
+    async def month_to_date_of(self, column: str,
+                               idents: list[str]) -> dict[str, tuple[int, int]]:
+        """`month_to_date` of many projects (or organizations) in two grouped reads: a page
+        listing a hundred projects must not run two hundred queries."""
+        if not idents:
+            return {}
+        key = getattr(UsageRecord, column)
+        held_key = getattr(Reservation, column)
+        async with self._sessions() as session:
+            spent: dict[str, int | None] = {ident: total for ident, total in (
+                await session.execute(
+                    select(key, func.sum(UsageRecord.cost_pico))
+                    .where(key.in_(idents), UsageRecord.finished_at >= month_start(now()))
+                    .group_by(key)))}
+            held: dict[str, int | None] = {ident: total for ident, total in (
+                await session.execute(
+                    select(held_key, func.sum(Reservation.amount_pico))
+                    .where(held_key.in_(idents)).group_by(held_key)))}
+        return {i: (int(spent.get(i) or 0), int(held.get(i) or 0)) for i in idents}

@@ -26,6 +26,7 @@ from aicloud.accounts.base import (
     AdminScope,
     NotFound,
     Role,
+    aware,
     check_moment,
     iso,
     now,
@@ -54,6 +55,29 @@ class UsageFilter:
     model: str | None = None
     start: datetime | None = None
     end: datetime | None = None
+
+
+@dataclass(slots=True, frozen=True)
+class UsageRow:
+    """One request as the ledger has it."""
+
+    request_id: str
+    organization_id: str
+    project_id: str
+    api_key_id: str
+    model: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    cost_pico: int
+    status: str
+    finished_at: datetime
+
+    @classmethod
+    def of(cls, r: UsageRecord) -> UsageRow:
+        return cls(r.request_id, r.organization_id, r.project_id, r.api_key_id, r.model,
+                   r.prompt_tokens, r.cached_tokens, r.completion_tokens, r.cost_pico,
+                   r.status, aware(r.finished_at))
 
 
 @dataclass(slots=True)
@@ -198,6 +222,27 @@ class Reports:
                                          int(cost or 0)) for p, n, m, c, i, ca, o, cost in lines]
             invoice.credits = [(r, n, int(a)) for r, n, a in credits]
         return invoice
+
+    async def rows(self, scope: AdminScope, filt: UsageFilter, limit: int = 100,
+                   statuses: tuple[str, ...] = ()) -> list[UsageRow]:
+        """The newest usage rows that match (and, if given, have one of `statuses`):
+        the console's table and its recent errors. Newest first, at most `limit`."""
+        async with self._sessions() as session:
+            await self._check(session, scope, filt)
+            query = self._where(select(UsageRecord), scope, filt)
+            if statuses:
+                query = query.where(UsageRecord.status.in_(statuses))
+            found = await session.scalars(query.order_by(UsageRecord.id.desc()).limit(limit))
+            return [UsageRow.of(r) for r in found]
+
+    async def request(self, scope: AdminScope, request_id: str) -> UsageRow:
+        """One request's row, by its id (a chat completion's `id`), if the caller sees it."""
+        async with self._sessions() as session:
+            row = await session.scalar(select(UsageRecord).where(
+                UsageRecord.request_id == request_id))
+        if row is None or not scope.sees(row.organization_id):
+            raise NotFound("usage row", request_id)
+        return UsageRow.of(row)
 
     # -- helpers ----------------------------------------------------------------------------
 

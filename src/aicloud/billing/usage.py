@@ -46,6 +46,8 @@ class UsageEntry:
     status: str
     started_at: datetime
     finished_at: datetime
+    provider: str | None = None  # the upstream provider that served it; None: this server
+    estimated: bool = False  # the provider sent no counts: the tokens are estimates
 
 
 def _encode(entry: UsageEntry, hold: Hold | None) -> str:
@@ -66,9 +68,10 @@ def _decode(line: str) -> tuple[UsageEntry, Hold | None]:
 INSERT_USAGE = (
     "INSERT INTO usage (request_id, organization_id, api_key_id, project_id, model, "
     "prompt_tokens, cached_tokens, completion_tokens, cost_pico, status, started_at, "
-    "finished_at) VALUES (:request_id, :organization_id, :api_key_id, :project_id, :model, "
-    ":prompt_tokens, :cached_tokens, :completion_tokens, :cost_pico, :status, :started_at, "
-    ":finished_at) ON CONFLICT (request_id) DO NOTHING")
+    "finished_at, provider, estimated) VALUES (:request_id, :organization_id, :api_key_id, "
+    ":project_id, :model, :prompt_tokens, :cached_tokens, :completion_tokens, :cost_pico, "
+    ":status, :started_at, :finished_at, :provider, :estimated) "
+    "ON CONFLICT (request_id) DO NOTHING")
 ADD_SPEND = (
     "INSERT INTO monthly_spend (scope, month, spent_pico) VALUES (:scope, :month, :cost) "
     "ON CONFLICT (scope, month) DO UPDATE SET spent_pico = monthly_spend.spent_pico + "

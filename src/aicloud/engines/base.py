@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -182,6 +182,19 @@ GRAMMAR_LIMITS: dict[str, int | bool] = {
 }
 
 
+@dataclass(slots=True, frozen=True)
+class RelayBody:
+    """The caller's OpenAI request, for an engine that relays it to another
+    OpenAI-compatible service (capability RELAY) instead of running token ids: such a
+    request carries messages, never tokens, since a remote provider is never tokenized
+    for here. `prompt_estimate` (about four characters a token) is billed only when the
+    provider reports no usage."""
+
+    endpoint: str  # "chat/completions" or "completions"
+    fields: Mapping[str, Any]
+    prompt_estimate: int
+
+
 @dataclass(slots=True)
 class GenerationRequest:
     """One generation. `prompt_tokens` come from `Engine.encode`, so the caller knows the
@@ -199,6 +212,7 @@ class GenerationRequest:
     constraint: Constraint | None = None
     logprobs: int | None = None  # None: none; k: the chosen token's and k alternatives
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the raw logits
+    relay: RelayBody | None = None  # set (and prompt_tokens empty) for RELAY engines
     # the admission layer's per-tenant counters, for an engine that picks which sequences
     # decode each step (never sent to another process: a replica set drops it)
     shares: TenantShares | None = field(default=None, compare=False, repr=False)
@@ -217,6 +231,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    estimated: bool = False  # a provider sent no counts: these are estimates
 
     @property
     def total_tokens(self) -> int:
@@ -253,10 +268,17 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     logprobs: tuple[TokenLogprobs, ...] = ()
+    # from a RELAY engine: the provider's choice of this chunk, relayed as it came
+    # (delta, tool_calls, finish_reason, logprobs); on the final event, who served it
+    upstream: Mapping[str, Any] | None = None
+    provider: str | None = None
 
 
 GENERATE = "generate"
 EMBED = "embed"
+# relays callers' OpenAI requests (GenerationRequest.relay) and the provider's chunks
+# (TokenEvent.upstream): the API skips tokenizing, tools and formats for it
+RELAY = "relay"
 # More inputs than this in one embeddings request are refused (OpenAI's own limit).
 MAX_EMBEDDING_INPUTS = 2048
 

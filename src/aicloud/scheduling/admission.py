@@ -175,7 +175,8 @@ class Admitter:
         """Refuse what no engine could run; then join the line, and start at once if the
         line lets it (the engine's own EngineError then reaches the caller). Raises
         EngineOverloaded when the line refuses it."""
-        completion_limit(request, self.engine.info().context_length)
+        if request.relay is None:  # a relayed request has no tokens: its provider checks it
+            completion_limit(request, self.engine.info().context_length)
         stream = AdmittedStream(request, self)
         evicted = self.queue.push(stream, request.tenant, request.priority, request.weight)
         self._idle.clear()
@@ -216,7 +217,9 @@ class Admitter:
         self._generating += 1
         self._idle.clear()
         self.queue.started(stream.tenant)
-        stream.charged_input = len(stream.request.prompt_tokens)
+        relay = stream.request.relay
+        stream.charged_input = (relay.prompt_estimate if relay is not None
+                                else len(stream.request.prompt_tokens))
         self.queue.charge(stream.tenant, input_tokens=stream.charged_input)
 
     async def _hand_over(self, stream: AdmittedStream) -> GenerationStream:

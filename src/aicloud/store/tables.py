@@ -19,6 +19,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect
@@ -143,6 +144,8 @@ class UsageRecord(Base):
     status: Mapped[str] = mapped_column(String(16))
     started_at: Mapped[datetime] = mapped_column(TS)
     finished_at: Mapped[datetime] = mapped_column(TS, index=True)
+    provider: Mapped[str | None] = mapped_column(String(64), nullable=True)  # None: local
+    estimated: Mapped[bool] = mapped_column(Boolean, default=False)  # no counts came
 
 
 class Reservation(Base):
@@ -262,5 +265,38 @@ class CatalogModel(Base):
     keep_alive_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)
     organizations: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # None: all
+    created_at: Mapped[datetime] = mapped_column(TS)
+    updated_at: Mapped[datetime] = mapped_column(TS)
+
+
+class ConsoleSession(Base):
+    """A signed-in admin console: only a hash of its cookie's token is kept, and it ends at
+    `expires_at` (or with its admin key), whatever the browser's cookie says."""
+
+    __tablename__ = "console_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    admin_key_id: Mapped[str] = mapped_column(ForeignKey("admin_keys.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(TS)
+    expires_at: Mapped[datetime] = mapped_column(TS, index=True)
+
+
+class Provider(Base):
+    """An OpenAI-compatible service whose models the catalog offers (engine `upstream`).
+    Its API key and extra headers are stored encrypted (providers/secrets.py); a key can
+    instead be named by the environment variable that holds it."""
+
+    __tablename__ = "providers"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    base_url: Mapped[str] = mapped_column(String(1000))
+    api_key_cipher: Mapped[str | None] = mapped_column(Text, nullable=True)
+    api_key_env: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    headers_cipher: Mapped[str | None] = mapped_column(Text, nullable=True)
+    header_names: Mapped[str | None] = mapped_column(String(2000), nullable=True)  # a,b
+    timeout_s: Mapped[float] = mapped_column(Float)
+    connect_timeout_s: Mapped[float] = mapped_column(Float)
+    retries: Mapped[int] = mapped_column(Integer)
+    max_concurrency: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(TS)
     updated_at: Mapped[datetime] = mapped_column(TS)

@@ -14,6 +14,7 @@ from fastapi.responses import PlainTextResponse
 
 from aicloud.accounts.base import AdminScope
 from aicloud.api.deps import CloudDep, PoolDep, current_admin
+from aicloud.api.provider_metrics import provider_lines
 from aicloud.api.telemetry import Histogram, Telemetry
 from aicloud.engines.base import Engine, TenantLoad
 from aicloud.services import Cloud
@@ -98,6 +99,7 @@ def render(models: list[tuple[str, Engine]], telemetry: Telemetry,
     lines.append(f"# HELP {name} Requests shed by the scheduler\n# TYPE {name} counter")
     lines += [f"{name}{_labels(model=m, reason=r)} {n}"
               for (m, r), n in sorted(telemetry.refused.items())]
+    lines += provider_lines(models)
     return "\n".join(lines) + "\n"
 
 

@@ -22,9 +22,11 @@ from aicloud.api.generation import (
     usage_json,
 )
 from aicloud.api.openapi import request_body
+from aicloud.api.relay import CHAT, TEXT, relay_with_fallbacks
 from aicloud.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from aicloud.api.tool_calls import chat_prompt
 from aicloud.engines.base import (
+    RELAY,
     Constraint,
     Engine,
     EngineError,
@@ -218,6 +220,12 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
     whose ledger rows then carry the response's id)."""
     cloud: Cloud = request.app.state.cloud
     engine = engine_for(pool, body.model, principal)
+    if engine.info().can(RELAY):  # a provider's model: relayed as sent, nothing rendered
+        return await relay_with_fallbacks(
+            request, principal, body, CHAT, id_prefix,
+            lambda name: engine_for(pool, name, principal),
+            lambda name: run_chat(request, principal, pool,
+                                  body.model_copy(update={"model": name}), id_prefix))
     # cheap refusals before the prompt is tokenized: requests per minute, then its size
     requests = await admit_request(cloud, principal)
     prompt = await chat_prompt(body, engine)  # tools: checked, compiled, rendered as text
@@ -242,7 +250,19 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
 async def completions(request: Request, principal: CurrentPrincipal,
                       pool: PoolDep, cloud: CloudDep) -> StreamingResponse | JSONResponse:
     body = await parse_body(request, CompletionRequest, text_fields=("prompt",))
+    return await run_completion(request, principal, pool, cloud, body)
+
+
+async def run_completion(request: Request, principal: Principal, pool: ModelPool,
+                         cloud: Cloud, body: CompletionRequest
+                         ) -> StreamingResponse | JSONResponse:
     engine = engine_for(pool, body.model, principal)
+    if engine.info().can(RELAY):
+        return await relay_with_fallbacks(
+            request, principal, body, TEXT, "cmpl",
+            lambda name: engine_for(pool, name, principal),
+            lambda name: run_completion(request, principal, pool, cloud,
+                                        body.model_copy(update={"model": name})))
     constraint = await _constraint(body)
     prompts = body.prompts
     if body.echo and not all(isinstance(p, str) for p in prompts):

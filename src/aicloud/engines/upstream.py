@@ -1,0 +1,443 @@
+"""The upstream engine: a catalog model (engine `upstream`) served by an OpenAI-compatible
+provider, behind the same Engine protocol as our own models, so limits, budgets, the
+ledger and the routes treat it like any other.
+
+It relays instead of generating (capability RELAY): the caller's OpenAI request
+(`GenerationRequest.relay`) goes to the provider with the provider's model id,
+`stream: true` and `stream_options.include_usage` always, so the provider's own counts
+are what is billed; its chunks come back as `TokenEvent.upstream`, one event per chunk,
+nothing buffered. Nothing is tokenized here.
+
+Failures before the first chunk (connection errors, timeouts, 5xx, a stall, a 429) are
+retried with backoff (a 429 after its Retry-After) while the provider's breaker allows;
+after that `generate` raises `EngineUnavailable`, which the API turns into a fallback
+model or a 503. A request the provider refuses as bad (400, 422...) is the caller's
+error, with the provider's message scrubbed of our key and its URL. After the first
+chunk nothing is retried: a stream cut mid-way ends with an ERROR event whose usage is
+the provider's if it came, else an estimate (`Usage.estimated`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from aicloud.accounts.base import NotFound
+from aicloud.engines.base import (
+    GENERATE,
+    RELAY,
+    ChatMessage,
+    EmbeddingRequest,
+    Embeddings,
+    Engine,
+    EngineError,
+    EngineInfo,
+    EngineStats,
+    EngineUnavailable,
+    FinishReason,
+    GenerationRequest,
+    TokenEvent,
+    Usage,
+    not_embedding,
+)
+from aicloud.engines.events import EventQueue
+from aicloud.models.catalog import CatalogEntry
+from aicloud.providers.link import ProviderLink, ProviderLinks
+from aicloud.providers.secrets import SecretError
+from aicloud.providers.store import ProviderSettings
+
+log = logging.getLogger(__name__)
+
+# what an upstream model reads unless its catalog options say `context`
+DEFAULT_CONTEXT = 8192
+# fields of our request schema that are ours, not OpenAI's
+OURS = ("cache_salt",)
+BACKOFF_BASE, BACKOFF_CAP = 0.1, 2.0
+# a Retry-After longer than this is not waited for: the caller gets it (or a fallback)
+MAX_RETRY_WAIT = 10.0
+MAX_ERROR_BYTES = 64 << 10
+CHARS_PER_TOKEN = 4  # for estimates when a provider reports no usage
+DRAIN_SECONDS = 1.0  # waited for the end of a body after [DONE]
+
+
+class Retryable(Exception):
+    """A failure before the first chunk that another attempt may not meet."""
+
+    def __init__(self, kind: str, message: str, pause: float | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.pause = kind, message, pause
+
+
+class StreamBroken(Exception):
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+def make_upstream_engine(entry: CatalogEntry, providers: ProviderLinks) -> Engine:
+    """The factory the pool uses for catalog entries of kind `upstream`."""
+    return UpstreamEngine(entry, providers)
+
+
+def retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds or an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def backoff(attempt: int) -> float:
+    """Full jitter: anywhere up to base * 2^attempt, capped."""
+    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** attempt))
+
+
+def estimate_tokens(chars: int) -> int:
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+async def _error_detail(response: httpx.Response) -> tuple[str, str | None]:
+    """The provider's error message and param, read within MAX_ERROR_BYTES."""
+    raw = b""
+    async for piece in response.aiter_bytes():
+        raw += piece
+        if len(raw) > MAX_ERROR_BYTES:
+            break
+    try:
+        error = json.loads(raw).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        param = error.get("param")
+        return error["message"][:1000], param if isinstance(param, str) else None
+    return f"the provider answered HTTP {response.status_code}", None
+
+
+class UpstreamEngine:
+    def __init__(self, entry: CatalogEntry, providers: ProviderLinks) -> None:
+        if entry.provider is None or entry.upstream_model is None:
+            raise EngineError(f"model {entry.id} has no provider", param="model")
+        self._entry = entry
+        self._provider = entry.provider
+        self._upstream_model = entry.upstream_model
+        self._providers = providers
+        self._running = 0
+        self._waiting = 0
+
+    async def start(self) -> None:
+        """Nothing to load; the provider's link is made on the first request."""
+
+    async def close(self) -> None:
+        """The links belong to the ProviderLinks, which the server closes."""
+
+    async def encode_chat(self, messages: list[ChatMessage],
+                          tools: list[dict[str, Any]] | None = None) -> list[int]:
+        raise self._not_local()
+
+    async def encode_text(self, text: str) -> list[int]:
+        raise self._not_local()
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        raise not_embedding(self._entry.id)
+
+    def info(self) -> EngineInfo:
+        """`max_sequences`: the provider's concurrency cap, what an admission layer in
+        front of this engine may have in flight."""
+        context = int(self._entry.options.get("context", DEFAULT_CONTEXT))
+        links = self.links()
+        slots = (links[0].config.settings if links else ProviderSettings()).max_concurrency
+        return EngineInfo(self._entry.id, context, slots, "upstream",
+                          frozenset({GENERATE, RELAY}))
+
+    def stats(self) -> EngineStats:
+        return EngineStats(self._running, self._waiting, 0.0, 0, 0)
+
+    def links(self) -> list[ProviderLink]:
+        """The provider links this engine uses, for /metrics."""
+        return [link for link in self._providers.all() if link.name == self._provider]
+
+    def _not_local(self) -> EngineError:
+        return EngineError(f"model {self._entry.id} is served by a provider and is not "
+                           "tokenized here", param="model")
+
+    async def _link(self) -> ProviderLink:
+        try:
+            return await self._providers.link(self._provider)
+        except NotFound:
+            raise EngineUnavailable(f"model {self._entry.id}: its provider is not configured",
+                                    retry_after=30) from None
+        except SecretError as exc:
+            log.error("provider %s: %s", self._provider, exc)
+            raise EngineUnavailable(f"model {self._entry.id}: its provider cannot be used",
+                                    retry_after=30) from None
+
+    def body(self, request: GenerationRequest) -> dict[str, Any]:
+        """The caller's request as the provider gets it."""
+        assert request.relay is not None
+        fields = {k: v for k, v in request.relay.fields.items() if k not in OURS}
+        return {**fields, "model": self._upstream_model, "stream": True,
+                "stream_options": {"include_usage": True}}
+
+    async def generate(self, request: GenerationRequest) -> UpstreamStream:
+        """Returns once the provider's first chunk came (retrying until then)."""
+        if request.relay is None:
+            raise EngineError(f"model {self._entry.id} is served by a provider: it needs the "
+                              "request's messages, not token ids", param="model")
+        link = await self._link()
+        tenant = request.tenant
+        await self._place(link, request)
+        try:
+            response, lines, first = await self._open(link, request.relay.endpoint,
+                                                      self.body(request))
+        except BaseException:
+            link.gate.leave(tenant)
+            raise
+        self._running += 1
+        link.metrics.in_flight += 1
+
+        def done(usage: Usage) -> None:
+            self._running -= 1
+            link.metrics.in_flight -= 1
+            link.gate.leave(tenant, usage.prompt_tokens, usage.completion_tokens)
+
+        return UpstreamStream(link, response, lines, first, request.relay.prompt_estimate, done)
+
+    async def _place(self, link: ProviderLink, request: GenerationRequest) -> None:
+        """A place among the provider's `max_concurrency`, in tenant-fair order, waited
+        for up to the provider's timeout."""
+        self._waiting += 1
+        try:
+            await link.gate.enter(request.tenant, request.priority, request.weight,
+                                  link.config.settings.timeout)
+        except EngineUnavailable:
+            link.metrics.requests["busy"] += 1
+            raise
+        finally:
+            self._waiting -= 1
+
+    async def _open(self, link: ProviderLink, endpoint: str, body: dict[str, Any]
+                    ) -> tuple[httpx.Response, AsyncIterator[str], str]:
+        attempts = link.config.settings.retries + 1
+        started = time.perf_counter()
+        failure = Retryable("unreachable", "")
+        for attempt in range(attempts):
+            if not link.breaker.can_send():
+                link.metrics.requests["breaker_open"] += 1
+                raise EngineUnavailable(
+                    f"the provider of {self._entry.id} is failing; requests pause for a while",
+                    retry_after=max(1.0, link.breaker.retry_after()))
+            link.breaker.send()
+            if attempt:
+                link.metrics.retries += 1
+            try:
+                opened = await self._attempt(link, endpoint, body)
+            except Retryable as exc:
+                link.metrics.requests[exc.kind] += 1
+                link.breaker.failed(exc.pause)
+                failure = exc
+                delay = exc.pause if exc.pause is not None else backoff(attempt)
+                if attempt + 1 == attempts or delay > MAX_RETRY_WAIT:
+                    break
+                await asyncio.sleep(delay)
+                continue
+            link.breaker.succeeded()
+            link.metrics.first_byte(time.perf_counter() - started)
+            return opened
+        raise EngineUnavailable(f"the provider of {self._entry.id} {failure.message}",
+                                retry_after=max(1.0, failure.pause or 1.0))
+
+    async def _attempt(self, link: ProviderLink, endpoint: str, body: dict[str, Any]
+                       ) -> tuple[httpx.Response, AsyncIterator[str], str]:
+        request = link.client.build_request("POST", f"/{endpoint}", json=body,
+                                            headers=link.headers())
+        try:
+            response = await link.client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise Retryable("timeout", "did not answer in time") from None
+        except httpx.HTTPError:
+            raise Retryable("connect", "could not be reached") from None
+        if response.status_code != 200:
+            await self._refused(link, response)
+        lines = response.aiter_lines()
+        try:
+            first = await _next_data(lines)
+        except httpx.TimeoutException:
+            await response.aclose()
+            raise Retryable("stall", "sent nothing in time") from None
+        except (httpx.HTTPError, StreamBroken):
+            await response.aclose()
+            raise Retryable("cut", "closed the stream before the first chunk") from None
+        return response, lines, first
+
+    async def _refused(self, link: ProviderLink, response: httpx.Response) -> None:
+        """A non-200: retry (429, 5xx), give up on the provider (401/403/404: our
+        configuration), or blame the request (other 4xx), always raising."""
+        status = response.status_code
+        try:
+            message, param = await _error_detail(response)
+        except httpx.HTTPError:
+            message, param = f"the provider answered HTTP {status}", None
+        finally:
+            await response.aclose()
+        if status == 429:
+            raise Retryable("status_429", "is rate limiting us",
+                            retry_after(response.headers.get("retry-after")) or 1.0)
+        if status >= 500 or status == 408:
+            raise Retryable("status_5xx", f"failed (HTTP {status})")
+        link.metrics.requests["status_4xx"] += 1
+        if status in (401, 403, 404):
+            log.warning("provider %s refused a request with HTTP %d: check its key and the "
+                        "model id of %s", link.name, status, self._entry.id)
+            raise EngineUnavailable(f"the provider of {self._entry.id} refused the request "
+                                    f"(HTTP {status})", retry_after=30)
+        raise EngineError(link.scrub(message), param=param)
+
+
+async def _next_data(lines: AsyncIterator[str]) -> str:
+    """The next `data:` payload of an SSE stream (comments and other fields skipped)."""
+    async for line in lines:
+        if line.startswith("data:"):
+            return line[5:].strip()
+        if line and not line.startswith((":", "event:", "id:", "retry:")):
+            raise StreamBroken("protocol")
+    raise StreamBroken("cut")
+
+
+class UpstreamStream:
+    """One relayed stream: a task reads the provider's chunks into an EventQueue (so a
+    cancel, or the client leaving, closes the upstream request at once, and `final()`
+    answers without anyone iterating)."""
+
+    def __init__(self, link: ProviderLink, response: httpx.Response,
+                 lines: AsyncIterator[str], first: str, prompt_estimate: int,
+                 done: Callable[[Usage], None]) -> None:
+        self._link = link
+        self._response = response
+        self._lines = lines
+        self._prompt_estimate = prompt_estimate
+        self._done = done
+        self._queue = EventQueue()
+        self._usage: Usage | None = None
+        self._finish: str | None = None
+        self._chunks = 0
+        self._chars = 0
+        self._cancelled = False
+        self._task = asyncio.get_running_loop().create_task(self._pump(first))
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self._queue.__aiter__()
+
+    def cancel(self) -> None:
+        """Once: a second cancel would interrupt the task's own closing of the upstream
+        response (callers cancel, then cancel again while stopping)."""
+        if not self._cancelled and not self._task.done():
+            self._cancelled = True
+            self._task.cancel()
+
+    async def final(self) -> TokenEvent:
+        return await self._queue.final()
+
+    async def _pump(self, first: str) -> None:
+        outcome = "ok"
+        reason = FinishReason.STOP
+        try:
+            data = first
+            while data != "[DONE]":
+                self._take(data)
+                data = await _next_data(self._lines)
+            reason = FinishReason.LENGTH if self._finish == "length" else FinishReason.STOP
+        except asyncio.CancelledError:
+            outcome, reason = "cancelled", FinishReason.CANCELLED
+        except (StreamBroken, httpx.HTTPError) as exc:
+            if self._finish is not None and self._usage is None:
+                # the answer was whole; only the usage chunk went missing
+                outcome, reason = "ok", FinishReason.STOP
+            else:
+                outcome = exc.kind if isinstance(exc, StreamBroken) else (
+                    "timeout" if isinstance(exc, httpx.TimeoutException) else "cut")
+                reason = FinishReason.ERROR
+        finally:
+            self._link.metrics.requests[outcome] += 1
+            final = self._final(reason)
+            self._queue.put(final)
+            self._done(final.usage or Usage(0, 0))
+            await asyncio.shield(self._close(drain=outcome == "ok"))
+
+    async def _close(self, drain: bool) -> None:
+        """After [DONE], read the body's end (briefly) so the connection goes back to the
+        pool: closing a response not read to its end closes its connection, and a new
+        connection per request cost more than the rest of the relay (measured)."""
+        if drain:
+            with contextlib.suppress(httpx.HTTPError, TimeoutError):
+                async with asyncio.timeout(DRAIN_SECONDS):
+                    async for _ in self._lines:
+                        pass
+        await self._response.aclose()
+
+    def _take(self, data: str) -> None:
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise StreamBroken("protocol") from None
+        if not isinstance(chunk, dict) or "error" in chunk:
+            raise StreamBroken("upstream_error")
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self._usage = _usage(usage)
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                raise StreamBroken("protocol")
+            self._finish = choice.get("finish_reason") or self._finish
+            text = _text(choice)
+            self._chunks += 1
+            self._chars += len(text) + _tool_chars(choice)
+            self._queue.put(TokenEvent(text, self._estimate(), upstream=choice))
+
+    def _estimate(self) -> int:
+        return max(self._chunks, estimate_tokens(self._chars))
+
+    def _final(self, reason: FinishReason) -> TokenEvent:
+        usage = self._usage or Usage(self._prompt_estimate, self._estimate(), 0, estimated=True)
+        return TokenEvent("", usage.completion_tokens, reason, usage, provider=self._link.name)
+
+
+def _text(choice: Mapping[str, Any]) -> str:
+    delta = choice.get("delta")
+    if isinstance(delta, dict):
+        content = delta.get("content")
+        return content if isinstance(content, str) else ""
+    text = choice.get("text")  # /v1/completions
+    return text if isinstance(text, str) else ""
+
+
+def _tool_chars(choice: Mapping[str, Any]) -> int:
+    delta = choice.get("delta")
+    calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+    return len(json.dumps(calls)) if calls else 0
+
+
+def _usage(data: Mapping[str, Any]) -> Usage:
+    def count(value: Any) -> int:
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    details = data.get("prompt_tokens_details")
+    cached = count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    return Usage(count(data.get("prompt_tokens")), count(data.get("completion_tokens")), cached)
