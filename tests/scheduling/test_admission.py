@@ -134,18 +134,21 @@ def test_a_tenant_alone_fills_every_slot_then_waits() -> None:
     run(scenario)
 
 
-def test_a_newcomer_goes_beyond_the_slots_only_where_the_engine_makes_room() -> None:
+def test_a_newcomer_starts_at_once_beyond_the_slots_or_in_the_kept_ones() -> None:
+    """Where the engine can pause a sequence, a flood fills every slot and a newcomer goes
+    beyond them; elsewhere the last quarter of the slots is kept for it."""
     async def scenario() -> None:
-        for preempts in (True, False):
+        for preempts, flood in ((True, 4), (False, 3)):
             engine = Engine(slots=4, preempts=preempts)
             admitter = Admitter(engine)
             for i in range(6):
                 await admitter.generate(request(f"heavy-{i}"))
+            await settle()
+            assert len(engine.running()) == flood, preempts
             await admitter.generate(request("light-0"))
             await settle()
-            started = "light-0" in engine.running()
-            assert started is preempts, preempts
-            assert admitter.in_flight == (5 if preempts else 4)
+            assert "light-0" in engine.running()
+            assert admitter.in_flight == flood + 1
 
     run(scenario)
 

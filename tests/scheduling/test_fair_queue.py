@@ -164,6 +164,7 @@ def test_the_reserve_is_a_quarter_of_the_slots_beyond_them() -> None:
     assert SchedulingConfig().reserved(2) == 1
     assert SchedulingConfig(reserve=2).reserved(8) == 2
     assert SchedulingConfig(mode=Mode.FCFS).reserved(32) == 0
+    assert (SchedulingConfig().kept(32), SchedulingConfig().kept(2)) == (8, 0)
 
 
 def busy(q: FairQueue, tenant: str, running: int, waiting: int = 1, weight: float = 1.0) -> None:
@@ -176,7 +177,10 @@ def busy(q: FairQueue, tenant: str, running: int, waiting: int = 1, weight: floa
 def test_a_tenant_alone_gets_every_slot_and_nothing_beyond() -> None:
     q = FairQueue()
     busy(q, "heavy", running=31, waiting=20)
-    assert q.can_start("heavy", busy=31, slots=32)  # a free slot is anyone's
+    assert q.can_start("heavy", busy=31, slots=32, preempts=True)  # a free slot is anyone's
+    # where the engine cannot pause a sequence, the last quarter is kept for newcomers
+    assert not q.can_start("heavy", busy=24, slots=32)
+    assert q.can_start("heavy", busy=23, slots=32)
     q.started("heavy")
     # all 32 taken: alone, it is not admitted beyond them, even where the engine preempts
     assert not q.can_start("heavy", busy=32, slots=32, preempts=True)
@@ -217,6 +221,7 @@ def test_fcfs_takes_any_free_slot_and_never_more() -> None:
     busy(q, "heavy", running=31)
     busy(q, "light", running=0)
     assert q.can_start("heavy", busy=31, slots=32)
+    assert q.can_start("heavy", busy=31, slots=32, preempts=True)
     assert not q.can_start("light", busy=32, slots=32, preempts=True)
 
 

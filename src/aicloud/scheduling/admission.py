@@ -7,9 +7,11 @@ queue's counters attached (`GenerationRequest.shares`), so an engine that picks 
 its sequences decode each step orders them by the same counters: one set of per-tenant
 counters, applied at admission here and token by token inside the engine.
 
-- Room: any tenant may fill every free slot (`info().max_sequences`), so a tenant alone
-  gets the whole engine. An engine that `preempts` (pauses a sequence to lend its slot)
-  is handed up to a quarter more, only for tenants a whole slot below their weighted share
+- Room: on an engine that can pause a sequence, any tenant may fill every free slot
+  (`info().max_sequences`), so a tenant alone gets the whole engine; on any other, the
+  last quarter of the slots is kept for tenants below their share (`FairQueue.can_start`).
+  An engine that `preempts` (pauses a sequence to lend its slot) is handed up to a quarter
+  more, only for tenants a whole slot below their weighted share
   of the slots: a newcomer's first token then comes at once instead of after a whole
   generation. (A request handed over waits inside the engine if it finds no room after
   all; it no longer expires, and the reserve bounds how many can.)

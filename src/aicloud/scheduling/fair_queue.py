@@ -71,6 +71,14 @@ class SchedulingConfig:
         if min(self.input_weight, self.output_weight) < 0:
             raise ValueError("token weights cannot be negative")
 
+    def kept(self, slots: int) -> int:
+        """On an engine that cannot pause a sequence: how many of the last free slots go
+        only to tenants below their share (FCFS: none), as a newcomer could not otherwise
+        start before a flood's sequence ends; a tenant alone fills the rest."""
+        if self.mode is Mode.FCFS:
+            return 0
+        return min(self.reserve if self.reserve is not None else slots // 4, slots - 1)
+
     def reserved(self, slots: int) -> int:
         """How many requests beyond `slots` may be admitted for tenants below their share
         (FCFS: none)."""
@@ -284,13 +292,19 @@ class FairQueue(Generic[Item]):
 
     def can_start(self, tenant: str, busy: int, slots: int, preempts: bool = False) -> bool:
         """Whether `tenant` may be admitted now, with `busy` of the engine's `slots` taken.
-        Any tenant may take a free slot. Beyond them, and up to the reserve, only a tenant
-        a whole slot below its weighted share of the slots among the tenants with work
-        (never one alone), and only on an engine that `preempts` (makes room by pausing a
-        sequence of a tenant holding more)."""
+        On an engine that `preempts` (makes room by pausing a sequence of a tenant holding
+        more), any tenant may take a free slot, and beyond them, up to the reserve, a
+        tenant a whole slot below its weighted share of the slots among the tenants with
+        work (never one alone). On any other engine the last `kept` free slots go only to
+        a tenant below its share."""
+        if not preempts:
+            free = slots - busy
+            if free > self.config.kept(slots):
+                return True
+            return free > 0 and self.running(tenant) < self._share(tenant, slots)
         if busy < slots:
             return True
-        return (preempts and busy < slots + self.config.reserved(slots)
+        return (busy < slots + self.config.reserved(slots)
                 and self.running(tenant) + 1 <= self._share(tenant, slots))
 
     def _share(self, tenant: str, slots: int) -> float:
