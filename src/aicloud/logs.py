@@ -64,6 +64,9 @@ def setup(level: str) -> dict[str, Any]:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactSecrets())
+    if logging.getLogger().level > logging.DEBUG:
+        # one line per migration step on every first start says nothing an operator acts on
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     config = copy.deepcopy(LOGGING_CONFIG)
     config.setdefault("filters", {})["redact"] = {"()": RedactSecrets}
     for handler in config["handlers"].values():
