@@ -143,7 +143,7 @@ def test_scaling_through_the_admin_api(cluster_server: Server, tmp_path: Path) -
         assert len(down["placement"]["replicas"]) == 2
         assert admin.patch(f"/models/{MODEL}", json={"replicas": 0}).status_code == 400
         listed = admin.get("/models").json()["data"]
-        assert listed[0]["engine"] == "ray"
+        assert listed[0]["engine"] == "llamacpp" and len(listed[0]["placement"]["replicas"]) == 2
     status = cluster_server.cli("status", "--url", cluster_server.base_url)
     assert "replica 0: ready" in status
 

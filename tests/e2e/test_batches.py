@@ -318,7 +318,7 @@ def test_sigkill_mid_batch_answers_and_bills_every_line_once(db_url: str,
             ).status_code == 200
         key = first.new_key("crash")
         client = client_for(first, key)
-        total = 9
+        total = 15  # three at a time: most are still to run at the kill, however fast
         # lines long enough (96 tokens, greedy) that those cut by the kill have run past
         # a progress-journal tick: were lines journaled, they would be billed twice
         batch = submit(client, [chat_line(f"k{i}", f"Count from {i} to 999.", max_tokens=96)

@@ -26,12 +26,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from sqlalchemy.exc import DBAPIError
+
 from aicloud.accounts.base import now
 from aicloud.accounts.keys import Principal
 from aicloud.batches.store import Answered, BatchStore, BatchView, LineState, Status, Todo
 from aicloud.billing.usage import Alongside
 from aicloud.files import jsonl
 from aicloud.files.store import FileStore
+from aicloud.store.direct import DatabaseUnavailable
 from aicloud.store.tables import StoredFile
 
 log = logging.getLogger(__name__)
@@ -100,7 +103,12 @@ class BatchRunner:
         (their running lines are left pending, for the next start)."""
         try:
             while True:
-                for batch_id in await self.store.claim(self.instance):
+                try:
+                    claimed = await self.store.claim(self.instance)
+                except (DBAPIError, DatabaseUnavailable) as exc:  # an outage: wait it out
+                    log.debug("batch runner waits for the database: %s", type(exc).__name__)
+                    claimed = []
+                for batch_id in claimed:
                     if batch_id not in self._driving:
                         self._start(batch_id)
                 await asyncio.sleep(self.poll)
@@ -118,6 +126,9 @@ class BatchRunner:
             await self.drive(batch_id)
         except asyncio.CancelledError:
             raise
+        except (DBAPIError, DatabaseUnavailable) as exc:  # an outage: the next round retries
+            log.debug("batch %s waits for the database: %s", batch_id, type(exc).__name__)
+            await asyncio.sleep(self.poll)
         except Exception:  # the next claim round takes it up again
             log.exception("batch %s: driving failed; retrying shortly", batch_id)
             await asyncio.sleep(self.poll)
