@@ -364,16 +364,23 @@ async def open_run(serving: Serving, engine: Engine, principal: Principal, model
             await run.start(k, generations[k])
     except BaseException as exc:
         await _unwind(run)
-        if isinstance(exc, EngineOverloaded):
-            raise refusal(FinishReason.OVERLOADED if exc.everyone else FinishReason.THROTTLED,
-                          exc.retry_after) from None
         if isinstance(exc, EngineError):
-            raise invalid(exc.message, exc.param, exc.code) from None
+            raise refused(exc) from None
         raise
     if batch_line is None:
         run.progress = cloud.journal.track(request_id, principal, model, prompt_tokens,
                                            admission.rates, admission.hold, run.started_at)
     return run
+
+
+def refused(exc: EngineError, code: str | None = None) -> APIError:
+    """An engine's refusal of a request it never started, as the API answers it:
+    back-pressure as a 503 or 429 with Retry-After, anything else as a 400 (`code`, or
+    the engine's own)."""
+    if isinstance(exc, EngineOverloaded):
+        return refusal(FinishReason.OVERLOADED if exc.everyone else FinishReason.THROTTLED,
+                       exc.retry_after)
+    return invalid(exc.message, exc.param, code or exc.code)
 
 
 async def _unwind(run: Run) -> None:

@@ -32,7 +32,8 @@ from aicloud.api.generation import (
     _unwind,
     begin,
     failed,
-    refusal,
+    refused,
+    serving,
     sse,
     tenant_of,
     until_disconnect,
@@ -43,9 +44,7 @@ from aicloud.engines.base import (
     RELAY,
     Engine,
     EngineError,
-    EngineOverloaded,
     EngineUnavailable,
-    FinishReason,
     GenerationRequest,
     RelayBody,
     TokenEvent,
@@ -157,24 +156,22 @@ async def open_relay(request: Request, principal: Principal, engine: Engine, mod
                      body: SamplingFields, relayed: RelayBody, bound: int, most: int,
                      prefix: str) -> Run:
     """As `generation.open_run` for one choice: admit (RPM, TPM, hold), then send."""
-    cloud: Cloud = request.app.state.cloud
+    shared = serving(request)
+    cloud = shared.cloud
     request_id = f"{prefix}-{secrets.token_hex(12)}"
     admission = await admit(cloud, principal, model, request_id, bound, most)
-    run = Run(request_id, model, admission, engine, 1, cloud, request.app.state.background,
-              request.app.state.telemetry)
+    run = Run(request_id, model, admission, engine, 1, cloud, shared.background,
+              shared.telemetry)
     generation = GenerationRequest(
         request_id=request_id, prompt_tokens=[], max_tokens=most,
-        tenant=tenant_of(principal, request.app.state.fair_share_by),
+        tenant=tenant_of(principal, shared.fair_share_by),
         priority=body.priority, weight=principal.weight, relay=relayed)
     try:
         await run.start(0, generation)
     except BaseException as exc:
         await _unwind(run)
-        if isinstance(exc, EngineOverloaded):
-            raise refusal(FinishReason.OVERLOADED if exc.everyone else FinishReason.THROTTLED,
-                          exc.retry_after) from None
         if isinstance(exc, EngineError):
-            raise invalid(exc.message, exc.param, "upstream_invalid_request") from None
+            raise refused(exc, "upstream_invalid_request") from None
         raise
     run.progress = cloud.journal.track(request_id, principal, model, relayed.prompt_estimate,
                                        admission.rates, admission.hold, run.started_at)
