@@ -98,3 +98,28 @@ def test_bad_entries_are_refused(kwargs: dict, message: str) -> None:  # type: i
     kwargs = {"source": "/m/a.gguf", **kwargs}
     with pytest.raises(CatalogError, match=message):
         CatalogEntry(**kwargs)
+
+
+def test_two_processes_registering_the_same_model_at_once_both_start(db_url: str) -> None:
+    """Two servers started together each register their `--model`: the insert that loses
+    the race becomes an update (CI saw the loser's startup fail on a duplicate key)."""
+    migrate.upgrade(db_url)
+
+    async def scenario() -> None:
+        engines = [db.create_engine_async(db_url) for _ in range(2)]
+        catalogs = [Catalog(db.session_factory(engine)) for engine in engines]
+        try:
+            for round_ in range(8):
+                entry = CatalogEntry(f"m{round_}", source=f"/m/{round_}.gguf", pinned=True)
+                await asyncio.gather(*(c.add(entry, replace=True) for c in catalogs))
+                assert await catalogs[0].find(entry.id) == entry
+                plain = CatalogEntry(f"p{round_}", source=f"/m/p{round_}.gguf")
+                outcomes = await asyncio.gather(*(c.add(plain) for c in catalogs),
+                                                return_exceptions=True)
+                errors = [o for o in outcomes if isinstance(o, BaseException)]
+                assert len(errors) <= 1 and all(isinstance(e, CatalogError) for e in errors)
+        finally:
+            for engine in engines:
+                await engine.dispose()
+
+    asyncio.run(scenario())

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from aicloud.accounts.base import now
@@ -151,7 +152,19 @@ class Catalog:
 
     async def add(self, entry: CatalogEntry, *, replace: bool = False) -> CatalogEntry:
         """Add `entry`; with `replace`, an entry of the same id is overwritten (how
-        `--model` re-registers its file on each start)."""
+        `--model` re-registers its file on each start). Two processes that start
+        together both register it: the one whose insert loses the race updates instead."""
+        for attempt in range(2):
+            try:
+                await self._put(entry, replace=replace)
+                break
+            except IntegrityError as error:
+                if not replace or attempt:
+                    raise CatalogError(f"model {entry.id} is already in the catalog") from error
+        self._loaded = -CACHE_SECONDS
+        return entry
+
+    async def _put(self, entry: CatalogEntry, *, replace: bool) -> None:
         async with self._sessions.begin() as session:
             row = await session.get(CatalogModel, entry.id)
             if row is not None and not replace:
@@ -162,8 +175,6 @@ class Catalog:
                 row = CatalogModel(id=entry.id, created_at=stamp)
                 session.add(row)
             _fill(row, entry, stamp)
-        self._loaded = -CACHE_SECONDS
-        return entry
 
     async def update(self, model_id: str, **changes: Any) -> CatalogEntry:
         """Change some fields of a model (any of CatalogEntry's but `id`)."""

@@ -42,7 +42,7 @@ from aicloud.engines.base import (
     TenantLoad,
 )
 from aicloud.engines.llamacpp.model import ModelLoadError
-from aicloud.models.catalog import MAX_KEEP_ALIVE, Catalog, CatalogEntry, EngineKind
+from aicloud.models.catalog import MAX_KEEP_ALIVE, Catalog, CatalogEntry, CatalogError, EngineKind
 from aicloud.models.engines import EngineKinds
 from aicloud.models.memory import resident_bytes, return_freed_memory
 
@@ -365,7 +365,8 @@ class ModelPool:
             if not self._register and self._default and all(
                     e.engine is EngineKind.UPSTREAM and e.id != self._default.id
                     for e in entries):  # partner models only: the bundled one serves too
-                await catalog.add(self._default)
+                with contextlib.suppress(CatalogError):  # another process just added it
+                    await catalog.add(self._default)
         await self.refresh()
         for model in self._models.values():
             if model.fixed and model.engine is not None:
