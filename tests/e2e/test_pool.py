@@ -260,9 +260,23 @@ def test_models_are_added_and_removed_through_the_admin_api_while_serving(
         server: Server) -> None:
     add(server, "live", aliases=["live-alias"],
         prices={"input": "1", "output": "2"})
-    assert chat(server, "live-alias").status_code == 200
+    time.sleep(2.1)  # the server re-reads prices every 2 s
+    answer = chat(server, "live-alias")
+    assert answer.status_code == 200
+    # billed as the model it is, at its price, whichever of its names the caller used
+    assert answer.json()["model"] == "live"
+    usage = answer.json()["usage"]
+    cost = usage["prompt_tokens"] * 1_000_000 + usage["completion_tokens"] * 2_000_000
+    vectors = httpx.post(server.base_url + "/v1/embeddings", timeout=120,
+                         json={"model": "live-alias", "input": "hello"},
+                         headers={"Authorization": f"Bearer {server.keys['alpha']}"})
+    assert vectors.status_code == 200 and vectors.json()["model"] == "live"
+    cost += vectors.json()["usage"]["prompt_tokens"] * 1_000_000
     with admin(server) as client:
         assert client.get("/prices").json()["data"][-1]["model"] == "live"
+        rows = client.get("/usage", params={"model": "live", "group_by": "model"}).json()
+        assert [(r["model"], r["requests"]) for r in rows["data"]] == [("live", 2)]
+        assert rows["data"][0]["cost_usd"] == format(cost / 10**12, ".12f").rstrip("0")
         removed = client.delete("/models/live")
         assert removed.status_code == 200 and removed.json()["id"] == "live"
         assert client.get("/models/live").status_code == 404

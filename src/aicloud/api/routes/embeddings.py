@@ -67,6 +67,8 @@ async def embed(serving: Serving, principal: Principal, engine: Engine, body: Em
     if body.dimensions is not None:
         raise invalid(f"The model '{body.model}' does not support specifying dimensions.",
                       "dimensions")
+    # billed, priced and answered as the catalog's id, whichever alias the caller used
+    body = body.model_copy(update={"model": info.model_id})
     job = EmbeddingRequest(batch_line or f"embd-{secrets.token_hex(12)}",
                            await _tokens(engine, body),
                            tenant_of(principal, serving.fair_share_by))
