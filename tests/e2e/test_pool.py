@@ -309,3 +309,38 @@ def test_the_cli_adds_pins_and_removes_models(server: Server) -> None:
     assert shown["pinned"] and shown["state"] == "ready"
     server.cli("models", "remove", "cli-m")
     wait_for(lambda: "cli-m" not in httpx.get(server.base_url + "/healthz").json()["models"])
+
+
+def test_a_models_fields_and_prices_change_through_the_admin_api_and_the_cli(
+        server: Server) -> None:
+    add(server, "editable", aliases=["ed-old"], options={"context": 256})
+    with admin(server) as client:
+        changed = client.patch("/models/ed-old", json={
+            "aliases": ["ed-new"], "keep_alive": 42, "options": {"sequences": 1},
+            "organizations": ["org_nobody"], "prices": {"input": "3", "output": "4"}})
+        assert changed.status_code == 200, changed.text
+        shown = changed.json()
+        assert (shown["id"], shown["aliases"], shown["keep_alive"], shown["organizations"]) \
+            == ("editable", ["ed-new"], 42.0, ["org_nobody"])
+        assert shown["options"] == {"context": 256, "sequences": 1}  # merged
+        assert client.get("/prices").json()["data"][-1]["model"] == "editable"
+        assert chat(server, "editable").status_code == 404  # not for alpha's organization
+        back = client.patch("/models/editable", json={"organizations": None,
+                                                      "keep_alive": None})
+        assert (back.json()["organizations"], back.json()["keep_alive"]) == (None, None)
+        assert chat(server, "ed-new").status_code == 200
+        assert chat(server, "ed-old").status_code == 404
+        for body, field in (({"source": None}, "source"), ({"source": "/dev/zero"}, "source"),
+                            ({"aliases": [PINNED]}, "aliases"), ({"colour": 1}, "colour"),
+                            ({"keep_alive": -1}, "keep_alive")):
+            refused = client.patch("/models/editable", json=body)
+            assert refused.status_code == 400, (body, refused.text)
+            assert refused.json()["error"]["param"] == field, (body, refused.text)
+        assert client.patch("/models/nothing", json={"keep_alive": 1}).status_code == 404
+    updated = json.loads(server.cli("models", "update", "editable", "--alias", "ed-cli",
+                                    "--weights", "native", "--keep-alive", "7"))
+    assert updated["aliases"] == ["ed-cli"] and updated["keep_alive"] == 7.0
+    assert updated["options"] == {"context": 256, "sequences": 1, "weights": "native"}
+    wait_for(lambda: chat(server, "ed-cli").status_code == 200, 10)
+    with admin(server) as client:
+        assert client.delete("/models/editable").status_code == 200

@@ -4,15 +4,20 @@ unload, pin and unpin models; on Ray, a model's replica counts."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import dataclasses
 
 from fastapi import APIRouter, Request
-from pydantic import Field
 
 from aicloud.accounts.base import AccountError, AdminScope, NotFound, Role
 from aicloud.api.deps import CloudDep, CurrentAdmin, PoolDep, parse_body
-from aicloud.api.routes.admin.model_schemas import ModelCreate, ModelJson, ModelList, model_json
-from aicloud.api.routes.admin.schemas import Strict, documented
+from aicloud.api.routes.admin.model_schemas import (
+    ModelCreate,
+    ModelJson,
+    ModelList,
+    ModelUpdate,
+    model_json,
+)
+from aicloud.api.routes.admin.schemas import documented
 from aicloud.api.routes.health import engine_view
 from aicloud.api.routes.metrics import tenants_of, visible_tenants
 from aicloud.cluster.replica_set import ReplicaSet
@@ -25,12 +30,6 @@ from aicloud.services import Cloud
 router = APIRouter()
 
 Count = int | None
-
-
-class ReplicaUpdate(Strict):
-    replicas: Count = Field(default=None, ge=1, le=256)
-    min_replicas: Count = Field(default=None, ge=1, le=256)
-    max_replicas: Count = Field(default=None, ge=1, le=256)
 
 
 def _visible(scope: AdminScope, entry: CatalogEntry) -> bool:
@@ -176,17 +175,48 @@ def _culprit(exc: Exception) -> str:
     """The body field a refusal is about (a bad file is the source's fault)."""
     if isinstance(exc, EngineError):
         return "source"
+    if isinstance(exc, CatalogError) and exc.field is not None:
+        return exc.field
     text = str(exc)
     return next((field for word, field in CULPRITS if word in text), "id")
 
 
-@router.patch("/models/{model:path}", **documented(ReplicaUpdate))
-async def scale_model(model: str, request: Request, scope: CurrentAdmin,
-                      pool: PoolDep) -> dict[str, Any]:
-    """Set `replicas` now, and the autoscaling bounds; returns once the new replicas serve
-    (or the removed ones have finished what they were running)."""
+@router.patch("/models/{model:path}", response_model=ModelJson,
+              **documented(ModelUpdate))
+async def update_model(model: str, request: Request, scope: CurrentAdmin, cloud: CloudDep,
+                       pool: PoolDep) -> ModelJson:
+    """Change a catalog model's fields and prices; on Ray, set `replicas` now and the
+    autoscaling bounds (answers once the new replicas serve, or the removed ones have
+    finished what they were running)."""
     scope.require(Role.ADMIN, installation=True)
-    body = await parse_body(request, ReplicaUpdate)
+    body = await parse_body(request, ModelUpdate)
+    entry = await _entry(scope, cloud, pool, model)
+    try:
+        changes = body.catalog_changes()
+    except ValueError as exc:
+        raise AccountError(f"{exc} cannot be null", str(exc)) from None
+    if "options" in changes:  # merged into the model's own
+        changes["options"] = {**entry.options, **changes["options"]}
+    if changes:
+        try:
+            if "source" in changes:  # as an absolute path to a readable model
+                checked = await asyncio.to_thread(
+                    check_source, dataclasses.replace(entry, **changes))
+                changes["source"] = checked.source
+            await cloud.catalog.update(entry.id, **changes)
+        except (CatalogError, EngineError) as exc:
+            raise AccountError(str(exc), _culprit(exc)) from None
+    if body.prices is not None:
+        await cloud.prices.set_price(scope, entry.id, body.prices.rates())
+    if body.scales():
+        await _scale(pool, entry.id, body)
+    await pool.refresh()
+    if changes.get("pinned"):
+        await pool.load(entry.id)
+    return await _one(scope, cloud, pool, entry.id)
+
+
+async def _scale(pool: ModelPool, model: str, body: ModelUpdate) -> None:
     try:
         engine = pool.get(model)
     except UnknownModel:
@@ -198,4 +228,3 @@ async def scale_model(model: str, request: Request, scope: CurrentAdmin,
         await engine.scale_to(body.replicas, body.min_replicas, body.max_replicas)
     except EngineError as exc:
         raise AccountError(exc.message, exc.param) from None
-    return {"object": "model", "id": model, "engine": engine.kind, **engine_view(engine)}
