@@ -17,7 +17,7 @@ import httpx
 import typer
 
 from aicloud.admin_cli import SCOPE, run, show
-from aicloud.billing.money import MoneyError
+from aicloud.billing.money import MoneyError, Rates
 from aicloud.config import Settings
 from aicloud.engines.base import EngineError
 from aicloud.models.catalog import CatalogEntry, CatalogError, EngineKind, UnknownCatalogModel
@@ -75,6 +75,23 @@ def _entry_json(entry: CatalogEntry, state: dict[str, Any] | None) -> dict[str, 
     return out
 
 
+def _prices(input_price: Decimal | None, cached_input_price: Decimal | None,
+            output_price: Decimal | None) -> Rates | None:
+    """The price options as rates; none given is None, some but not both main ones is an
+    error."""
+    if input_price is None and output_price is None and cached_input_price is None:
+        return None
+    if input_price is None or output_price is None:
+        raise typer.BadParameter("prices need at least --input-price and --output-price")
+    from aicloud.api.routes.admin.model_schemas import ModelPrices
+
+    try:
+        return ModelPrices(input=input_price, output=output_price,
+                           cached_input=cached_input_price).rates()
+    except MoneyError as exc:
+        raise _fail(str(exc)) from None
+
+
 @models.command("add")
 def add(
     model_id: Annotated[str, typer.Argument(metavar="ID")],
@@ -113,18 +130,12 @@ def add(
             pinned=pin, organizations=tuple(org) if org else None))
     except (CatalogError, EngineError) as exc:
         raise _fail(str(exc)) from None
-    prices = (input_price, cached_input_price, output_price)
-    if any(p is not None for p in prices) and (input_price is None or output_price is None):
-        raise typer.BadParameter("prices need at least --input-price and --output-price")
+    prices = _prices(input_price, cached_input_price, output_price)
 
     async def go(cloud: Any) -> CatalogEntry:
-        from aicloud.api.routes.admin.model_schemas import ModelPrices
-
         added: CatalogEntry = await cloud.catalog.add(entry)
-        if input_price is not None and output_price is not None:
-            rates = ModelPrices(input=input_price, output=output_price,
-                                cached_input=cached_input_price).rates()
-            await cloud.prices.set_price(SCOPE, added.id, rates)
+        if prices is not None:
+            await cloud.prices.set_price(SCOPE, added.id, prices)
         return added
 
     show(_entry_json(_catalog(go), None))
@@ -169,13 +180,9 @@ def update(
         changes["organizations"] = None if all_orgs else tuple(org or ())
     options = {k: v for k, v in (("weights", weights), ("context", context),
                                  ("sequences", sequences)) if v is not None}
-    if (input_price is None) != (output_price is None) or (
-            cached_input_price is not None and input_price is None):
-        raise typer.BadParameter("prices need at least --input-price and --output-price")
+    prices = _prices(input_price, cached_input_price, output_price)
 
     async def go(cloud: Any) -> CatalogEntry:
-        from aicloud.api.routes.admin.model_schemas import ModelPrices
-
         entry: CatalogEntry | None = await cloud.catalog.find(model_id)
         if entry is None:
             raise UnknownCatalogModel(model_id)
@@ -185,10 +192,8 @@ def update(
             changes["source"] = check_source(dataclasses.replace(entry, **changes)).source
         updated: CatalogEntry = await cloud.catalog.update(entry.id, **changes) \
             if changes else entry
-        if input_price is not None and output_price is not None:
-            rates = ModelPrices(input=input_price, output=output_price,
-                                cached_input=cached_input_price).rates()
-            await cloud.prices.set_price(SCOPE, updated.id, rates)
+        if prices is not None:
+            await cloud.prices.set_price(SCOPE, updated.id, prices)
         return updated
 
     show(_entry_json(_catalog(go), None))

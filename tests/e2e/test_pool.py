@@ -5,6 +5,8 @@ written with the `gguf` package, within a memory budget that holds three SmolLM2
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -338,9 +340,16 @@ def test_a_models_fields_and_prices_change_through_the_admin_api_and_the_cli(
             assert refused.json()["error"]["param"] == field, (body, refused.text)
         assert client.patch("/models/nothing", json={"keep_alive": 1}).status_code == 404
     updated = json.loads(server.cli("models", "update", "editable", "--alias", "ed-cli",
-                                    "--weights", "native", "--keep-alive", "7"))
+                                    "--weights", "native", "--keep-alive", "7",
+                                    "--input-price", "5", "--output-price", "6"))
     assert updated["aliases"] == ["ed-cli"] and updated["keep_alive"] == 7.0
     assert updated["options"] == {"context": 256, "sequences": 1, "weights": "native"}
+    with admin(server) as client:
+        price = client.get("/prices").json()["data"][-1]
+        assert price["model"] == "editable" and price["output_per_million"] == "6"
+    half = subprocess.run([sys.executable, "-m", "aicloud", "models", "update", "editable",
+                           "--input-price", "1"], env=server.env, capture_output=True, text=True)
+    assert half.returncode != 0 and "--output-price" in half.stderr
     wait_for(lambda: chat(server, "ed-cli").status_code == 200, 10)
     with admin(server) as client:
         assert client.delete("/models/editable").status_code == 200
