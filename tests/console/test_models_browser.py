@@ -131,6 +131,12 @@ def test_a_model_is_added_loaded_unloaded_pinned_and_removed(context: BrowserCon
     expect(row.locator(".badge.pinned")).to_have_count(0)
     assert not state_of(site, "second")["pinned"]
 
+    # a keyboard user on a button of the live part keeps their place across refreshes
+    page.locator("#pin-second").focus()
+    page.evaluate("document.getElementById('models').dataset.old = '1'")
+    expect(page.locator("#models[data-old]")).to_have_count(0, timeout=10_000)  # swapped
+    assert page.evaluate("document.activeElement.id") == "pin-second"
+
     # the state changes while the page stays open: unloaded by the API, loaded by a chat
     page.evaluate("window.notReloaded = true")
     with api(site) as client:
