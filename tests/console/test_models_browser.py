@@ -241,6 +241,23 @@ def test_a_providers_key_is_never_rendered(context: BrowserContext, site: Server
     for url in ("/console/providers", "/console/providers/partner"):
         assert CANARY not in page.request.get(url).text()
 
+    # a partner model of it, added on the Models page
+    page.goto("/console/models")
+    page.get_by_label("Model id", exact=True).fill("partner-model")
+    page.get_by_label("Engine").select_option("upstream")
+    page.get_by_label("Provider").fill("partner")
+    page.get_by_role("button", name="Add model").click()
+    expect(page.locator("#f-provider-error")).to_contain_text("upstream model id")
+    page.get_by_label("Upstream model").fill("gpt-partner")
+    page.get_by_role("button", name="Add model").click()
+    row = model_row(page, "partner-model")
+    expect(row).to_contain_text("partner · gpt-partner")
+    expect(row).to_contain_text("upstream")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Remove partner-model", exact=True).click()
+    expect(model_row(page, "partner-model")).to_have_count(0)
+    page.goto("/console/providers/partner")
+
     # without the session's CSRF token nothing changes, on either page
     for action, form in (("/console/providers/partner/remove", {}),
                          ("/console/providers", {"name": "no-token", "base_url": "http://x"}),
