@@ -325,7 +325,8 @@ def test_a_models_fields_and_prices_change_through_the_admin_api_and_the_cli(
         assert (shown["id"], shown["aliases"], shown["keep_alive"], shown["organizations"]) \
             == ("editable", ["ed-new"], 42.0, ["org_nobody"])
         assert shown["options"] == {"context": 256, "sequences": 1}  # merged
-        assert client.get("/prices").json()["data"][-1]["model"] == "editable"
+        prices = {p["model"]: p for p in client.get("/prices").json()["data"]}
+        assert prices["editable"]["output_per_million"] == "4"
         assert chat(server, "editable").status_code == 404  # not for alpha's organization
         back = client.patch("/models/editable", json={"organizations": None,
                                                       "keep_alive": None})
@@ -345,8 +346,8 @@ def test_a_models_fields_and_prices_change_through_the_admin_api_and_the_cli(
     assert updated["aliases"] == ["ed-cli"] and updated["keep_alive"] == 7.0
     assert updated["options"] == {"context": 256, "sequences": 1, "weights": "native"}
     with admin(server) as client:
-        price = client.get("/prices").json()["data"][-1]
-        assert price["model"] == "editable" and price["output_per_million"] == "6"
+        prices = {p["model"]: p for p in client.get("/prices").json()["data"]}
+        assert prices["editable"]["output_per_million"] == "6"
     half = subprocess.run([sys.executable, "-m", "aicloud", "models", "update", "editable",
                            "--input-price", "1"], env=server.env, capture_output=True, text=True)
     assert half.returncode != 0 and "--output-price" in half.stderr
