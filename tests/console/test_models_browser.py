@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, expect
 
 from aicloud.models.catalog import bundled_model
 from tests.conftest import Server, start_server
-from tests.console.test_browser import CHROMIUM, csrf_of, ok, shot, sign_in
+from tests.console.test_browser import csrf_of, ok, shot, sign_in
 from tests.models.fake_hub import FakeHub, running
 
 PINNED = "smollm2-135m-instruct"  # the bundled model, registered pinned
@@ -44,22 +44,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv.keys["owner"] = srv.admin_key()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def context(browser: Browser, site: Server) -> Iterator[BrowserContext]:
-    ctx = browser.new_context(base_url=site.base_url, viewport={"width": 1280, "height": 900})
-    ctx.set_default_timeout(30_000)
-    yield ctx
-    ctx.close()
 
 
 def api(site: Server) -> httpx.Client:
