@@ -175,7 +175,7 @@ CULPRITS = (("alias", "aliases"), ("keep_alive", "keep_alive"), ("provider", "pr
 def _culprit(exc: Exception) -> str:
     """The body field a refusal is about (a bad file is the source's fault)."""
     if isinstance(exc, EngineError):
-        return "source"
+        return exc.param or "source"
     text = str(exc)
     return next((field for word, field in CULPRITS if word in text), "id")
 
