@@ -97,10 +97,10 @@ def report(path: Path, requests: int, top: int) -> None:
     print("\n-- own time by package: " + ", ".join(
         f"{name} {spent / requests * 1e6:.0f}" for name, spent in
         sorted(packages.items(), key=lambda kv: kv[1], reverse=True)[:12]))
-    for title, key in (("by own time", 0), ("aicloud functions by time with callees", 1)):
+    for title, ours in (("by own time", False), ("aicloud's functions by own time", True)):
         print(f"\n-- {title}")
-        chosen = sorted(rows, key=lambda r: r[key], reverse=True)
-        if key == 1:
+        chosen = sorted(rows, key=lambda r: r[0], reverse=True)
+        if ours:
             chosen = [r for r in chosen if "/aicloud/" in r[4]]
         for tottime, cumtime, calls, where, _ in chosen[:top]:
             print(f"{tottime / requests * 1e6:9.1f} {cumtime / requests * 1e6:9.1f} "

@@ -198,7 +198,7 @@ def test_provider_changes_reach_running_links(fake: RunningFake, loop_thread: Lo
                                          ProviderSettings(timeout=1.0, retries=0))
         first.checked -= 10
         second = await made.link("fake")
-        assert second is not first and second.headers()["authorization"] == "Bearer new"
+        assert second is not first and second.headers["authorization"] == "Bearer new"
         await made.close()
 
     loop_thread.run(scenario())
