@@ -124,7 +124,7 @@ def main() -> None:
         register(home, env, healthy, healthy)
         key = aicloud_cli(env, "keys", "create", "--project", "bench").strip().splitlines()[-1]
         if args.budget:
-            (project,) = json.loads(aicloud_cli(env, "projects", "list"))
+            (project,) = json.loads(aicloud_cli(env, "projects", "list"))["data"]
             aicloud_cli(env, "projects", "update", project["id"], "--budget-usd", "1000000")
         port = free_port()
         profile = tmp / "serve.prof"

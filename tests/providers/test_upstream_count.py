@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from aicloud.engines.base import EngineError, FinishReason, GenerationRequest, RelayBody
+from aicloud.engines.base import (
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    RelayBody,
+    TokenEvent,
+)
 from aicloud.engines.llamacpp.chat import ChatTemplate
 from aicloud.engines.llamacpp.model import ContextConfig, LlamaModel
 from aicloud.engines.upstream_count import chat_messages, check_tokenizer, counter_for
@@ -108,3 +114,23 @@ def test_a_bad_tokenizer_is_refused_when_the_model_is_added(tmp_path: Path) -> N
     local = CatalogEntry("l", source=tokenizer(), options={"tokenizer": tokenizer()})
     with pytest.raises(EngineError, match="upstream models"):
         check_source(local)
+
+
+def test_a_cancelled_stream_without_usage_is_counted_too(
+        links: ProviderLinks, loop_thread: LoopThread, own: LlamaModel) -> None:
+    """The client left before the provider's usage chunk: what came is counted."""
+    async def scenario() -> tuple[str, TokenEvent]:
+        stream = await engine(links, "fake-slow", tokenizer=tokenizer()).generate(request())
+        seen: list[str] = []
+        async for event in stream:
+            seen.append(event.text)
+            if len(seen) == 3:
+                stream.cancel()
+                break
+        return "".join(seen), await stream.final()
+
+    seen, final = loop_thread.run(scenario())
+    assert final.finish_reason is FinishReason.CANCELLED and final.usage is not None
+    assert not final.usage.estimated
+    assert final.usage.prompt_tokens == own_chat_tokens(own)
+    assert final.usage.completion_tokens >= len(own.encode_plain(seen))

@@ -469,7 +469,7 @@ class UpstreamStream:
                 reason = FinishReason.ERROR
         finally:
             self._link.metrics.requests[outcome] += 1
-            final = await asyncio.shield(self._final(reason))
+            final = await self._final(reason)
             self._queue.put(final)
             self._done(final.usage or Usage(0, 0))
             await asyncio.shield(self._close(drain=outcome == "ok"))
@@ -512,17 +512,17 @@ class UpstreamStream:
         return max(self._chunks, estimate_tokens(self._chars))
 
     async def _final(self, reason: FinishReason) -> TokenEvent:
-        usage = self._usage or await self._uncounted()
-        return TokenEvent("", usage.completion_tokens, reason, usage, provider=self._link.name)
-
-    async def _uncounted(self) -> Usage:
-        """The provider sent no usage: the model's tokenizer counts, if it has one."""
-        if self._count is not None:
+        """The last event: the provider's usage; else the model's tokenizer counts (off the
+        loop, never interrupted: a second cancel during it bills the estimate); else the
+        estimate."""
+        usage = self._usage
+        if usage is None and self._count is not None:
             answer = None if self._calls else "".join(self._text)
-            counted = await self._count(answer, self._estimate())
-            if counted is not None:
-                return counted
-        return Usage(self._prompt_estimate, self._estimate(), 0, estimated=True)
+            with contextlib.suppress(asyncio.CancelledError):
+                usage = await asyncio.shield(self._count(answer, self._estimate()))
+        if usage is None:
+            usage = Usage(self._prompt_estimate, self._estimate(), 0, estimated=True)
+        return TokenEvent("", usage.completion_tokens, reason, usage, provider=self._link.name)
 
 
 def _text(choice: Mapping[str, Any]) -> str:
