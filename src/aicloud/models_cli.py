@@ -110,6 +110,12 @@ def add(
     sequences: Annotated[int | None, typer.Option(help="sequences decoded together")] = None,
     keep_alive: Annotated[float | None, typer.Option(
         help="idle seconds before it unloads (default: the server's)")] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="upstream models: a GGUF of the same model whose tokenizer counts the tokens "
+        "when the provider reports no usage")] = None,
+    fallback: Annotated[list[str] | None, typer.Option(
+        help="upstream models: a model tried when the provider is unavailable; repeat")
+    ] = None,
     pin: Annotated[bool, typer.Option("--pin", help="keep it loaded")] = False,
     org: Annotated[list[str] | None, typer.Option(
         help="an organization id that may use it; repeat (default: every one)")] = None,
@@ -121,8 +127,9 @@ def add(
     if (path is None) == (provider is None):
         raise typer.BadParameter("give either --path or --provider (with --upstream-model)")
     kind = engine or (EngineKind.UPSTREAM if provider else EngineKind.LLAMACPP)
-    options = {k: v for k, v in (("weights", weights), ("context", context),
-                                 ("sequences", sequences)) if v is not None}
+    options: dict[str, Any] = {k: v for k, v in (
+        ("weights", weights), ("context", context), ("sequences", sequences),
+        ("tokenizer", tokenizer), ("fallbacks", fallback)) if v is not None}
     try:
         entry = check_source(CatalogEntry(
             model_id, kind, source=path or "", options=options, aliases=tuple(alias or ()),
@@ -188,8 +195,9 @@ def update(
             raise UnknownCatalogModel(model_id)
         if options:
             changes["options"] = {**entry.options, **options}
-        if "source" in changes:  # as an absolute path to a readable model
-            changes["source"] = check_source(dataclasses.replace(entry, **changes)).source
+        if "source" in changes or options:  # resolved to absolute, readable paths
+            checked = check_source(dataclasses.replace(entry, **changes))
+            changes.update(source=checked.source, options=checked.options)
         updated: CatalogEntry = await cloud.catalog.update(entry.id, **changes) \
             if changes else entry
         if prices is not None:

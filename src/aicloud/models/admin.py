@@ -42,7 +42,7 @@ def visible(scope: AdminScope, entry: CatalogEntry) -> bool:
 def culprit(exc: Exception) -> str:
     """The field a catalog refusal is about, as the admin API's body names it."""
     if isinstance(exc, EngineError):
-        return "source"
+        return exc.param or "source"
     if isinstance(exc, CatalogError) and exc.field is not None:
         return exc.field
     text = str(exc)
@@ -140,10 +140,12 @@ class ModelAdmin:
             changes = {**changes, "options": {**entry.options, **changes["options"]}}
         if changes:
             try:
-                if "source" in changes:  # as an absolute path to a readable model
+                if "source" in changes or "options" in changes:  # as check_source
+                    # resolves them: absolute paths to readable files
                     checked = await asyncio.to_thread(
                         check_source, dataclasses.replace(entry, **changes))
-                    changes = {**changes, "source": checked.source}
+                    changes = {**changes, "source": checked.source,
+                               "options": checked.options}
                 entry = await self.catalog.update(entry.id, **changes)
             except (CatalogError, EngineError) as exc:
                 raise AccountError(str(exc), culprit(exc)) from None

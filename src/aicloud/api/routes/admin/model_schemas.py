@@ -17,13 +17,15 @@ from aicloud.models.pool import ModelView
 
 
 class ModelOptions(Strict):
-    """Engine options: the weight format and layout for local models, fallbacks (other
-    model names, tried in order) for upstream ones."""
+    """Engine options: the weight format and layout for local models; for upstream ones,
+    fallbacks (other model names, tried in order) and a tokenizer (a GGUF on this server
+    whose vocabulary counts tokens when the provider reports no usage)."""
 
     weights: Literal["native", "q4_0", "q8_0", "bf16", "f16"] | None = None
     context: int | None = Field(default=None, ge=64, le=1 << 20)
     sequences: int | None = Field(default=None, ge=1, le=256)
     fallbacks: list[str] | None = Field(default=None, max_length=16)
+    tokenizer: str | None = Field(default=None, max_length=1000)
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
