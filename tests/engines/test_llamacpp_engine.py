@@ -19,7 +19,8 @@ from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig
 from aicloud.engines.llamacpp.slots import common_prefix
 from aicloud.models.catalog import bundled_model
-from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
+from aicloud.scheduling.admission import Admitter
+from aicloud.scheduling.fair_queue import FairQueue, SchedulingConfig
 from tests.conftest import LoopThread
 from tests.engines.checks import check_stop_string_cuts_the_text, running_engine
 
@@ -199,8 +200,7 @@ def test_narrow_steps_let_sequences_take_turns(loop_thread: LoopThread) -> None:
     decoded more than two (prefill is not limited: it makes each first token at once)."""
     spec = bundled_model()
     eng = LlamaCppEngine(spec.model_id, spec.path,
-                         ContextConfig(sequences=4, context_per_sequence=512, step_sequences=2),
-                         queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)))
+                         ContextConfig(sequences=4, context_per_sequence=512, step_sequences=2))
 
     async def scenario() -> tuple[list[TokenEvent], int, int | None]:
         await eng.start()
@@ -219,3 +219,90 @@ def test_narrow_steps_let_sequences_take_turns(loop_thread: LoopThread) -> None:
     assert all(f.finish_reason in (FinishReason.LENGTH, FinishReason.STOP) for f in finals)
     assert width == 2 and made > 4
     assert steps >= (made - len(finals)) / 2 + 1
+
+
+def test_a_tenant_alone_fills_every_slot_and_a_newcomer_starts_at_once(
+        loop_thread: LoopThread) -> None:
+    """Behind the admission layer: one tenant's requests take every slot (none is kept
+    idle for others), and a newcomer of another tenant still runs at once, while the flood
+    does: the engine parks one of the flood's sequences (its KV cells copied out and back),
+    whose text at temperature 0 is still the text it gets alone."""
+    spec = bundled_model()
+    engine = LlamaCppEngine(spec.model_id, spec.path,
+                            ContextConfig(sequences=4, context_per_sequence=512))
+    admitter = Admitter(engine)
+
+    async def scenario() -> tuple[str, int, int, int, list[str]]:
+        await admitter.start()
+        try:
+            counting = await engine.encode_text("1, 2, 3, 4, 5, 6,")
+            fruit = await engine.encode_chat([ChatMessage("user", "Name a fruit.")])
+
+            def ask(name: str, tenant: str, prompt: list[int], n: int) -> GenerationRequest:
+                return GenerationRequest(name, prompt, GREEDY, n, tenant=tenant)
+
+            alone = [e async for e in await admitter.generate(ask("a", "heavy", counting, 120))]
+            flood = [await admitter.generate(ask(f"h{i}", "heavy", counting, 120))
+                     for i in range(4)]
+            readers = [aiter(s) for s in flood]
+            heads = [await anext(r) for r in readers]  # every one of them has a slot
+            filled = engine.stats().running
+            light = await admitter.generate(ask("l", "light", fruit, 4))
+            await light.final()
+            still = engine.stats().running + engine.stats().waiting
+            texts = ["".join(e.text for e in [head, *[e async for e in r]])
+                     for head, r in zip(heads, readers, strict=True)]
+            return "".join(e.text for e in alone), filled, still, engine.batcher.parks, texts
+        finally:
+            await admitter.close()
+
+    alone, filled, still, parks, texts = loop_thread.run(scenario(), timeout=600)
+    assert filled == 4
+    assert still == 4, "the newcomer waited for the flood to end"
+    assert parks >= 1
+    assert texts == [alone] * 4
+
+
+def test_a_parked_sequence_never_holds_up_a_newcomer(loop_thread: LoopThread) -> None:
+    """A second newcomer arrives while the first runs and a flood's sequence is parked:
+    it takes a slot at once too (a parked sequence that cannot get one back yet does not
+    block those that can)."""
+    spec = bundled_model()
+    engine = LlamaCppEngine(spec.model_id, spec.path,
+                            ContextConfig(sequences=4, context_per_sequence=512))
+    admitter = Admitter(engine, FairQueue(SchedulingConfig(reserve=2)))
+
+    async def scenario() -> tuple[int, int]:
+        await admitter.start()
+        try:
+            counting = await engine.encode_text("1, 2, 3, 4, 5, 6,")
+            fruit = await engine.encode_chat([ChatMessage("user", "Name a fruit.")])
+            flood = [await admitter.generate(GenerationRequest(
+                f"h{i}", counting, GREEDY, 150, tenant="heavy")) for i in range(4)]
+            heads = [aiter(s) for s in flood]
+            for head in heads:
+                await anext(head)
+            first = aiter(await admitter.generate(GenerationRequest(
+                "l1", counting, GREEDY, 150, tenant="light")))
+            await anext(first)
+            # as if the light tenant had been served far more: the parked sequence of the
+            # flood now comes first in line for a slot, and cannot take one from light
+            admitter.queue.charge("light", input_tokens=10_000)
+            second = await admitter.generate(GenerationRequest("l2", fruit, GREEDY, 2,
+                                                               tenant="light"))
+            await second.final()
+            batcher = engine.batcher
+            # the flood and the first newcomer are all still there
+            flooding = sum(s.request.request_id != "l2"
+                           for s in [*batcher.running, *batcher.parked, *batcher.pending])
+            parks = engine.batcher.parks
+            for s in flood:
+                s.cancel()
+            await admitter.idle()
+            return flooding, parks
+        finally:
+            await admitter.close()
+
+    flooding, parks = loop_thread.run(scenario(), timeout=600)
+    assert parks >= 2
+    assert flooding == 5, "the second newcomer waited for a sequence to end"

@@ -20,6 +20,7 @@ from aicloud.engines.base import EngineError
 from aicloud.models.catalog import CatalogEntry, CatalogError, UnknownCatalogModel
 from aicloud.models.engines import check_source
 from aicloud.models.pool import ModelPool, UnknownModel
+from aicloud.scheduling.admission import unwrap
 from aicloud.services import Cloud
 
 router = APIRouter()
@@ -191,11 +192,12 @@ async def scale_model(model: str, request: Request, scope: CurrentAdmin,
         engine = pool.get(model)
     except UnknownModel:
         raise NotFound("model", model) from None
-    if not isinstance(engine, ReplicaSet):
+    replicas = unwrap(engine)
+    if not isinstance(replicas, ReplicaSet):
         raise AccountError("replicas can only be changed for models served on Ray "
                            "(aicloud serve --ray ...)", "replicas")
     try:
-        await engine.scale_to(body.replicas, body.min_replicas, body.max_replicas)
+        await replicas.scale_to(body.replicas, body.min_replicas, body.max_replicas)
     except EngineError as exc:
         raise AccountError(exc.message, exc.param) from None
-    return {"object": "model", "id": model, "engine": engine.kind, **engine_view(engine)}
+    return {"object": "model", "id": model, "engine": replicas.kind, **engine_view(engine)}
