@@ -100,6 +100,13 @@ class Batcher:
 
     # -- called from the event loop -------------------------------------------------------
 
+    def load(self) -> tuple[int, int]:
+        """Running and waiting sequences at one moment: the engine thread moves a parked
+        sequence from one to the other, and two unlocked reads straddling the move counted
+        it in neither (an engine holding 4 sequences reported 3)."""
+        with self._wake:
+            return len(self.running), self.waiting
+
     def start(self) -> None:
         self._thread.start()
 

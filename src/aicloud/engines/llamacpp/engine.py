@@ -196,9 +196,10 @@ class LlamaCppEngine:
         batcher = self._batcher
         if batcher is None:
             return EngineStats(0, 0, 0.0, 0, 0)
+        running, waiting = batcher.load()
         return EngineStats(
-            running=len(batcher.running),
-            waiting=batcher.waiting,
+            running=running,
+            waiting=waiting,
             tokens_per_second=round(batcher.meter.rate, 2),
             kv_cells_used=batcher.slots.cells_used,
             kv_cells_total=self.config.n_ctx,
