@@ -14,6 +14,7 @@ from aicloud.engines.base import (
     ContextLengthExceeded,
     FinishReason,
     GenerationRequest,
+    Priority,
     SamplingParams,
     TokenEvent,
 )
@@ -419,3 +420,49 @@ def test_stats_never_lose_a_sequence_being_parked_or_resumed(loop_thread: LoopTh
     assert parks >= 6
     assert least == [4]
 
+
+def test_batch_sequences_yield_every_step_and_a_slot_to_an_interactive_one(
+        loop_thread: LoopThread) -> None:
+    """A batch-class flood holds every slot; an interactive request of the same tenant (so
+    no share is involved, only the class) takes a slot at once (a batch sequence is
+    parked), makes its first token in the step after it is handed over or the next, and
+    decodes alone until it ends, before any of the flood; the flood's texts at temperature
+    0 are still the text each gets alone."""
+    spec = bundled_model()
+    engine = LlamaCppEngine(spec.model_id, spec.path,
+                            ContextConfig(sequences=4, context_per_sequence=512))
+    admitter = Admitter(engine)
+
+    async def scenario() -> tuple[str, list[str], Deliveries]:
+        await admitter.start()
+        try:
+            counting = await engine.encode_text("1, 2, 3, 4, 5, 6,")
+            fruit = await engine.encode_chat([ChatMessage("user", "Name a fruit.")])
+            long = FLOOD
+
+            def bulk(name: str) -> GenerationRequest:
+                return GenerationRequest(name, counting, GREEDY, long, tenant="t",
+                                         priority=Priority.BATCH)
+
+            alone = [e async for e in await admitter.generate(bulk("alone"))]
+            seen = Deliveries(engine)
+            flood = [await admitter.generate(bulk(f"b{i}")) for i in range(4)]
+            readers = [aiter(s) for s in flood]
+            heads = [await anext(r) for r in readers]  # every one of them has a slot
+            asked = await admitter.generate(GenerationRequest("i", fruit, GREEDY, 8,
+                                                              tenant="t"))
+            await asked.final()
+            texts = ["".join(e.text for e in [head, *[e async for e in r]])
+                     for head, r in zip(heads, readers, strict=True)]
+            return "".join(e.text for e in alone), texts, seen
+        finally:
+            await admitter.close()
+
+    alone, texts, seen = loop_thread.run(scenario(), timeout=600)
+    assert seen.finals()[0] == "i", (
+        "an interactive request waited for the batch flood")
+    assert seen.first_step("i") - seen.handed_at["i"] <= 2
+    assert seen.between("i") == [], "batch sequences decoded beside an interactive one"
+    assert seen.sequences["i"].completion_tokens > 1
+    assert seen.parks >= 1
+    assert texts == [alone] * 4

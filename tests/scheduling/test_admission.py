@@ -20,6 +20,7 @@ from aicloud.engines.base import (
     EngineStats,
     FinishReason,
     GenerationRequest,
+    Priority,
     TokenEvent,
     Usage,
 )
@@ -149,6 +150,34 @@ def test_a_newcomer_starts_at_once_beyond_the_slots_or_in_the_kept_ones() -> Non
             await settle()
             assert "light-0" in engine.running()
             assert admitter.in_flight == flood + 1
+
+    run(scenario)
+
+
+def test_batch_work_takes_no_room_from_interactive_work_where_the_engine_preempts() -> None:
+    """Batch generations fill every slot; an interactive request of the same tenant is
+    still handed over at once where the engine lends it a batch sequence's slot, and waits
+    for one to end elsewhere. More batch work still waits for a free slot."""
+    async def scenario() -> None:
+        for preempts in (True, False):
+            engine = Engine(slots=4, preempts=preempts)
+            admitter = Admitter(engine)
+            for i in range(5):
+                await admitter.generate(request(f"bulk-{i}", priority=Priority.BATCH))
+            await settle()
+            assert len(engine.running()) == 4 - (not preempts)  # the kept slot
+            for i in range(2):
+                await admitter.generate(request(f"bulk-i{i}"))
+            await settle()
+            interactive = {"bulk-i0", "bulk-i1"}
+            if preempts:
+                assert interactive <= set(engine.running())
+            else:
+                assert not interactive & set(engine.running())
+                engine.runs[0].finish()
+                await settle()
+                assert "bulk-i0" in engine.running()  # before the batch ones waiting
+            assert "bulk-4" not in engine.running()
 
     run(scenario)
 

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from aicloud.engines.base import EngineError, EngineOverloaded
-from aicloud.scheduling.fair_queue import FairQueue, Mode, Priority, SchedulingConfig
+from aicloud.engines.base import EngineError, EngineOverloaded, Priority
+from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 
 
 class Clock:
@@ -154,9 +154,9 @@ def test_remove_and_running_counts() -> None:
     q.push("a-1", "a")
     assert q.remove("a-0") and not q.remove("a-0")
     q.started("a")
-    assert q.running("a") == 1 and q.pop(lambda t: q.running(t) < 1) is None
+    assert q.running("a") == 1 and q.pop(lambda t, _: q.running(t) < 1) is None
     q.finished("a")
-    assert q.pop(lambda t: q.running(t) < 1) == "a-1"
+    assert q.pop(lambda t, _: q.running(t) < 1) == "a-1"
 
 
 def test_the_reserve_is_a_quarter_of_the_slots_beyond_them() -> None:
@@ -195,7 +195,7 @@ def test_a_newcomer_below_its_share_is_admitted_beyond_the_slots() -> None:
     assert not q.can_start("heavy", busy=32, slots=32, preempts=True)  # above its share
     assert not q.can_start("light", busy=40, slots=32, preempts=True)  # the reserve is used
     # heavy-0 came first with an equal counter, but only light may go beyond the slots
-    assert q.pop(lambda t: q.can_start(t, busy=32, slots=32, preempts=True)) == "light-0"
+    assert q.pop(lambda t, _: q.can_start(t, busy=32, slots=32, preempts=True)) == "light-0"
 
 
 def test_going_beyond_the_slots_takes_a_whole_slot_below_the_share() -> None:

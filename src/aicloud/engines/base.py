@@ -33,6 +33,15 @@ class FinishReason(enum.StrEnum):
         return "length" if self is FinishReason.LENGTH else "stop"
 
 
+class Priority(enum.IntEnum):
+    """Classes, lowest first: any waiting interactive request is admitted before any batch
+    one, and an engine that can pause a sequence (`EngineInfo.preempts`) also lets its
+    batch sequences yield their steps, and their slots, to interactive ones."""
+
+    INTERACTIVE = 0
+    BATCH = 1
+
+
 class EngineError(Exception):
     """Raised by an engine for a request it cannot run; `param` names the culprit field."""
 
@@ -206,7 +215,7 @@ class GenerationRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     tenant: str = ""  # whose share this is (opaque to engines)
-    priority: int = 0  # 0 interactive, 1 batch: lower runs first
+    priority: int = Priority.INTERACTIVE  # lower runs first
     weight: float = 1.0  # the tenant's share relative to others
     cache_scope: str = ""  # prompt-prefix caches are shared only within one scope (opaque)
     constraint: Constraint | None = None

@@ -15,6 +15,10 @@ counters, applied at admission here and token by token inside the engine.
   of the slots: a newcomer's first token then comes at once instead of after a whole
   generation. (A request handed over waits inside the engine if it finds no room after
   all; it no longer expires, and the reserve bounds how many can.)
+- Priorities: an interactive request is admitted before any waiting batch one. On an
+  engine that preempts, the batch class's generations take no room from interactive
+  ones either: the engine leaves them out of its steps while interactive sequences run
+  and parks them to lend their slots (issue 16: batch lines use only idle capacity).
 - Counters grow as service happens: the prompt when admitted (an estimate: the final
   usage corrects it by what was cached), each output token as its event passes.
 - Back-pressure: a full line or a long wait is refused with a 429 (the tenant floods the
@@ -44,6 +48,7 @@ from aicloud.engines.base import (
     FinishReason,
     GenerationRequest,
     GenerationStream,
+    Priority,
     TenantLoad,
     TokenEvent,
     Usage,
@@ -75,6 +80,10 @@ class AdmittedStream:
     @property
     def tenant(self) -> str:
         return self.request.tenant
+
+    @property
+    def batch(self) -> bool:
+        return self.request.priority >= Priority.BATCH
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         outcome = await asyncio.shield(self._outcome)
@@ -118,6 +127,7 @@ class Admitter:
         self.engine = engine
         self.queue: FairQueue[AdmittedStream] = queue if queue is not None else FairQueue()
         self._generating = 0
+        self._batch = 0  # of those generating, the batch class's
         self._embedding = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -190,10 +200,14 @@ class Admitter:
 
     # -- admission -----------------------------------------------------------------------
 
-    def _may_admit(self, tenant: str) -> bool:
+    def _may_admit(self, tenant: str, priority: Priority) -> bool:
+        """An engine that preempts lends a batch sequence's slot to an interactive one (it
+        parks it), so for the interactive class only interactive generations take room."""
         info = self.engine.info()
-        return self.queue.can_start(tenant, self._generating, info.max_sequences,
-                                    info.preempts)
+        busy = self._generating
+        if info.preempts and priority is Priority.INTERACTIVE:
+            busy -= self._batch
+        return self.queue.can_start(tenant, busy, info.max_sequences, info.preempts)
 
     def _admit_waiting(self, inline: AdmittedStream | None = None) -> bool:
         """Refuse what waited too long, then admit what the engine has room for, in the
@@ -217,6 +231,7 @@ class Admitter:
     def _take(self, stream: AdmittedStream) -> None:
         """Count it in flight and charge its prompt now (corrected when it ends)."""
         self._generating += 1
+        self._batch += stream.batch
         self._idle.clear()
         self.queue.started(stream.tenant)
         relay = stream.request.relay
@@ -261,6 +276,7 @@ class Admitter:
         stream.charged_input = computed
         self.queue.finished(stream.tenant)
         self._generating -= 1
+        self._batch -= stream.batch
         self._admit_waiting()
 
     def charge_output(self, stream: AdmittedStream, made: int) -> None:

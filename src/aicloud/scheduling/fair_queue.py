@@ -25,17 +25,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from aicloud.engines.base import EngineError, EngineOverloaded, TenantLoad
+from aicloud.engines.base import EngineError, EngineOverloaded, Priority, TenantLoad
 
 # what waits in the line: the engine's own handle for a request (a sequence, a stream)
 Item = TypeVar("Item", bound=Hashable)
-
-
-class Priority(enum.IntEnum):
-    """Classes, lowest first: any waiting interactive request starts before any batch one."""
-
-    INTERACTIVE = 0
-    BATCH = 1
 
 
 class Mode(enum.StrEnum):
@@ -216,8 +209,9 @@ class FairQueue(Generic[Item]):
             + ("." if everyone else "; most of them are yours."),
             retry_after=self.retry_after(), everyone=everyone)
 
-    def pop(self, can_run: Callable[[str], bool] = lambda _: True) -> Item | None:
-        """The next item to admit among tenants `can_run` allows, or None."""
+    def pop(self, can_run: Callable[[str, Priority], bool] = lambda _t, _p: True
+            ) -> Item | None:
+        """The next item to admit among the tenants and classes `can_run` allows, or None."""
         entry = self._choose(can_run)
         if entry is None:
             return None
@@ -226,9 +220,9 @@ class FairQueue(Generic[Item]):
         self._last_left = entry.tenant
         return entry.item
 
-    def _choose(self, can_run: Callable[[str], bool]) -> Entry[Item] | None:
-        heads = [q[0] for t, s in self._tenants.items() if can_run(t)
-                 for q in s.waiting.values() if q]
+    def _choose(self, can_run: Callable[[str, Priority], bool]) -> Entry[Item] | None:
+        heads = [q[0] for t, s in self._tenants.items()
+                 for p, q in s.waiting.items() if q and can_run(t, p)]
         if not heads:
             return None
         if self.config.mode is Mode.FCFS:

@@ -8,7 +8,9 @@ take a slot at the next step, the least-served tenants' first; finished or cance
 leave at once. A tenant alone may fill every slot; a newcomer of a tenant below its share
 that finds none free takes one from a tenant above its share, whose sequence is parked
 (`parking.py`); and which sequences decode in each step follows the tenants' counters too
-(`turns.py`).
+(`turns.py`). Batch-class sequences yield to interactive ones at every step: while one of
+those runs they sit the steps out, wait for a slot, and lend theirs (parked, or back in
+line before their first token), so batch work uses only capacity left idle.
 
 Narrow steps are what let a newcomer start fast under load: on a CPU a step of 32
 sequences makes hardly more tokens per second than one of 16, but takes twice as long, and
@@ -28,7 +30,7 @@ from collections.abc import Callable
 
 import llama_cpp
 
-from aicloud.engines.base import FinishReason, TokenEvent, TokenLogprobs
+from aicloud.engines.base import FinishReason, Priority, TokenEvent, TokenLogprobs
 from aicloud.engines.llamacpp.constrain import Guidance
 from aicloud.engines.llamacpp.logprobs import LogprobRow, log_softmax, token_logprobs
 from aicloud.engines.llamacpp.model import LlamaModel
@@ -185,45 +187,83 @@ class Batcher:
             _safely(chore)
 
     def _admit(self) -> list[Outcome]:
-        """Give free slots to waiting sequences, the least-served tenant's first (a parked
-        one before a newcomer of the same standing); with no slot free, a newcomer of a
-        tenant below its share takes one from a tenant above it. One that finds no room
-        does not hold up the others. Returns the sequences that could not be resumed (the
-        lock is held)."""
+        """Give free slots to waiting sequences, interactive ones first, then the
+        least-served tenant's first (a parked one before a newcomer of the same standing);
+        with no slot free, an interactive newcomer takes a batch sequence's slot, and one
+        of a tenant below its share takes one from a tenant above it. While an interactive
+        sequence runs, batch ones wait without a slot (they would not decode anyway, and
+        the slot stays free for the next interactive one). One that finds no room does not
+        hold up the others. Returns the sequences that could not be resumed (the lock is
+        held)."""
         failed: list[Outcome] = []
+        yielding = self._yielding()
         for seq in self._by_standing():
+            if batch(seq) and yielding:
+                continue
             if not self.slots.free and not self._make_room(seq):
                 continue
             if seq in self.parked:
                 failed += self._resume(seq)
             else:
                 self._place(seq)
+            yielding = yielding or not batch(seq)
         return failed
+
+    def _yielding(self) -> bool:
+        """Whether batch sequences yield: an interactive one is running."""
+        return any(not batch(s) for s in self.running)
 
     def _by_standing(self) -> list[Sequence]:
         waiting = [*self.parked, *self.pending]
         shares = waiting[0].request.shares if waiting else None
         if shares is None:
-            return waiting
-        return sorted(waiting, key=lambda s: shares.standing(s.request.tenant))
+            return sorted(waiting, key=lambda s: s.request.priority)
+        return sorted(waiting, key=lambda s: (s.request.priority,
+                                              shares.standing(s.request.tenant)))
 
     def _place(self, seq: Sequence) -> None:
         self.pending.remove(seq)
         slot, reuse = self.slots.acquire(seq.prompt, seq.request.cache_scope)
-        seq.slot, seq.n_past, seq.cached_tokens = slot.seq_id, reuse, reuse
+        # placed again after lending its slot mid-prompt (`_unplace`): what it computed
+        # itself the first time is not counted as cached
+        placed_before = seq.slot >= 0
+        seq.slot, seq.n_past = slot.seq_id, reuse
+        seq.cached_tokens = min(reuse, seq.cached_tokens) if placed_before else reuse
         seq.sampler = build_sampler(seq.request.sampling, self.model.n_vocab,
                                     seq.request.logit_bias)
         seq.state = SeqState.PREFILL
         self.running.append(seq)
 
     def _make_room(self, seq: Sequence) -> bool:
-        """Park a decoding sequence of the tenant holding the most slots per weight, if it
-        would still hold at least as many per weight as `seq`'s tenant once `seq` has its
-        slot (so two tenants never trade a slot back and forth); its shortest, the least to
-        copy. Only with the admission layer's shares: it is what hands over more sequences
-        than slots, for tenants a whole slot below their share."""
+        """Free a slot for `seq`: an interactive one takes a batch sequence's (whatever
+        the tenants' shares), else a sequence of its own class or lower is parked by the
+        tenants' shares (`_share_victim`)."""
+        if not batch(seq) and self._lend_batch_slot():
+            return True
+        victim = self._share_victim(seq)
+        return victim is not None and self._park(victim)
+
+    def _lend_batch_slot(self) -> bool:
+        """A batch sequence still in its prompt goes back to the line (its computed prefix
+        stays cached in the slot it leaves); else the shortest decoding one is parked."""
+        lenders = [s for s in self.running if batch(s) and not s.cancelled]
+        for seq in lenders:
+            if seq.state is SeqState.PREFILL:
+                self._unplace(seq)
+                return True
+        decoding = sorted((s for s in lenders if s.state is SeqState.DECODE),
+                          key=lambda s: len(self._slot(s).tokens))
+        return any(self._park(s) for s in decoding[:1])
+
+    def _share_victim(self, seq: Sequence) -> Sequence | None:
+        """A decoding sequence of the tenant holding the most slots per weight, if it would
+        still hold at least as many per weight as `seq`'s tenant once `seq` has its slot
+        (so two tenants never trade a slot back and forth); its shortest, the least to
+        copy; never one of a higher class than `seq`. Only with the admission layer's
+        shares: it is what hands over more sequences than slots, for tenants a whole slot
+        below their share."""
         if seq.request.shares is None:
-            return False
+            return None
         tenant = seq.request.tenant
         held = Counter(s.request.tenant for s in self.running)
         after = (held[tenant] + 1) / seq.request.weight
@@ -233,10 +273,13 @@ class Batcher:
 
         victims = [s for s in self.running if s.state is SeqState.DECODE and not s.cancelled
                    and s.request.tenant != tenant
+                   and s.request.priority >= seq.request.priority
                    and (held[s.request.tenant] - 1) / s.request.weight >= after]
         if not victims:
-            return False
-        victim = min(victims, key=lambda s: (-per_weight(s), len(self._slot(s).tokens)))
+            return None
+        return min(victims, key=lambda s: (-per_weight(s), len(self._slot(s).tokens)))
+
+    def _park(self, victim: Sequence) -> bool:
         cells = park(self.model.ctx, self.slots, self._slot(victim),
                      keep=min(victim.n_past, len(victim.prompt)))
         if cells is None:
@@ -246,6 +289,15 @@ class Batcher:
         self.parked[victim] = cells
         self.parks += 1
         return True
+
+    def _unplace(self, seq: Sequence) -> None:
+        """Back to the head of the line, before its first token: nothing to copy out."""
+        self.running.remove(seq)
+        self.slots.release(self._slot(seq), keep=seq.n_past)
+        self._free_sampler(seq)
+        seq.state, seq.n_past = SeqState.WAITING, 0
+        self.pending.appendleft(seq)
+        self.parks += 1
 
     def _resume(self, seq: Sequence) -> list[Outcome]:
         slot = resume(self.model.ctx, self.slots, self.parked.pop(seq))
@@ -287,12 +339,16 @@ class Batcher:
         rest alone): rows of one token and rows of several take different CPU kernels
         (vec_dot vs tinyBLAS for attention), so the decodes share one call and each prompt
         chunk gets its own, and every row is computed as it would be with the request
-        alone."""
-        width = self.config.step_sequences or len(self.running)
-        decoding = [s for s in self.running if s.state is SeqState.DECODE]
+        alone.
+
+        While an interactive sequence runs, batch ones sit the step out: every row makes a
+        CPU step longer, so they would slow every interactive token (issue 16)."""
+        runnable = self._runnable()
+        width = self.config.step_sequences or len(runnable)
+        decoding = [s for s in runnable if s.state is SeqState.DECODE]
         budget = self.config.batch_tokens - min(width, len(decoding))
         prompts: list[PlanItem] = []
-        for seq in self.running:
+        for seq in runnable:
             if seq.state is SeqState.PREFILL and (n := prompt_chunk(seq.prompt_left, budget)):
                 prompts.append((seq, seq.prompt[seq.n_past : seq.n_past + n],
                                 n == seq.prompt_left))
@@ -308,6 +364,11 @@ class Batcher:
         if self.config.unified_kv:
             return [decodes + prompts] if decodes or prompts else []
         return ([decodes] if decodes else []) + [[item] for item in prompts]
+
+    def _runnable(self) -> list[Sequence]:
+        """The running sequences this step may advance: the interactive ones if any."""
+        interactive = [s for s in self.running if not batch(s)]
+        return interactive or self.running
 
     def _decode(self, groups: list[list[PlanItem]]) -> list[Outcome]:
         out: list[Outcome] = []
@@ -445,6 +506,11 @@ class Batcher:
         self._deliver(waiting + running)
         for chore in chores:  # each is short, and its caller is waiting for the answer
             _safely(chore)
+
+
+def batch(seq: Sequence) -> bool:
+    """Of the batch class: it yields steps and slots to interactive sequences."""
+    return seq.request.priority >= Priority.BATCH
 
 
 def prompt_chunk(left: int, budget: int) -> int:
