@@ -466,3 +466,48 @@ def test_batch_sequences_yield_every_step_and_a_slot_to_an_interactive_one(
     assert seen.sequences["i"].completion_tokens > 1
     assert seen.parks >= 1
     assert texts == [alone] * 4
+
+
+def test_a_batch_sequence_in_its_prompt_lends_its_slot_and_keeps_what_it_computed(
+        loop_thread: LoopThread) -> None:
+    """Batch sequences whose prompts take a few steps to prefill (each in its own cache
+    scope, so none reuses another's) hold every slot; an interactive request still takes
+    one at once (a sequence still in its prompt goes back to the line, keeping what it
+    computed as a cached prefix of its slot) and ends first. The batch texts are still the
+    text alone, and none reports its own computed prefix as cached."""
+    spec = bundled_model()
+    engine = LlamaCppEngine(spec.model_id, spec.path,
+                            ContextConfig(sequences=4, context_per_sequence=1024))
+    admitter = Admitter(engine)
+
+    async def scenario() -> tuple[str, list[TokenEvent], list[str], Deliveries]:
+        await admitter.start()
+        try:
+            numbers = await engine.encode_text(", ".join(str(i) for i in range(1, 80)))
+            assert 2 * len(numbers) > engine.config.batch_tokens  # more than a step for all
+            fruit = await engine.encode_chat([ChatMessage("user", "Name a fruit.")])
+
+            def bulk(name: str) -> GenerationRequest:
+                return GenerationRequest(name, numbers, GREEDY, 12, tenant="t",
+                                         priority=Priority.BATCH, cache_scope=name)
+
+            alone = [e async for e in await admitter.generate(bulk("alone"))]
+            seen = Deliveries(engine)
+            flood = [await admitter.generate(bulk(f"b{i}")) for i in range(4)]
+            # polled: the engine thread places them, with no event to wait on
+            while engine.stats().running < 4:  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+            asked = await admitter.generate(GenerationRequest("i", fruit, GREEDY, 4,
+                                                              tenant="t"))
+            await asked.final()
+            events = [[e async for e in s] for s in flood]
+            texts = ["".join(e.text for e in evs) for evs in events]
+            return "".join(e.text for e in alone), [evs[-1] for evs in events], texts, seen
+        finally:
+            await admitter.close()
+
+    alone, finals, texts, seen = loop_thread.run(scenario(), timeout=900)
+    assert seen.finals()[0] == "i", "an interactive request waited for batch prompts"
+    assert seen.parks >= 1
+    assert texts == [alone] * 4
+    assert all(f.usage is not None and f.usage.cached_tokens == 0 for f in finals)
