@@ -174,7 +174,8 @@ def pages(seeded: Seeded) -> list[str]:
             f"/console/organizations/{seeded.orgs[0]}", f"/console/projects/{seeded.projects[0]}",
             "/console/keys", "/console/usage", f"/console/usage?project_id={seeded.projects[0]}",
             f"/console/invoices?organization_id={seeded.orgs[0]}&month={month}",
-            "/console/prices", "/console/playground", "/console/usage/export.csv"]
+            "/console/prices", "/console/playground", "/console/models", "/console/models/live",
+            "/console/providers", "/console/usage/export.csv"]
 
 
 @dataclass

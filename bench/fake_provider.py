@@ -18,8 +18,14 @@ share of requests answered 500, for the fallback benchmark):
 With `tools`, the answer is a call of the first tool; with a `json_schema`
 response_format, a JSON text naming the schema. Usage: prompt_tokens = words of the
 messages + 3, completion_tokens = content chunks. `GET /received` lists what came in
-(model, the client's address, the Authorization header,
-stream_options, the body), `POST /reset` clears it.
+(model, the client's address, the Authorization header, stream_options, the body),
+`POST /reset` clears it.
+
+`POST /v1/embeddings` answers one vector per input, [characters (or ids) of the
+input, its index, 0.5, -0.25] (cut or repeated to `dimensions`), as floats or base64,
+with usage prompt_tokens = words of the strings + ids of the token arrays, in reverse
+order (each with its index); the models above pick faults the same way (fake-nousage,
+fake-500, fake-echo, fake-stall-first).
 
     python bench/fake_provider.py --port 8003 [--fail-rate 0.3]
 """
@@ -28,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import random
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -76,14 +84,40 @@ class FakeProvider:
         elif method == "GET" and path.endswith("/models"):
             await _json(send, 200, {"object": "list", "data": [
                 {"id": "fake", "object": "model", "created": 0, "owned_by": "fake"}]})
+        elif method == "POST" and path.endswith("/embeddings"):
+            await self.embed(scope, raw, send)
         elif method == "POST" and path.endswith(("/chat/completions", "/completions")):
             await self.complete(scope, raw, send, receive, path.endswith("/chat/completions"))
         else:
             await _json(send, 404, {"error": {"message": "no such route", "type": "x"}})
 
-    async def complete(self, scope: Scope, raw: bytes, send: Send, receive: Receive,
-                       chat: bool) -> None:
+    async def embed(self, scope: Scope, raw: bytes, send: Send) -> None:
         body = json.loads(raw)
+        model = str(body.get("model", ""))
+        if await self.refuse(scope, body, send):
+            return
+        if model == "fake-stall-first":
+            await asyncio.sleep(STALL)
+        value = body.get("input")
+        items = [value] if isinstance(value, str) or (
+            value and isinstance(value[0], int)) else list(value)
+        dims = int(body.get("dimensions") or 4)
+        data = []
+        for i, item in enumerate(items):
+            vector = ([float(len(item)), float(i), 0.5, -0.25] * dims)[:dims]
+            embedding: Any = vector
+            if body.get("encoding_format") == "base64":
+                embedding = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": embedding})
+        answer: dict[str, Any] = {"object": "list", "model": model, "data": data[::-1]}
+        if model != "fake-nousage":
+            tokens = sum(len(item.split()) if isinstance(item, str) else len(item)
+                         for item in items)
+            answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        await _json(send, 200, answer)
+
+    async def refuse(self, scope: Scope, body: dict[str, Any], send: Send) -> bool:
+        """Record the request; answer it with an error if a fault says so."""
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         if self.record:
             self.received.append({"model": body.get("model"), "client": scope.get("client"),
@@ -95,14 +129,22 @@ class FakeProvider:
             extra = {"retry-after": self.retry_after} if self.retry_after else {}
             await _json(send, self.fail_status, {"error": {
                 "message": "try later", "type": "server_error"}}, extra)
-            return
+            return True
         if model == "fake-500" or (self.fail_rate and random.random() < self.fail_rate):
             await _json(send, 500, {"error": {"message": "boom", "type": "server_error"}})
-            return
+            return True
         if model == "fake-echo":
             await _json(send, 400, {"error": {"message": f"bad request; you sent {headers}",
                                               "type": "invalid_request_error",
                                               "param": "messages"}})
+            return True
+        return False
+
+    async def complete(self, scope: Scope, raw: bytes, send: Send, receive: Receive,
+                       chat: bool) -> None:
+        body = json.loads(raw)
+        model = str(body.get("model", ""))
+        if await self.refuse(scope, body, send):
             return
         if model == "fake-stall-first":
             await asyncio.sleep(STALL)

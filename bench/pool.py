@@ -91,6 +91,7 @@ class Result:
     wall: float = 0.0
     budget: int = 0
     peak_memory: int = 0  # resident bytes above the process's start, sampled
+    peak_counted: int = 0  # what the policy itself counted for its loaded models, sampled
     loads: int = 0
 
     def summary(self, deadline: float) -> dict[str, Any]:
@@ -107,7 +108,8 @@ class Result:
             "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99),
             "cold_ttft_p50": _pct(cold, 50), "cold_requests": len(cold),
             "loads": self.loads, "budget_mib": self.budget >> 20,
-            "peak_mib": self.peak_memory >> 20, "wall_s": round(self.wall, 1)}
+            "peak_mib": self.peak_memory >> 20, "counted_mib": self.peak_counted >> 20,
+            "wall_s": round(self.wall, 1)}
 
 
 def _pct(values: list[float], p: int) -> float | None:
@@ -202,6 +204,9 @@ class AicloudPolicy:
     def loads(self) -> int:
         return self.counting.loads
 
+    def counted(self) -> int:
+        return self.pool.used()
+
     async def close(self) -> None:
         await self.pool.close()
 
@@ -294,6 +299,9 @@ class SimplePolicy:
     def loads(self) -> int:
         return self.load_count
 
+    def counted(self) -> int:
+        return len(self.engines) * need(self.args)
+
     async def close(self) -> None:
         if self.reaper is not None:
             self.reaper.cancel()
@@ -339,6 +347,7 @@ async def run_policy(name: str, args: Args) -> Result:
     async def sample() -> None:
         while not stop.is_set():
             result.peak_memory = max(result.peak_memory, (resident_bytes() or 0) - base)
+            result.peak_counted = max(result.peak_counted, policy.counted())
             await asyncio.sleep(0.05)
 
     await policy.start()

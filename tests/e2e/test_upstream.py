@@ -27,7 +27,7 @@ import httpx
 import openai
 import pytest
 
-from aicloud.models.catalog import Catalog, CatalogEntry, EngineKind
+from aicloud.models.catalog import Catalog, CatalogEntry, EngineKind, bundled_model
 from aicloud.store import db, migrate
 from tests.conftest import Server, start_server
 from tests.providers.fake import RunningFake, running_fake
@@ -48,7 +48,11 @@ MODELS = {  # catalog id: (the fake's model, fallbacks)
     "partner-echo": ("fake-echo", []),
     "partner-down": ("fake-500", ["partner"]),
     "partner-down-local": ("fake-500", ["not-there", LOCAL]),
+    "partner-counted": ("fake-nousage", []),
 }
+# counts with the bundled model's tokenizer when the provider sends no usage
+TOKENIZED = {"partner-counted": {"tokenizer": str(bundled_model().path)}}
+EMBED_INPUTS = ["the quick brown fox", "jumps"]  # 5 words: the fake's prompt_tokens
 
 
 def add_catalog(home: Path, entries: list[CatalogEntry]) -> None:
@@ -88,8 +92,9 @@ def server(fake: RunningFake, tmp_path_factory: pytest.TempPathFactory) -> Itera
               stdin=CANARY + "\n")
     assert CANARY not in out and json.loads(out)["has_api_key"] is True
     add_catalog(home, [CatalogEntry(mid, EngineKind.UPSTREAM, provider="fake",
-                                    upstream_model=upstream, options={"fallbacks": fallbacks,
-                                                                      "context": 4096})
+                                    upstream_model=upstream, options={
+                                        "fallbacks": fallbacks, "context": 4096,
+                                        **TOKENIZED.get(mid, {})})
                        for mid, (upstream, fallbacks) in MODELS.items()])
     srv = start_server(home, "--context", "512", "--sequences", "4",
                        extra_env={"AICLOUD_LOG_LEVEL": "debug"})
@@ -194,9 +199,104 @@ def test_responses_and_embeddings_on_a_provider_model(client: openai.OpenAI,
                                    max_output_tokens=20)
     assert resp.output_text == "Hello from the fake provider."
     assert usage_row(server, resp.id)["provider"] == "fake"
+
+
+def test_embeddings_are_relayed_and_bill_the_providers_usage(
+        client: openai.OpenAI, server: Server, fake: RunningFake) -> None:
+    raw = client.embeddings.with_raw_response.create(model="partner", input=EMBED_INPUTS,
+                                                     dimensions=4)
+    resp = raw.parse()  # the openai client asks for base64 and decodes it
+    assert resp.model == "partner"
+    assert [d.embedding for d in resp.data] == [[19.0, 0.0, 0.5, -0.25],
+                                                [5.0, 1.0, 0.5, -0.25]]
+    assert (resp.usage.prompt_tokens, resp.usage.total_tokens) == (5, 5)
+    row = usage_row(server, raw.headers["x-request-id"])
+    assert (row["prompt_tokens"], row["completion_tokens"], row["provider"],
+            row["estimated"]) == (5, 0, "fake", 0)
+    assert row["cost_pico"] == cost(5, 0) and row["model"] == "partner"
+    sent = fake.received()[-1]["body"]
+    assert sent["model"] == "fake" and sent["input"] == EMBED_INPUTS
+    assert sent["dimensions"] == 4 and "stream" not in sent
+
+    floats = client.embeddings.create(model="partner", input=[1, 2, 3],
+                                      encoding_format="float")
+    assert floats.data[0].embedding == [3.0, 0.0, 0.5, -0.25]
+
+
+def test_embeddings_fall_back_and_refusals_are_openai_shaped(
+        client: openai.OpenAI, server: Server) -> None:
+    raw = client.embeddings.with_raw_response.create(model="partner-down", input="hi there")
+    assert raw.parse().model == "partner"
+    assert usage_row(server, raw.headers["x-request-id"])["provider"] == "fake"
+    local = client.embeddings.create(model="partner-down-local", input="hi there")
+    assert local.model == LOCAL and len(local.data[0].embedding) > 4  # the model's own
     with pytest.raises(openai.BadRequestError) as caught:
-        client.embeddings.create(model="partner", input="hi")
-    assert caught.value.body["param"] == "model"  # type: ignore[index]
+        client.embeddings.create(model="partner-echo", input="hi")
+    body = json.dumps(caught.value.body)
+    assert caught.value.code == "upstream_invalid_request" and "bad request" in body
+    assert CANARY not in body and HEADER_CANARY not in body and "127.0.0.1" not in body
+
+
+def test_embeddings_hold_the_budget_before_anything_is_sent(
+        server: Server, fake: RunningFake) -> None:
+    fake.reset()
+    with server.admin() as admin:
+        org = admin.post("/organizations", json={"name": "embed-poor"}).json()
+        project = admin.post("/projects", json={"organization_id": org["id"], "name": "p",
+                                                "budget_usd": "0.000001"}).json()
+        secret = admin.post("/keys", json={"project_id": project["id"]}).json()["secret"]
+    poor = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=secret, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as caught:  # 2 bytes fit; 2,000 do not
+        poor.embeddings.create(model="partner", input="x" * 2000)
+    assert caught.value.code == "insufficient_quota"
+    assert fake.received() == []
+
+
+def test_without_usage_the_models_tokenizer_counts_as_the_local_model_does(
+        client: openai.OpenAI, server: Server) -> None:
+    """partner-counted names the bundled GGUF as its tokenizer: its counts are exact (not
+    marked), equal to what the bundled model itself counts for the same request."""
+    resp = client.chat.completions.create(model="partner-counted", messages=HELLO,
+                                          max_tokens=20)
+    local = client.chat.completions.create(model=LOCAL, messages=HELLO, max_tokens=1)
+    row = usage_row(server, resp.id)
+    assert row["estimated"] == 0 and row["provider"] == "fake"
+    assert row["prompt_tokens"] == local.usage.prompt_tokens == resp.usage.prompt_tokens
+    answer = resp.choices[0].message.content or ""
+    # the bundled model adds no BOS: a completion's prompt is the text's own tokens
+    alone = client.completions.create(model=LOCAL, prompt=answer, max_tokens=1)
+    assert row["completion_tokens"] == alone.usage.prompt_tokens == 6
+
+    raw = client.embeddings.with_raw_response.create(model="partner-counted",
+                                                     input=EMBED_INPUTS)
+    own = client.embeddings.create(model=LOCAL, input=EMBED_INPUTS)
+    row = usage_row(server, raw.headers["x-request-id"])
+    assert row["estimated"] == 0 and row["prompt_tokens"] == own.usage.prompt_tokens
+
+
+def test_a_bad_tokenizer_is_refused_by_models_add(server: Server, tmp_path: Path) -> None:
+    """Refused when the model is added (CLI and admin API), not at its first request."""
+    bad = tmp_path / "vocab.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 32)  # a header and nothing llama.cpp can read
+    failed = subprocess.run(
+        [sys.executable, "-m", "aicloud", "models", "add", "tok-cli", "--provider", "fake",
+         "--upstream-model", "fake", "--tokenizer", str(bad)], env=server.env,
+        capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 1
+    assert "options.tokenizer" in failed.stderr and "cannot read" in failed.stderr
+    added = json.loads(server.cli("models", "add", "tok-cli", "--provider", "fake",
+                                  "--upstream-model", "fake", "--fallback", "partner",
+                                  "--tokenizer", str(bundled_model().path)))
+    assert added["options"] == {"tokenizer": str(bundled_model().path),
+                                "fallbacks": ["partner"]}
+    with server.admin() as admin:
+        refused = admin.post("/models", json={
+            "id": "tok-api", "engine": "upstream", "provider": "fake",
+            "upstream_model": "fake", "options": {"tokenizer": str(tmp_path / "none.gguf")}})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "options.tokenizer"
+        assert "not found" in refused.json()["error"]["message"]
+        assert admin.delete("/models/tok-cli").status_code == 200
 
 
 def test_without_usage_the_row_is_marked_estimated(client: openai.OpenAI,

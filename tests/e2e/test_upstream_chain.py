@@ -77,3 +77,26 @@ def test_both_sides_bill_the_same_usage_at_their_own_prices(chain: tuple[Server,
         assert cost_a == p * 3_000_000 + c * 5_000_000
         assert cost_b == p * 1_000_000 + c * 2_000_000
     assert b.keys["relay"] not in a.log.read_text()
+
+
+def test_embeddings_through_the_chain_are_the_providers_own(chain: tuple[Server, Server]
+                                                            ) -> None:
+    """A's remote-smol embeds on B's bundled model: the same vectors as asking B itself,
+    the same usage on both sides, each at its own price."""
+    a, b = chain
+    before_a, before_b = len(rows(a)), len(rows(b))
+    texts = ["The sky is blue.", "Grass is green."]
+    via_a = openai.OpenAI(base_url=f"{a.base_url}/v1", api_key=a.keys["user"],
+                          max_retries=0, timeout=120).embeddings.create(
+        model="remote-smol", input=texts)
+    at_b = openai.OpenAI(base_url=f"{b.base_url}/v1", api_key=b.keys["relay"],
+                         max_retries=0, timeout=120).embeddings.create(model=LOCAL, input=texts)
+    assert via_a.model == "remote-smol"
+    assert [d.embedding for d in via_a.data] == [d.embedding for d in at_b.data]
+    assert via_a.usage.prompt_tokens == at_b.usage.prompt_tokens > 0
+
+    (p_a, c_a, cost_a, provider_a), = rows(a)[before_a:]
+    relayed, _direct = rows(b)[before_b:]
+    assert (p_a, c_a, provider_a) == (via_a.usage.prompt_tokens, 0, "b")
+    assert relayed[:2] == (p_a, 0) and relayed[3] is None
+    assert cost_a == p_a * 3_000_000 and relayed[2] == p_a * 1_000_000

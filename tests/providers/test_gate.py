@@ -66,3 +66,20 @@ def test_a_full_line_refuses_and_a_cancelled_waiter_gives_its_place_back() -> No
         assert gate.busy == 0
 
     asyncio.run(scenario())
+
+
+def test_a_free_place_is_taken_without_a_trip_through_the_loop() -> None:
+    """The common case costs no timer and no suspension (the relay's hot path)."""
+    async def scenario() -> None:
+        gate = FairGate(1)
+        entering = gate.enter("t", 0, 1.0, 5.0)
+        with pytest.raises(StopIteration):
+            entering.send(None)  # finished at once: it never waited on anything
+        assert gate.busy == 1
+        waiting = asyncio.ensure_future(gate.enter("u", 0, 1.0, 5.0))
+        await asyncio.sleep(0)
+        assert not waiting.done()  # the one place is taken: this one waits
+        gate.leave("t")
+        await asyncio.wait_for(waiting, 1)
+
+    asyncio.run(scenario())

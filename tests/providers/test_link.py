@@ -17,7 +17,7 @@ def test_a_providers_secrets_and_host_are_scrubbed_from_its_messages() -> None:
             "(partner.internal:8080)")
     scrubbed = link.scrub(text)
     assert "CANARY" not in scrubbed and "partner.internal" not in scrubbed
-    assert link.headers() == {"X-Org": "org-CANARY", "authorization": f"Bearer {CANARY}"}
+    assert dict(link.headers) == {"x-org": "org-CANARY", "authorization": f"Bearer {CANARY}"}
     asyncio.run(link.close())
 
 

@@ -11,7 +11,8 @@ from typing import TypeVar
 import pytest
 import sqlalchemy as sa
 
-from aicloud.accounts.base import AccountError, NotFound
+from aicloud.accounts.base import AccountError, AdminScope, Forbidden, NotFound, Role
+from aicloud.providers.admin import ProviderAdmin
 from aicloud.providers.secrets import SecretBox
 from aicloud.providers.store import ProviderSettings, ProviderStore
 from aicloud.store import db, migrate
@@ -110,3 +111,38 @@ def test_names_headers_and_settings_are_checked(tmp_path: Path) -> None:
             await store.view("p")
 
     with_store(f"sqlite:///{tmp_path / 'a.db'}", tmp_path, scenario)
+
+
+def test_the_admin_service_checks_roles_and_merges_settings(db_url: str,
+                                                            tmp_path: Path) -> None:
+    """ProviderAdmin, which the admin API and the console both call: installation-wide keys
+    only, read-only roles change nothing, settings left out keep their values, headers are
+    kept unless given ({} clears them)."""
+    owner = AdminScope("akey_o", Role.OWNER, None)
+
+    async def scenario(store: ProviderStore) -> None:
+        providers = ProviderAdmin(store)
+        await providers.add(owner, "acme", "https://api.acme.test/v1", api_key=CANARY,
+                            headers={"X-Org": "h"}, settings={"retries": 4, "timeout": None})
+        for scope in (AdminScope("akey_v", Role.VIEWER, None),
+                      AdminScope("akey_a", Role.OWNER, "org_x")):
+            with pytest.raises(Forbidden):
+                await providers.update(scope, "acme", settings={"retries": 1})
+            with pytest.raises(Forbidden):
+                await providers.remove(scope, "acme")
+        with pytest.raises(Forbidden):
+            await providers.views(AdminScope("akey_a", Role.OWNER, "org_x"))
+        assert [v.name for v in await providers.views(AdminScope("v", Role.VIEWER, None))] == [
+            "acme"]
+        view = await providers.update(owner, "acme", settings={"timeout": 9})
+        assert (view.settings.timeout, view.settings.retries) == (9, 4)
+        assert view.has_api_key and view.header_names == ("X-Org",)
+        with pytest.raises(AccountError) as refused:
+            await providers.update(owner, "acme", settings={"max_concurrency": 0})
+        assert refused.value.param == "max_concurrency"
+        with pytest.raises(AccountError):
+            await providers.update(owner, "acme", api_key="a", api_key_env="B")
+        view = await providers.update(owner, "acme", headers={})
+        assert view.header_names == () and view.has_api_key
+
+    with_store(db_url, tmp_path, scenario)

@@ -5,7 +5,6 @@ a dropped connection), retries, the breaker, cancellation, and no secret in erro
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,41 +23,16 @@ from aicloud.providers.link import ProviderLinks
 from aicloud.providers.secrets import Secret
 from aicloud.providers.store import ProviderConfig, ProviderSettings
 from tests.conftest import LoopThread
-from tests.providers.fake import RunningFake, running_fake
+from tests.providers.conftest import CANARY, Configs
+from tests.providers.fake import RunningFake
 
-CANARY = "sk-provider-CANARY-51d2"
 MESSAGES = [{"role": "user", "content": "say hello to me"}]  # 4 words: 7 prompt tokens
 
 
-class Configs:
-    def __init__(self, config: ProviderConfig) -> None:
-        self.current = config
-
-    async def config(self, name: str) -> ProviderConfig:
-        return self.current
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[RunningFake]:
-    with running_fake() as running:
-        yield running
-
-
-@pytest.fixture
-def links(fake: RunningFake, loop_thread: LoopThread) -> Iterator[ProviderLinks]:
-    fake.reset()
-    config = ProviderConfig("fake", fake.base_url, Secret(CANARY),
-                            {"X-Tenant": Secret("hdr-canary")},
-                            ProviderSettings(timeout=1.0, connect_timeout=1.0, retries=1,
-                                             max_concurrency=5))
-    made = ProviderLinks(Configs(config))
-    yield made
-    loop_thread.run(made.close())
-
-
-def engine(links: ProviderLinks, upstream_model: str = "fake") -> UpstreamEngine:
+def engine(links: ProviderLinks, upstream_model: str = "fake", **options: Any
+           ) -> UpstreamEngine:
     entry = CatalogEntry("partner", EngineKind.UPSTREAM, provider="fake",
-                         upstream_model=upstream_model, options={"context": 4096})
+                         upstream_model=upstream_model, options={"context": 4096, **options})
     return UpstreamEngine(entry, links)
 
 
@@ -224,7 +198,7 @@ def test_provider_changes_reach_running_links(fake: RunningFake, loop_thread: Lo
                                          ProviderSettings(timeout=1.0, retries=0))
         first.checked -= 10
         second = await made.link("fake")
-        assert second is not first and second.headers()["authorization"] == "Bearer new"
+        assert second is not first and second.headers["authorization"] == "Bearer new"
         await made.close()
 
     loop_thread.run(scenario())

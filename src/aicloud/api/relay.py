@@ -183,6 +183,15 @@ def _envelope(run: Run, kind: str) -> dict[str, Any]:
             "system_fingerprint": None}
 
 
+def chunk_frame(run: Run, kind: str) -> tuple[bytes, bytes]:
+    """The bytes of an SSE chunk around its one choice, encoded once per stream: each
+    relayed chunk encodes only the provider's choice (what `sse` of the whole envelope
+    would write, byte for byte)."""
+    whole = sse({**_envelope(run, kind), "choices": [0]})
+    head, _, tail = whole.rpartition(b"0")
+    return head, tail
+
+
 def cut_off() -> bytes:
     return sse(error_body(502, "the provider's stream broke off; the answer is incomplete",
                           code="upstream_error"))
@@ -192,13 +201,14 @@ async def relay_events(run: Run, endpoint: str, include_usage: bool) -> AsyncIte
     """The provider's chunks under our envelope, as they come; the usage row is written
     before the last chunk; a cut stream ends with an error event (what came is billed)."""
     kind = OBJECTS[endpoint][1]
+    head, tail = chunk_frame(run, kind)
     try:
         async with contextlib.aclosing(run.events()) as events:
             async for _, event in events:
                 run.observe(0, event)
                 if event.upstream is not None:
-                    yield sse({**_envelope(run, kind), "choices": [{**event.upstream,
-                                                                    "index": 0}]})
+                    choice = json.dumps({**event.upstream, "index": 0}, ensure_ascii=False)
+                    yield head + choice.encode() + tail
                 if event.finish_reason is None:
                     continue
                 await run.record([event])

@@ -5,14 +5,16 @@ the same names, as the admin API's JSON fields do."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import FormData
 
 from aicloud.accounts.base import AccountError
 from aicloud.billing.money import MoneyError, usd_to_pico
 
 MAX_FIELD = 4096
+Schema = TypeVar("Schema", bound=BaseModel)
 
 
 class FieldError(AccountError):
@@ -77,10 +79,11 @@ def model_list(form: FormData, name: str) -> list[str] | None:
     return raw or None
 
 
-def values(form: FormData) -> dict[str, str]:
-    """The fields to show again after a refusal (never a secret: no form has one but the
-    sign-in form, which is not shown again)."""
-    return {k: v for k, v in form.items() if isinstance(v, str) and k != "csrf_token"}
+def values(form: FormData, secrets: tuple[str, ...] = ()) -> dict[str, str]:
+    """The fields to show again after a refusal, never the CSRF token nor the form's
+    `secrets` (a provider's key and header values: typed once, never sent back)."""
+    return {k: v for k, v in form.items()
+            if isinstance(v, str) and k != "csrf_token" and k not in secrets}
 
 
 def errors_of(exc: AccountError, fallback: str) -> dict[str, str]:
@@ -92,3 +95,23 @@ def changes_only(sent: dict[str, Any], present: FormData) -> dict[str, Any]:
     organization budget for an organization's own admin, is left alone)."""
     return {k: v for k, v in sent.items() if k in present or k.replace("_pico", "_usd")
             in present}
+
+
+def filled(form: FormData, *names: str, prefix: str = "") -> dict[str, str]:
+    """The named fields that are not empty (an empty field is the API's default), keyed
+    without `prefix` (a page with two forms prefixes one's names: ids stay unique)."""
+    return {name: value for name in names if (value := text(form, prefix + name))}
+
+
+def validated(schema: type[Schema], data: dict[str, Any], prefix: str = "") -> Schema:
+    """`data` checked by the admin API's own body schema, so a form and a JSON body obey
+    the same rules; a refusal names its form field (an engine option by its own name,
+    `weights`, not `options`)."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        loc = [str(p) for p in first.get("loc", ()) if not isinstance(p, int)]
+        name = loc[1] if len(loc) > 1 and loc[0] == "options" else (loc[0] if loc else "")
+        message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        raise FieldError(message, prefix + name if name else None) from None

@@ -136,10 +136,19 @@ def when(moment: datetime | None) -> str:
     return "—" if moment is None else moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
+def size(n: int | None) -> str:
+    """Bytes as MiB (GiB from 10 GiB on): model memory and pull progress."""
+    if n is None:
+        return "—"
+    if n >= 10 << 30:
+        return f"{n / (1 << 30):,.1f} GiB"
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
 templates = Environment(loader=PackageLoader("aicloud.console", "templates"),
                         autoescape=select_autoescape(default=True), undefined=StrictUndefined,
                         trim_blocks=True, lstrip_blocks=True)
-templates.filters.update(usd=usd, usd_text=usd_text, count=count, when=when)
+templates.filters.update(usd=usd, usd_text=usd_text, count=count, when=when, size=size)
 
 
 @dataclass(slots=True, frozen=True)
@@ -147,15 +156,21 @@ class NavItem:
     position: int
     path: str
     label: str
+    installation: bool = False  # only installation-wide admin keys may open the page
+
+    def shown_to(self, signed: SignedIn) -> bool:
+        return not self.installation or signed.scope.installation_wide
 
 
 NAV: list[NavItem] = []
 
 
-def nav_page(router: APIRouter, path: str, label: str, position: int) -> Callable[[Any], Any]:
+def nav_page(router: APIRouter, path: str, label: str, position: int,
+             installation: bool = False) -> Callable[[Any], Any]:
     """A page with its own entry in the navigation, at `position` (left to right): a new
-    page is this decorator on its route and one template."""
-    NAV.append(NavItem(position, router.prefix + path, label))
+    page is this decorator on its route and one template. `installation`: the entry is
+    left out for organization-scoped keys (the page refuses them all the same)."""
+    NAV.append(NavItem(position, router.prefix + path, label, installation))
     NAV.sort(key=lambda item: item.position)
     return router.get(path, response_class=HTMLResponse)
 

@@ -199,7 +199,7 @@ class RelayBody:
     for here. `prompt_estimate` (about four characters a token) is billed only when the
     provider reports no usage."""
 
-    endpoint: str  # "chat/completions" or "completions"
+    endpoint: str  # "chat/completions", "completions" or "embeddings"
     fields: Mapping[str, Any]
     prompt_estimate: int
 
@@ -328,6 +328,7 @@ class EmbeddingRequest:
     request_id: str
     inputs: list[list[int]]
     tenant: str = ""
+    relay: RelayBody | None = None  # for RELAY engines: the caller's request (no inputs)
 
 
 @dataclass(slots=True, frozen=True)
@@ -336,6 +337,7 @@ class Embeddings:
 
     vectors: list[list[float]]
     usage: Usage
+    provider: str | None = None  # the upstream provider that made them
 
 
 def check_embedding_inputs(request: EmbeddingRequest, window: int,

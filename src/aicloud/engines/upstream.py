@@ -20,6 +20,8 @@ the provider's if it came, else an estimate (`Usage.estimated`).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import email.utils
 import json
@@ -27,11 +29,13 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import httpx
+import numpy as np
 
 from aicloud.accounts.base import NotFound
 from aicloud.engines.base import (
@@ -47,17 +51,19 @@ from aicloud.engines.base import (
     EngineUnavailable,
     FinishReason,
     GenerationRequest,
+    RelayBody,
     TokenEvent,
     Usage,
-    not_embedding,
 )
 from aicloud.engines.events import EventQueue
+from aicloud.engines.upstream_count import TOKENIZER, TokenCounter, count_relay, counter_for
 from aicloud.models.catalog import CatalogEntry
 from aicloud.providers.link import ProviderLink, ProviderLinks
 from aicloud.providers.secrets import SecretError
 from aicloud.providers.store import ProviderSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # what an upstream model reads unless its catalog options say `context`
 DEFAULT_CONTEXT = 8192
@@ -69,6 +75,10 @@ MAX_RETRY_WAIT = 10.0
 MAX_ERROR_BYTES = 64 << 10
 CHARS_PER_TOKEN = 4  # for estimates when a provider reports no usage
 DRAIN_SECONDS = 1.0  # waited for the end of a body after [DONE]
+# an embeddings answer bigger than this is refused (2048 inputs of 3072 floats as JSON
+# text take about 140 MiB); above INLINE_PARSE_BYTES it is parsed on a worker thread
+MAX_EMBEDDINGS_BYTES = 512 << 20
+INLINE_PARSE_BYTES = 256 << 10
 
 
 class Retryable(Exception):
@@ -156,7 +166,50 @@ class UpstreamEngine:
         raise self._not_local()
 
     async def embed(self, request: EmbeddingRequest) -> Embeddings:
-        raise not_embedding(self._entry.id)
+        """The caller's embeddings request relayed (`request.relay`), the provider's
+        vectors and usage back; retried like a stream before its first chunk, since
+        nothing reached the caller until the whole answer came."""
+        relay = request.relay
+        if relay is None:
+            raise EngineError(f"model {self._entry.id} is served by a provider: it needs the "
+                              "request's input, not token ids", param="model")
+        link = await self._link()
+        await self._place(link, request.tenant, 0, 1.0)
+        usage = Usage(0, 0)
+        try:
+            vectors, reported = await self._call(
+                link, relay.endpoint, self.body(relay, stream=False),
+                partial(_embeddings, inputs=len(_inputs(relay.fields))))
+            link.metrics.requests["ok"] += 1
+            usage = reported or await self._count_inputs(relay)
+            return Embeddings(vectors, usage, provider=link.name)
+        finally:
+            link.gate.leave(request.tenant, usage.prompt_tokens)
+
+    async def _count_inputs(self, relay: RelayBody) -> Usage:
+        """An embeddings request's tokens when the provider said none: token arrays as
+        sent, strings with the model's tokenizer, else estimated."""
+        inputs = _inputs(relay.fields)
+        arrays = sum(len(i) for i in inputs if isinstance(i, list))
+        texts = [i for i in inputs if isinstance(i, str)]
+        counted = await self._counted(lambda c: sum(c.prompt(t) for t in texts)) \
+            if texts else 0
+        if counted is not None:
+            return Usage(arrays + counted, 0)
+        return Usage(arrays + sum(estimate_tokens(len(t)) for t in texts), 0, estimated=True)
+
+    async def _counted(self, count: Callable[[TokenCounter], T]) -> T | None:
+        """`count` run with the model's tokenizer (off the loop); None without one, or
+        when it fails (logged)."""
+        path = self._entry.options.get(TOKENIZER)
+        if not isinstance(path, str):
+            return None
+        try:
+            return await asyncio.to_thread(lambda: count(counter_for(path)))
+        except Exception as exc:  # a tokenizer that fails only makes it an estimate
+            log.warning("model %s: its tokenizer could not count a request (%s: %s); the "
+                        "usage is estimated", self._entry.id, type(exc).__name__, exc)
+            return None
 
     def info(self) -> EngineInfo:
         """`max_sequences`: the provider's concurrency cap, what an admission layer in
@@ -189,10 +242,11 @@ class UpstreamEngine:
             raise EngineUnavailable(f"model {self._entry.id}: its provider cannot be used",
                                     retry_after=30) from None
 
-    def body(self, request: GenerationRequest) -> dict[str, Any]:
+    def body(self, relay: RelayBody, stream: bool = True) -> dict[str, Any]:
         """The caller's request as the provider gets it."""
-        assert request.relay is not None
-        fields = {k: v for k, v in request.relay.fields.items() if k not in OURS}
+        fields = {k: v for k, v in relay.fields.items() if k not in OURS}
+        if not stream:
+            return {**fields, "model": self._upstream_model}
         return {**fields, "model": self._upstream_model, "stream": True,
                 "stream_options": {"include_usage": True}}
 
@@ -201,12 +255,12 @@ class UpstreamEngine:
         if request.relay is None:
             raise EngineError(f"model {self._entry.id} is served by a provider: it needs the "
                               "request's messages, not token ids", param="model")
+        relay = request.relay
         link = await self._link()
         tenant = request.tenant
-        await self._place(link, request)
+        await self._place(link, tenant, request.priority, request.weight)
         try:
-            response, lines, first = await self._open(link, request.relay.endpoint,
-                                                      self.body(request))
+            response, lines, first = await self._open(link, relay.endpoint, self.body(relay))
         except BaseException:
             link.gate.leave(tenant)
             raise
@@ -218,15 +272,19 @@ class UpstreamEngine:
             link.metrics.in_flight -= 1
             link.gate.leave(tenant, usage.prompt_tokens, usage.completion_tokens)
 
-        return UpstreamStream(link, response, lines, first, request.relay.prompt_estimate, done)
+        async def count(answer: str | None, estimate: int) -> Usage | None:
+            return await self._counted(
+                lambda c: count_relay(c, relay, answer, estimate, request.max_tokens))
 
-    async def _place(self, link: ProviderLink, request: GenerationRequest) -> None:
+        return UpstreamStream(link, response, lines, first, relay.prompt_estimate, done, count)
+
+    async def _place(self, link: ProviderLink, tenant: str, priority: int,
+                     weight: float) -> None:
         """A place among the provider's `max_concurrency`, in tenant-fair order, waited
         for up to the provider's timeout."""
         self._waiting += 1
         try:
-            await link.gate.enter(request.tenant, request.priority, request.weight,
-                                  link.config.settings.timeout)
+            await link.gate.enter(tenant, priority, weight, link.config.settings.timeout)
         except EngineUnavailable:
             link.metrics.requests["busy"] += 1
             raise
@@ -234,7 +292,13 @@ class UpstreamEngine:
             self._waiting -= 1
 
     async def _open(self, link: ProviderLink, endpoint: str, body: dict[str, Any]
-                    ) -> tuple[httpx.Response, AsyncIterator[str], str]:
+                    ) -> tuple[httpx.Response, AsyncIterator[bytes], bytes]:
+        """The stream, once its first chunk came."""
+        return await self._call(link, endpoint, body, _first_chunk)
+
+    async def _call(self, link: ProviderLink, endpoint: str, body: dict[str, Any],
+                    read: Callable[[httpx.Response], Awaitable[T]]) -> T:
+        """POST `body`, retrying while `read` (what a 200 is good for) has not succeeded."""
         attempts = link.config.settings.retries + 1
         started = time.perf_counter()
         failure = Retryable("unreachable", "")
@@ -248,7 +312,7 @@ class UpstreamEngine:
             if attempt:
                 link.metrics.retries += 1
             try:
-                opened = await self._attempt(link, endpoint, body)
+                done = await self._attempt(link, endpoint, body, read)
             except Retryable as exc:
                 link.metrics.requests[exc.kind] += 1
                 link.breaker.failed(exc.pause)
@@ -260,14 +324,14 @@ class UpstreamEngine:
                 continue
             link.breaker.succeeded()
             link.metrics.first_byte(time.perf_counter() - started)
-            return opened
+            return done
         raise EngineUnavailable(f"the provider of {self._entry.id} {failure.message}",
                                 retry_after=max(1.0, failure.pause or 1.0))
 
-    async def _attempt(self, link: ProviderLink, endpoint: str, body: dict[str, Any]
-                       ) -> tuple[httpx.Response, AsyncIterator[str], str]:
-        request = link.client.build_request("POST", f"/{endpoint}", json=body,
-                                            headers=link.headers())
+    async def _attempt(self, link: ProviderLink, endpoint: str, body: dict[str, Any],
+                       read: Callable[[httpx.Response], Awaitable[T]]) -> T:
+        request = link.client.build_request("POST", link.url(endpoint), json=body,
+                                            headers=link.headers)
         try:
             response = await link.client.send(request, stream=True)
         except httpx.TimeoutException:
@@ -276,16 +340,7 @@ class UpstreamEngine:
             raise Retryable("connect", "could not be reached") from None
         if response.status_code != 200:
             await self._refused(link, response)
-        lines = response.aiter_lines()
-        try:
-            first = await _next_data(lines)
-        except httpx.TimeoutException:
-            await response.aclose()
-            raise Retryable("stall", "sent nothing in time") from None
-        except (httpx.HTTPError, StreamBroken):
-            await response.aclose()
-            raise Retryable("cut", "closed the stream before the first chunk") from None
-        return response, lines, first
+        return await read(response)
 
     async def _refused(self, link: ProviderLink, response: httpx.Response) -> None:
         """A non-200: retry (429, 5xx), give up on the provider (401/403/404: our
@@ -311,14 +366,49 @@ class UpstreamEngine:
         raise EngineError(link.scrub(message), param=param)
 
 
-async def _next_data(lines: AsyncIterator[str]) -> str:
+async def _first_chunk(response: httpx.Response
+                       ) -> tuple[httpx.Response, AsyncIterator[bytes], bytes]:
+    lines = sse_lines(response)
+    try:
+        first = await _next_data(lines)
+    except httpx.TimeoutException:
+        await response.aclose()
+        raise Retryable("stall", "sent nothing in time") from None
+    except (httpx.HTTPError, StreamBroken):
+        await response.aclose()
+        raise Retryable("cut", "closed the stream before the first chunk") from None
+    return response, lines, first
+
+
+async def sse_lines(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The lines of an SSE body as bytes. httpx's `aiter_lines` decodes each piece to text
+    and splits it again; the payloads here go to `json.loads`, which takes bytes, and
+    the layers it skips were a tenth of the relay's CPU time (bench/profile_relay.py).
+    Lines end in LF or CRLF (what providers send; a lone CR is not read as an end)."""
+    pieces = response.aiter_bytes() if "content-encoding" in response.headers \
+        else response.aiter_raw()
+    rest = b""
+    async for piece in pieces:
+        *lines, rest = (rest + piece).split(b"\n")
+        for line in lines:
+            yield line[:-1] if line.endswith(b"\r") else line
+    if rest:
+        yield rest
+
+
+async def _next_data(lines: AsyncIterator[bytes]) -> bytes:
     """The next `data:` payload of an SSE stream (comments and other fields skipped)."""
     async for line in lines:
-        if line.startswith("data:"):
+        if line.startswith(b"data:"):
             return line[5:].strip()
-        if line and not line.startswith((":", "event:", "id:", "retry:")):
+        if line and not line.startswith((b":", b"event:", b"id:", b"retry:")):
             raise StreamBroken("protocol")
     raise StreamBroken("cut")
+
+
+# counts a relayed request with the model's tokenizer: (the answer's text, or None when it
+# cannot be counted exactly; the estimate of its tokens) -> usage, or None without one
+Count = Callable[[str | None, int], Awaitable[Usage | None]]
 
 
 class UpstreamStream:
@@ -327,13 +417,16 @@ class UpstreamStream:
     answers without anyone iterating)."""
 
     def __init__(self, link: ProviderLink, response: httpx.Response,
-                 lines: AsyncIterator[str], first: str, prompt_estimate: int,
-                 done: Callable[[Usage], None]) -> None:
+                 lines: AsyncIterator[bytes], first: bytes, prompt_estimate: int,
+                 done: Callable[[Usage], None], count: Count | None = None) -> None:
         self._link = link
         self._response = response
         self._lines = lines
         self._prompt_estimate = prompt_estimate
         self._done = done
+        self._count = count
+        self._text: list[str] = []  # kept for `count`: the answer as it came
+        self._calls = False  # tool calls came: the answer cannot be counted exactly
         self._queue = EventQueue()
         self._usage: Usage | None = None
         self._finish: str | None = None
@@ -355,12 +448,12 @@ class UpstreamStream:
     async def final(self) -> TokenEvent:
         return await self._queue.final()
 
-    async def _pump(self, first: str) -> None:
+    async def _pump(self, first: bytes) -> None:
         outcome = "ok"
         reason = FinishReason.STOP
         try:
             data = first
-            while data != "[DONE]":
+            while data != b"[DONE]":
                 self._take(data)
                 data = await _next_data(self._lines)
             reason = FinishReason.LENGTH if self._finish == "length" else FinishReason.STOP
@@ -376,7 +469,7 @@ class UpstreamStream:
                 reason = FinishReason.ERROR
         finally:
             self._link.metrics.requests[outcome] += 1
-            final = self._final(reason)
+            final = await self._final(reason)
             self._queue.put(final)
             self._done(final.usage or Usage(0, 0))
             await asyncio.shield(self._close(drain=outcome == "ok"))
@@ -392,7 +485,7 @@ class UpstreamStream:
                         pass
         await self._response.aclose()
 
-    def _take(self, data: str) -> None:
+    def _take(self, data: bytes) -> None:
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -407,15 +500,28 @@ class UpstreamStream:
                 raise StreamBroken("protocol")
             self._finish = choice.get("finish_reason") or self._finish
             text = _text(choice)
+            calls = _tool_chars(choice)
             self._chunks += 1
-            self._chars += len(text) + _tool_chars(choice)
+            self._chars += len(text) + calls
+            self._calls = self._calls or calls > 0
+            if self._count is not None:
+                self._text.append(text)
             self._queue.put(TokenEvent(text, self._estimate(), upstream=choice))
 
     def _estimate(self) -> int:
         return max(self._chunks, estimate_tokens(self._chars))
 
-    def _final(self, reason: FinishReason) -> TokenEvent:
-        usage = self._usage or Usage(self._prompt_estimate, self._estimate(), 0, estimated=True)
+    async def _final(self, reason: FinishReason) -> TokenEvent:
+        """The last event: the provider's usage; else the model's tokenizer counts (off the
+        loop, never interrupted: a second cancel during it bills the estimate); else the
+        estimate."""
+        usage = self._usage
+        if usage is None and self._count is not None:
+            answer = None if self._calls else "".join(self._text)
+            with contextlib.suppress(asyncio.CancelledError):
+                usage = await asyncio.shield(self._count(answer, self._estimate()))
+        if usage is None:
+            usage = Usage(self._prompt_estimate, self._estimate(), 0, estimated=True)
         return TokenEvent("", usage.completion_tokens, reason, usage, provider=self._link.name)
 
 
@@ -441,3 +547,65 @@ def _usage(data: Mapping[str, Any]) -> Usage:
     details = data.get("prompt_tokens_details")
     cached = count(details.get("cached_tokens")) if isinstance(details, dict) else 0
     return Usage(count(data.get("prompt_tokens")), count(data.get("completion_tokens")), cached)
+
+
+def _inputs(fields: Mapping[str, Any]) -> list[str] | list[list[int]]:
+    """An embeddings request's `input` as one entry per input."""
+    value = fields.get("input")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and isinstance(value[0], int):
+        return [value]
+    return value if isinstance(value, list) else []
+
+
+async def _embeddings(response: httpx.Response, inputs: int
+                      ) -> tuple[list[list[float]], Usage | None]:
+    """A 200 to an embeddings request: the vectors in input order and the provider's
+    usage (None if it sent none). Anything else is a failure that another try may not
+    meet (a cut, a stall, a malformed answer)."""
+    raw = bytearray()
+    try:
+        async for piece in response.aiter_bytes():
+            raw += piece
+            if len(raw) > MAX_EMBEDDINGS_BYTES:
+                raise Retryable("protocol", "answered with more than "
+                                f"{MAX_EMBEDDINGS_BYTES >> 20} MiB of embeddings")
+    except httpx.TimeoutException:
+        raise Retryable("stall", "did not finish its answer in time") from None
+    except httpx.HTTPError:
+        raise Retryable("cut", "closed the connection before its answer was whole") from None
+    finally:
+        await response.aclose()
+    if len(raw) > INLINE_PARSE_BYTES:  # the event loop never parses megabytes
+        return await asyncio.to_thread(_parse_embeddings, bytes(raw), inputs)
+    return _parse_embeddings(bytes(raw), inputs)
+
+
+def _parse_embeddings(raw: bytes, inputs: int) -> tuple[list[list[float]], Usage | None]:
+    malformed = Retryable("protocol", "answered with a malformed embeddings list")
+    try:
+        answer = json.loads(raw)
+        items = sorted(answer["data"], key=lambda item: int(item["index"]))
+        vectors = [_vector(item["embedding"]) for item in items]
+    except (ValueError, TypeError, KeyError, AttributeError, binascii.Error):
+        raise malformed from None
+    if len(vectors) != inputs:
+        raise malformed
+    usage = answer.get("usage")
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        return vectors, None
+    return vectors, Usage(tokens, 0)
+
+
+def _vector(value: Any) -> list[float]:
+    """A vector as floats (OpenAI's base64 form is little-endian float32)."""
+    if isinstance(value, str):
+        vector: list[float] = np.frombuffer(base64.b64decode(value, validate=True),
+                                            dtype="<f4").tolist()
+        return vector
+    if not isinstance(value, list) or not all(
+            isinstance(x, float | int) and not isinstance(x, bool) for x in value):
+        raise TypeError("not a vector")
+    return value

@@ -29,7 +29,11 @@ MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
 class CatalogError(ValueError):
-    pass
+    """`field`: the entry's field the refusal is about, when one is."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(slots=True, frozen=True)
@@ -205,7 +209,8 @@ class Catalog:
         taken = {name: row.id for row in rows for name in (row.id, *row.aliases)}
         for name in entry.names:
             if name in taken:
-                raise CatalogError(f"the name {name!r} is already used by model {taken[name]}")
+                raise CatalogError(f"the name {name!r} is already used by model {taken[name]}",
+                                   "id" if name == entry.id else "aliases")
 
 
 class UnknownCatalogModel(LookupError):

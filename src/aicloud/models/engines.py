@@ -7,8 +7,9 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from aicloud.engines.base import Engine
+from aicloud.engines.base import Engine, EngineError
 from aicloud.engines.llamacpp.model import ModelLoadError, check_gguf_path
+from aicloud.engines.upstream_count import TOKENIZER, check_tokenizer
 from aicloud.models.catalog import CatalogEntry, EngineKind
 
 EngineFactory = Callable[[CatalogEntry], Engine]
@@ -41,9 +42,13 @@ class EngineKinds:
 def check_source(entry: CatalogEntry) -> CatalogEntry:
     """A local model's source as an absolute path to what its engine reads (a regular
     GGUF file; for vLLM, a Hugging Face folder or a GGUF), refused with a clear error
-    otherwise: a missing file, a device, a folder for llama.cpp. Reads the disk."""
+    otherwise: a missing file, a device, a folder for llama.cpp. An upstream model's
+    `options["tokenizer"]` is checked the same way (a GGUF llama.cpp reads). Reads the disk."""
     if entry.engine is EngineKind.UPSTREAM:
-        return entry
+        return _with_tokenizer(entry)
+    if TOKENIZER in entry.options:
+        raise EngineError("options.tokenizer is for upstream models: a local model counts "
+                          "with its own", param="options.tokenizer")
     if entry.engine is EngineKind.VLLM:
         from aicloud.engines.vllm_convert import check_model_path
 
@@ -51,3 +56,10 @@ def check_source(entry: CatalogEntry) -> CatalogEntry:
     else:
         resolved = check_gguf_path(entry.path)
     return dataclasses.replace(entry, source=str(resolved))
+
+
+def _with_tokenizer(entry: CatalogEntry) -> CatalogEntry:
+    if TOKENIZER not in entry.options:
+        return entry
+    path = check_tokenizer(entry.options[TOKENIZER])
+    return dataclasses.replace(entry, options={**entry.options, TOKENIZER: path})

@@ -33,6 +33,9 @@ class FairGate:
             other.set_exception(EngineOverloaded("too many of your requests wait for this "
                                                  "provider", retry_after=1, everyone=False))
         self._dispatch()
+        if place.done():  # a free place, or refused: no timer, no trip through the loop
+            place.result()
+            return
         try:
             await asyncio.wait_for(asyncio.shield(place), patience)
         except TimeoutError:

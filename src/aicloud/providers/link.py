@@ -64,16 +64,26 @@ class ProviderLink:
             limits=limits, transport=transport, trust_env=False, follow_redirects=False,
             timeout=httpx.Timeout(s.timeout, connect=s.connect_timeout))
         self.checked = time.monotonic()
+        # built once: a config never changes (a changed provider gets a new link)
+        self.headers = self._headers()
+        self._urls: dict[str, httpx.URL] = {}
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    def headers(self) -> dict[str, str]:
+    def url(self, endpoint: str) -> httpx.URL:
+        """The provider's URL of an endpoint ("chat/completions"), parsed once."""
+        url = self._urls.get(endpoint)
+        if url is None:
+            url = self._urls[endpoint] = httpx.URL(f"{self.config.base_url}/{endpoint}")
+        return url
+
+    def _headers(self) -> httpx.Headers:
         out = {name: value.reveal() for name, value in self.config.headers.items()}
         if self.config.api_key is not None:
             out["authorization"] = f"Bearer {self.config.api_key.reveal()}"
-        return out
+        return httpx.Headers(out)
 
     def scrub(self, text: str) -> str:
         """`text` (a provider's error message) without any of our secrets for it, nor its

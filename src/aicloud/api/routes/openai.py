@@ -303,7 +303,8 @@ async def open_chat(serving: Serving, principal: Principal, engine: Engine,
         tokens = await engine.encode_chat(prompt.messages, prompt.tools)
     except EngineError as exc:
         raise invalid(exc.message, exc.param or "messages", exc.code) from None
-    run = await open_run(serving, engine, principal, body.model, [tokens], body,
+    # billed, priced and answered as the catalog's id, whichever alias the caller used
+    run = await open_run(serving, engine, principal, engine.info().model_id, [tokens], body,
                          body.completion_limit, id_prefix, body.top_logprobs_wanted,
                          requests, constraint, batch_line, cold_since)
     plain = ChatFormat(bool(body.logprobs))
@@ -350,7 +351,7 @@ async def open_completion(serving: Serving, principal: Principal, engine: Engine
         if isinstance(prompt, str):
             check_prompt_size(len(prompt), context, "prompt")
     tokens = [await engine.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
-    run = await open_run(serving, engine, principal, body.model, tokens, body,
+    run = await open_run(serving, engine, principal, engine.info().model_id, tokens, body,
                          body.max_tokens if body.max_tokens is not None else 16, "cmpl",
                          body.logprobs, requests, constraint, batch_line, cold_since)
     echo = [p for p in prompts if isinstance(p, str)] if body.echo else None

@@ -10,7 +10,13 @@ function liveRefresh() {
     try {
       const resp = await fetch(box.dataset.refresh, { headers: { accept: "text/html" } });
       if (resp.redirected || resp.status === 401) { location.reload(); return; }
-      if (resp.ok) box.innerHTML = await resp.text();
+      if (resp.ok) {
+        // a keyboard user on one of the live part's buttons keeps their place
+        const focused = box.contains(document.activeElement) ? document.activeElement.id : "";
+        box.innerHTML = await resp.text();
+        const again = focused && document.getElementById(focused);
+        if (again) again.focus();
+      }
     } catch (err) { /* the server is restarting: try again next tick */ }
     setTimeout(tick, every);
   }
@@ -34,11 +40,13 @@ function copyButtons() {
 }
 
 function confirmations() {
-  for (const form of document.querySelectorAll("form[data-confirm]")) {
-    form.addEventListener("submit", (event) => {
-      if (!window.confirm(form.dataset.confirm)) event.preventDefault();
-    });
-  }
+  // on the document: forms swapped in by the live refresh ask too
+  document.addEventListener("submit", (event) => {
+    const form = event.target;
+    if (form.matches("form[data-confirm]") && !window.confirm(form.dataset.confirm)) {
+      event.preventDefault();
+    }
+  });
 }
 
 function playground() {

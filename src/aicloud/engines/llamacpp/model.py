@@ -79,69 +79,13 @@ def check_gguf_path(path: Path) -> Path:
     return resolved
 
 
-class LlamaModel:
-    """Owns the llama.cpp model, vocabulary and context; frees them on `close`."""
+class Vocabulary:
+    """What reads a model's vocabulary and metadata (tokenizing, control tokens, token
+    text): the loaded model's, or a vocabulary-only load of a GGUF (`VocabOnly`)."""
 
-    def __init__(self, path: Path, config: ContextConfig) -> None:
-        self.path = check_gguf_path(path)
-        llama_cpp.llama_backend_init()
-        mparams = llama_cpp.llama_model_default_params()
-        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self.model:
-            raise ModelLoadError(f"llama.cpp could not load {path.name}: truncated or unsupported")
-        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.context_train = llama_cpp.llama_model_n_ctx_train(self.model)
-        self.config = self.resolve(config)
-        self.ctx = self._new_context(self.config)
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """f16 K and V for every layer: what one more token of context costs."""
-        m = self.model
-        head_dim: int = llama_cpp.llama_model_n_embd(m) // max(1, llama_cpp.llama_model_n_head(m))
-        layers: int = llama_cpp.llama_model_n_layer(m)
-        kv_heads: int = llama_cpp.llama_model_n_head_kv(m)
-        return 2 * 2 * layers * kv_heads * head_dim
-
-    def resolve(self, config: ContextConfig) -> ContextConfig:
-        """Fill in what was left to us: context from the model, sequences from the KV budget,
-        threads from the cores we may run on."""
-        context = min(config.context_per_sequence or DEFAULT_CONTEXT, self.context_train)
-        per_sequence = context * self.kv_bytes_per_token
-        fits = (config.kv_budget_mb << 20) // max(1, per_sequence)
-        sequences = config.sequences or max(1, min(MAX_AUTO_SEQUENCES, fits))
-        threads = config.threads or default_threads()
-        step = config.step_sequences or STEP_SEQUENCES_PER_THREAD * threads
-        return replace(config, context_per_sequence=context, sequences=sequences,
-                       threads=threads, step_sequences=min(step, sequences),
-                       batch_tokens=max(config.batch_tokens, sequences))
-
-    def _new_context(self, config: ContextConfig) -> llama_cpp.llama_context_p:
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = config.n_ctx
-        cparams.n_batch = config.batch_tokens
-        cparams.n_ubatch = config.batch_tokens
-        cparams.n_seq_max = config.sequences
-        cparams.n_threads = config.threads
-        cparams.n_threads_batch = config.threads
-        cparams.kv_unified = config.unified_kv
-        cparams.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
-            if config.flash_attention
-            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        cparams.no_perf = True
-        ctx: llama_cpp.llama_context_p = llama_cpp.llama_init_from_model(self.model, cparams)
-        if not ctx:
-            llama_cpp.llama_model_free(self.model)
-            raise ModelLoadError("llama.cpp could not create a context (out of memory?)")
-        return ctx
-
-    @property
-    def memory(self) -> llama_cpp.llama_memory_t:
-        memory: llama_cpp.llama_memory_t = llama_cpp.llama_get_memory(self.ctx)
-        return memory
+    model: llama_cpp.llama_model_p | None
+    vocab: llama_cpp.llama_vocab_p
+    n_vocab: int
 
     def metadata(self, key: str) -> str | None:
         size = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), None, 0)
@@ -217,6 +161,96 @@ class LlamaModel:
     @property
     def eos_text(self) -> str:
         return self.token_text(llama_cpp.llama_vocab_eos(self.vocab))
+
+
+class VocabOnly(Vocabulary):
+    """A GGUF's vocabulary and metadata without its weights (llama.cpp's `vocab_only`):
+    a tokenizer in a few megabytes, loaded in a fraction of a second."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = check_gguf_path(path)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.model:
+            raise ModelLoadError(f"llama.cpp cannot read the vocabulary of {path.name}: "
+                                 "truncated, corrupt or unsupported")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    def close(self) -> None:
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class LlamaModel(Vocabulary):
+    """Owns the llama.cpp model, vocabulary and context; frees them on `close`."""
+
+    def __init__(self, path: Path, config: ContextConfig) -> None:
+        self.path = check_gguf_path(path)
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self.model:
+            raise ModelLoadError(f"llama.cpp could not load {path.name}: truncated or unsupported")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.context_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        self.config = self.resolve(config)
+        self.ctx = self._new_context(self.config)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """f16 K and V for every layer: what one more token of context costs."""
+        m = self.model
+        head_dim: int = llama_cpp.llama_model_n_embd(m) // max(1, llama_cpp.llama_model_n_head(m))
+        layers: int = llama_cpp.llama_model_n_layer(m)
+        kv_heads: int = llama_cpp.llama_model_n_head_kv(m)
+        return 2 * 2 * layers * kv_heads * head_dim
+
+    def resolve(self, config: ContextConfig) -> ContextConfig:
+        """Fill in what was left to us: context from the model, sequences from the KV budget,
+        threads from the cores we may run on."""
+        context = min(config.context_per_sequence or DEFAULT_CONTEXT, self.context_train)
+        per_sequence = context * self.kv_bytes_per_token
+        fits = (config.kv_budget_mb << 20) // max(1, per_sequence)
+        sequences = config.sequences or max(1, min(MAX_AUTO_SEQUENCES, fits))
+        threads = config.threads or default_threads()
+        step = config.step_sequences or STEP_SEQUENCES_PER_THREAD * threads
+        return replace(config, context_per_sequence=context, sequences=sequences,
+                       threads=threads, step_sequences=min(step, sequences),
+                       batch_tokens=max(config.batch_tokens, sequences))
+
+    def _new_context(self, config: ContextConfig) -> llama_cpp.llama_context_p:
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = config.n_ctx
+        cparams.n_batch = config.batch_tokens
+        cparams.n_ubatch = config.batch_tokens
+        cparams.n_seq_max = config.sequences
+        cparams.n_threads = config.threads
+        cparams.n_threads_batch = config.threads
+        cparams.kv_unified = config.unified_kv
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+            if config.flash_attention
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        cparams.no_perf = True
+        ctx: llama_cpp.llama_context_p = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise ModelLoadError("llama.cpp could not create a context (out of memory?)")
+        return ctx
+
+    @property
+    def memory(self) -> llama_cpp.llama_memory_t:
+        memory: llama_cpp.llama_memory_t = llama_cpp.llama_get_memory(self.ctx)
+        return memory
 
     def close(self) -> None:
         if self.ctx:

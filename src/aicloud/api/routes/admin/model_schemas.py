@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
@@ -17,13 +17,15 @@ from aicloud.models.pool import ModelView
 
 
 class ModelOptions(Strict):
-    """Engine options: the weight format and layout for local models, fallbacks (other
-    model names, tried in order) for upstream ones."""
+    """Engine options: the weight format and layout for local models; for upstream ones,
+    fallbacks (other model names, tried in order) and a tokenizer (a GGUF on this server
+    whose vocabulary counts tokens when the provider reports no usage)."""
 
     weights: Literal["native", "q4_0", "q8_0", "bf16", "f16"] | None = None
     context: int | None = Field(default=None, ge=64, le=1 << 20)
     sequences: int | None = Field(default=None, ge=1, le=256)
     fallbacks: list[str] | None = Field(default=None, max_length=16)
+    tokenizer: str | None = Field(default=None, max_length=1000)
 
     def as_dict(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -63,6 +65,46 @@ class ModelCreate(Strict):
             provider=self.provider, upstream_model=self.upstream_model,
             keep_alive=self.keep_alive, pinned=self.pinned,
             organizations=None if self.organizations is None else tuple(self.organizations))
+
+
+class ModelUpdate(Strict):
+    """A change to a catalog model: only the fields sent change (`options` are merged into
+    the model's own; `null` puts back the default: the server's keep_alive, every
+    organization). A new source or options take
+    effect at the model's next load; on Ray, `replicas` and its bounds scale it now."""
+
+    source: str | None = Field(default=None, max_length=1000)
+    options: ModelOptions | None = None
+    aliases: list[str] | None = Field(default=None, max_length=32)
+    upstream_model: str | None = Field(default=None, max_length=200)
+    keep_alive: float | None = Field(default=None, ge=0, le=MAX_KEEP_ALIVE)
+    pinned: bool | None = None
+    organizations: list[str] | None = Field(default=None, max_length=1000)
+    prices: ModelPrices | None = None
+    replicas: int | None = Field(default=None, ge=1, le=256)
+    min_replicas: int | None = Field(default=None, ge=1, le=256)
+    max_replicas: int | None = Field(default=None, ge=1, le=256)
+
+    NOT_NULL: ClassVar[tuple[str, ...]] = ("source", "options", "aliases", "pinned", "prices")
+    REPLICAS: ClassVar[tuple[str, ...]] = ("replicas", "min_replicas", "max_replicas")
+
+    def catalog_changes(self) -> dict[str, Any]:
+        """The catalog fields sent, as CatalogEntry's values."""
+        sent = self.model_fields_set - {"prices", *self.REPLICAS}
+        changes: dict[str, Any] = {}
+        for name in sent:
+            value = getattr(self, name)
+            if value is None and name in self.NOT_NULL:
+                raise ValueError(name)
+            if name == "options":
+                value = value.as_dict()
+            elif name in ("aliases", "organizations") and value is not None:
+                value = tuple(value)
+            changes[name] = value
+        return changes
+
+    def scales(self) -> bool:
+        return bool(self.model_fields_set & set(self.REPLICAS))
 
 
 class TenantJson(BaseModel):

@@ -4,15 +4,16 @@ in and never comes out: responses say only whether one is set."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field, model_validator
 
-from aicloud.accounts.base import AccountError, Role, iso
+from aicloud.accounts.base import Role, iso
 from aicloud.api.deps import CloudDep, CurrentAdmin, parse_body
 from aicloud.api.routes.admin.schemas import Strict, documented
-from aicloud.providers.store import ProviderSettings, ProviderView
+from aicloud.providers.admin import SETTINGS, ProviderAdmin
+from aicloud.providers.store import ProviderView
 
 router = APIRouter()
 
@@ -25,11 +26,8 @@ class SettingsFields(Strict):
     retries: int | None = Field(default=None, ge=0, le=10)
     max_concurrency: int | None = Field(default=None, ge=1, le=10_000)
 
-    def settings(self, base: ProviderSettings) -> ProviderSettings:
-        given = {k: v for k in ("timeout", "connect_timeout", "retries", "max_concurrency")
-                 if (v := getattr(self, k)) is not None}
-        return ProviderSettings(**{**{k: getattr(base, k) for k in (
-            "timeout", "connect_timeout", "retries", "max_concurrency")}, **given})
+    def settings(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in SETTINGS}
 
 
 class ProviderCreate(SettingsFields):
@@ -88,48 +86,49 @@ def provider_json(view: ProviderView) -> ProviderOut:
                        created_at=iso(view.created_at), updated_at=iso(view.updated_at))
 
 
+def provider_admin(cloud: CloudDep) -> ProviderAdmin:
+    return ProviderAdmin(cloud.providers)
+
+
+ProviderAdminDep = Annotated[ProviderAdmin, Depends(provider_admin)]
+
+
 @router.post("/providers", status_code=201, response_model=ProviderOut,
              **documented(ProviderCreate))
-async def add_provider(request: Request, scope: CurrentAdmin, cloud: CloudDep) -> ProviderOut:
+async def add_provider(request: Request, scope: CurrentAdmin,
+                       providers: ProviderAdminDep) -> ProviderOut:
     scope.require(Role.ADMIN, installation=True)
     body = await parse_body(request, ProviderCreate)
-    view = await cloud.providers.add(
-        body.name, body.base_url, api_key=body.api_key, api_key_env=body.api_key_env,
-        headers=body.headers, settings=body.settings(ProviderSettings()))
-    return provider_json(view)
+    return provider_json(await providers.add(
+        scope, body.name, body.base_url, api_key=body.api_key, api_key_env=body.api_key_env,
+        headers=body.headers, settings=body.settings()))
 
 
 @router.get("/providers", response_model=ProviderList)
-async def list_providers(scope: CurrentAdmin, cloud: CloudDep) -> ProviderList:
-    scope.require(Role.VIEWER, installation=True)
-    return ProviderList(data=[provider_json(v) for v in await cloud.providers.views()])
+async def list_providers(scope: CurrentAdmin, providers: ProviderAdminDep) -> ProviderList:
+    return ProviderList(data=[provider_json(v) for v in await providers.views(scope)])
 
 
 @router.get("/providers/{name}", response_model=ProviderOut)
-async def get_provider(name: str, scope: CurrentAdmin, cloud: CloudDep) -> ProviderOut:
-    scope.require(Role.VIEWER, installation=True)
-    return provider_json(await cloud.providers.view(name))
+async def get_provider(name: str, scope: CurrentAdmin,
+                       providers: ProviderAdminDep) -> ProviderOut:
+    return provider_json(await providers.view(scope, name))
 
 
 @router.patch("/providers/{name}", response_model=ProviderOut, **documented(ProviderUpdate))
 async def update_provider(name: str, request: Request, scope: CurrentAdmin,
-                          cloud: CloudDep) -> ProviderOut:
+                          providers: ProviderAdminDep) -> ProviderOut:
     scope.require(Role.ADMIN, installation=True)
     body = await parse_body(request, ProviderUpdate)
-    if body.api_key is not None and body.api_key_env is not None:
-        raise AccountError("give api_key or api_key_env, not both", "api_key")
-    current = await cloud.providers.view(name)
-    fields = ("base_url", "api_key", "api_key_env", "headers")
-    changes: dict[str, Any] = {k: getattr(body, k) for k in fields
-                               if k in body.model_fields_set and getattr(body, k) is not None}
-    if "headers" in body.model_fields_set and body.headers is None:
-        changes["headers"] = {}
-    changes["settings"] = body.settings(current.settings)
-    return provider_json(await cloud.providers.update(name, **changes))
+    # headers sent as null clear them, as {} does; left out, they stay
+    headers = (body.headers or {}) if "headers" in body.model_fields_set else None
+    return provider_json(await providers.update(
+        scope, name, base_url=body.base_url, api_key=body.api_key,
+        api_key_env=body.api_key_env, headers=headers, settings=body.settings()))
 
 
 @router.delete("/providers/{name}", response_model=ProviderDeleted)
-async def remove_provider(name: str, scope: CurrentAdmin, cloud: CloudDep) -> ProviderDeleted:
-    scope.require(Role.ADMIN, installation=True)
-    await cloud.providers.remove(name)
+async def remove_provider(name: str, scope: CurrentAdmin,
+                          providers: ProviderAdminDep) -> ProviderDeleted:
+    await providers.remove(scope, name)
     return ProviderDeleted(name=name)

@@ -8,12 +8,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from aicloud.accounts.base import NotFound, Role, iso
+from aicloud.accounts.base import Role, iso
 from aicloud.api.deps import CurrentAdmin, parse_body
 from aicloud.api.errors import APIError
 from aicloud.api.routes.admin.schemas import Strict, documented
+from aicloud.models import admin
 from aicloud.models.catalog import MAX_KEEP_ALIVE, CatalogError
-from aicloud.models.pulls import PullError, PullProgress, PullRequest, Pulls
+from aicloud.models.pulls import PullError, PullProgress, Pulls
 
 router = APIRouter()
 
@@ -77,39 +78,28 @@ async def start_pull(request: Request, scope: CurrentAdmin, pulls: PullsDep) -> 
     scope.require(Role.ADMIN, installation=True)
     body = await parse_body(request, PullCreate)
     try:
-        pull = PullRequest.create(
-            body.source, body.id, body.sha256, aliases=tuple(body.aliases),
+        return pull_view(await admin.start_pull(
+            scope, pulls, body.source, body.id, body.sha256, aliases=tuple(body.aliases),
             pinned=body.pinned, keep_alive=body.keep_alive, options=body.options,
-            organizations=None if body.organizations is None else tuple(body.organizations))
+            organizations=None if body.organizations is None else tuple(body.organizations)))
+    except admin.PullConflict as exc:  # the name is taken, or already being pulled
+        raise APIError(409, str(exc), code="model_exists") from None
     except (PullError, CatalogError) as exc:
         raise APIError(400, str(exc)) from None
-    try:
-        return pull_view(await pulls.start(pull))
-    except (PullError, CatalogError) as exc:  # the name is taken, or already being pulled
-        raise APIError(409, str(exc), code="model_exists") from None
 
 
 @router.get("/models/pulls", response_model=PullList)
 async def list_pulls(scope: CurrentAdmin, pulls: PullsDep) -> PullList:
-    scope.require(Role.VIEWER, installation=True)
-    return PullList(data=[pull_view(p) for p in pulls.items()])
+    return PullList(data=[pull_view(p) for p in admin.list_pulls(scope, pulls)])
 
 
 @router.get("/models/pulls/{pull_id}", response_model=PullView)
 async def get_pull(pull_id: str, scope: CurrentAdmin, pulls: PullsDep) -> PullView:
-    scope.require(Role.VIEWER, installation=True)
-    progress = pulls.get(pull_id)
-    if progress is None:
-        raise NotFound("pull", pull_id)
-    return pull_view(progress)
+    return pull_view(admin.get_pull(scope, pulls, pull_id))
 
 
 @router.delete("/models/pulls/{pull_id}", response_model=PullView)
 async def cancel_pull(pull_id: str, scope: CurrentAdmin, pulls: PullsDep) -> PullView:
     """Stop a running pull at its next chunk; its partial file stays, so pulling the same
     source again resumes it."""
-    scope.require(Role.ADMIN, installation=True)
-    progress = pulls.cancel(pull_id)
-    if progress is None:
-        raise NotFound("pull", pull_id)
-    return pull_view(progress)
+    return pull_view(admin.cancel_pull(scope, pulls, pull_id))
