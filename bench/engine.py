@@ -18,7 +18,6 @@ from aicloud.engines.base import ChatMessage, GenerationRequest, SamplingParams
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig
 from aicloud.models.catalog import bundled_model
-from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 
 PROMPT = "Write a long story about a lighthouse keeper."
 
@@ -29,7 +28,6 @@ async def measure(weights: str, step: int | None, levels: list[int], tokens: int
     engine = LlamaCppEngine(spec.model_id, spec.path,
                             ContextConfig(sequences=max(levels), context_per_sequence=2048,
                                           step_sequences=step, **layout),
-                            queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)),
                             weights=weights, weights_cache=cache)
     await engine.start()
     prompt = await engine.encode_chat([ChatMessage("user", PROMPT)])

@@ -28,7 +28,6 @@ from aicloud.engines.base import ChatMessage, EmbeddingRequest, GenerationReques
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig
 from aicloud.models.catalog import bundled_model
-from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 from aicloud.structured import compile_constraint
 from embeddings import texts
 from structured import PROMPT, SCHEMA
@@ -37,8 +36,7 @@ from structured import PROMPT, SCHEMA
 async def started(sequences: int) -> LlamaCppEngine:
     spec = bundled_model()
     engine = LlamaCppEngine(spec.model_id, spec.path,
-                            ContextConfig(sequences=sequences, context_per_sequence=2048),
-                            queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)))
+                            ContextConfig(sequences=sequences, context_per_sequence=2048))
     await engine.start()
     return engine
 

@@ -52,6 +52,7 @@ from aicloud.models.catalog import CatalogEntry, EngineKind, bundled_model
 from aicloud.models.engines import EngineKinds
 from aicloud.models.memory import llamacpp_need, resident_bytes
 from aicloud.models.pool import ModelPool, ModelState, PoolConfig
+from aicloud.scheduling.admission import Admitter
 from aicloud.scheduling.fair_queue import FairQueue
 
 TOPICS = ["the sea", "a library", "winter", "a bridge", "coffee", "the moon", "a garden",
@@ -177,8 +178,8 @@ class AicloudPolicy:
         cores = default_threads()
         budget = ThreadBudget(cores)
         kinds = EngineKinds(
-            {EngineKind.LLAMACPP: lambda e: LlamaCppEngine(
-                e.id, e.path, layout(args, cores), queue=FairQueue(), threads_budget=budget)},
+            {EngineKind.LLAMACPP: lambda e: Admitter(LlamaCppEngine(
+                e.id, e.path, layout(args, cores), threads_budget=budget), FairQueue())},
             {EngineKind.LLAMACPP: lambda e: need(args)})
         self.budget = int(args.budget_models * need(args))
         self.pool = ModelPool(kinds=kinds, config=PoolConfig(memory_budget=self.budget))
@@ -272,7 +273,7 @@ class SimplePolicy:
         try:
             async with self.load_lock:
                 engine = LlamaCppEngine(model_id, bundled_model().path,
-                                        layout(self.args, default_threads()), queue=FairQueue())
+                                        layout(self.args, default_threads()))
                 await engine.start()
                 self.load_count += 1
         finally:

@@ -45,9 +45,8 @@ from aicloud.models.memory import llamacpp_need, machine_memory
 from aicloud.models.pool import ModelPool, PoolConfig
 from aicloud.models.pull_cli import pull_command
 from aicloud.providers.serving import provider_links
+from aicloud.scheduling.admission import Admitter
 from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
-
-FCFS = SchedulingConfig(mode=Mode.FCFS)
 
 app = typer.Typer(help="aicloud: your own AI cloud.", no_args_is_help=True)
 app.add_typer(admin_cli.orgs, name="orgs")
@@ -75,10 +74,12 @@ def build_pool(settings: Settings) -> ModelPool:
             check_gguf_path(spec.path)
         check_format(settings.weights)
     budget = ThreadBudget(settings.threads or default_threads())
-    factories: dict[EngineKind, ModelFactory] = {
+    kinds: dict[EngineKind, ModelFactory] = {
         EngineKind.LLAMACPP: partial(llamacpp_engine, settings, budget),
         EngineKind.VLLM: partial(vllm_engine, settings),
         EngineKind.UPSTREAM: partial(make_upstream_engine, providers=provider_links(settings))}
+    # every engine behind the one admission layer (scheduling/admission.py)
+    factories = {kind: partial(admitted, settings, make) for kind, make in kinds.items()}
     # replicas on Ray take memory on the cluster's nodes, not this process's
     estimators = {} if settings.ray_address else {
         EngineKind.LLAMACPP: partial(llamacpp_estimate, settings)}
@@ -91,6 +92,12 @@ def build_pool(settings: Settings) -> ModelPool:
     default = None if specs else spec_entry(bundled_model(), kind)
     return ModelPool(kinds=EngineKinds(factories, estimators), config=config,
                      register=[spec_entry(s, kind) for s in specs], default=default)
+
+
+def admitted(settings: Settings, make: ModelFactory, entry: CatalogEntry) -> Engine:
+    """The engine `make` builds, behind its model's admission layer: the fair line,
+    priorities and back-pressure, whatever the engine is."""
+    return Admitter(make(entry), FairQueue(scheduling_config(settings)))
 
 
 def context_config(settings: Settings, entry: CatalogEntry) -> ContextConfig:
@@ -109,11 +116,8 @@ def llamacpp_engine(settings: Settings, budget: ThreadBudget, entry: CatalogEntr
     """Every local llama.cpp model decodes from the one `budget` of threads."""
     check_gguf_path(entry.path)
     weights = check_format(str(entry.options.get("weights", settings.weights)))
-    # on Ray the replica set keeps the fair line; each replica then simply runs what it gets
-    inner = FCFS if settings.ray_address else scheduling_config(settings)
     make = partial(LlamaCppEngine, entry.id, entry.path, context_config(settings, entry),
-                   queue=FairQueue(inner), weights=weights,
-                   weights_cache=settings.weights_cache)
+                   weights=weights, weights_cache=settings.weights_cache)
     if settings.ray_address:
         return on_ray(settings, entry.id, make)
     return make(threads_budget=budget)
@@ -168,8 +172,8 @@ def on_ray(settings: Settings, model_id: str, make: EngineFactory) -> Engine:
     scaling = Scaling(settings.replicas, settings.min_replicas or settings.replicas,
                       settings.max_replicas or settings.replicas, settings.scale_up_after,
                       settings.scale_down_after)
-    return ReplicaSet(spec, scaling, FairQueue(scheduling_config(settings)),
-                      address=settings.ray_address or "auto")
+    return ReplicaSet(spec, scaling, address=settings.ray_address or "auto",
+                      max_wait=settings.max_queue_wait)
 
 
 def memory_mb(text: str) -> int:

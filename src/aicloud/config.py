@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     batch_window: int = Field(default=32, ge=1, le=1024, description="lines of one batch "
                               "in flight at once (they wait in the batch class)")
     batch_yield_lines: int = Field(default=8, ge=1, le=1024, description="batch lines "
-                                   "that may run on a model while interactive requests do")
+                                   "that may run on a model that cannot pause a sequence "
+                                   "(vLLM, Ray) while interactive requests do")
     # the model pool (models/pool.py): memory budget, idle unloading, residency
     memory_budget_mb: int | None = Field(
         default=None, ge=16, description="memory the loaded models may take together "

@@ -11,7 +11,6 @@ import pytest
 
 from aicloud.cluster.replica import ReplicaSpec
 from aicloud.cluster.replica_set import Replica, ReplicaSet, Scaling
-from aicloud.scheduling.fair_queue import FairQueue
 
 
 class Unreachable:
@@ -33,7 +32,7 @@ class Unreachable:
 
 
 def test_failed_revivals_are_logged_not_swallowed(caplog: pytest.LogCaptureFixture) -> None:
-    replicas = ReplicaSet(ReplicaSpec("m", lambda: None), Scaling(), FairQueue(), tick=0.001)
+    replicas = ReplicaSet(ReplicaSpec("m", lambda: None), Scaling(), tick=0.001)
     handle = Unreachable(enough=9)
     dead = Replica(index=3, capacity=4, handle=handle, state="dead", alive=False)
     replicas.replicas.append(dead)

@@ -31,7 +31,6 @@ from aicloud.config import Settings
 from aicloud.engines.base import EngineInfo
 from aicloud.models.catalog import bundled_model
 from aicloud.models.pool import ModelPool
-from aicloud.scheduling.fair_queue import FairQueue
 from tests.conftest import Server, start_server
 
 MODEL = "smollm2-135m-instruct"
@@ -99,7 +98,7 @@ def test_health_and_healthz_answer_probes_without_a_key(server: Server) -> None:
 
 
 def test_replica_whereabouts_are_for_admins_only() -> None:
-    replicas = ReplicaSet(ReplicaSpec(MODEL, lambda: None), Scaling(), FairQueue())
+    replicas = ReplicaSet(ReplicaSpec(MODEL, lambda: None), Scaling())
     replicas.replicas.append(Replica(index=0, capacity=4, state="ready",
                                      where=Whereabouts("node-1", "10.1.2.3", 4242)))
     public = engine_view(replicas, whereabouts=False)["placement"]["replicas"][0]
@@ -164,7 +163,7 @@ class AllReplicasDown(ReplicaSet):
 
 def test_no_replica_available_is_503_with_retry_after_on_every_route(tmp_path: Path) -> None:
     settings = Settings(home=tmp_path)
-    down = AllReplicasDown(ReplicaSpec(MODEL, lambda: None), Scaling(), FairQueue())
+    down = AllReplicasDown(ReplicaSpec(MODEL, lambda: None), Scaling())
     app = create_app(settings, ModelPool({MODEL: down}))
 
     async def go() -> list[httpx.Response]:

@@ -8,7 +8,6 @@ from aicloud.engines.base import FinishReason, TokenEvent
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig
 from aicloud.models.catalog import bundled_model
-from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 from tests.conftest import LoopThread
 
 Generate = Callable[[str, int, tuple[str, ...]], tuple[list[TokenEvent], str]]
@@ -27,11 +26,10 @@ def check_stop_string_cuts_the_text(generate: Generate) -> None:
 
 
 def running_engine(loop_thread: LoopThread, config: ContextConfig) -> Iterator[LlamaCppEngine]:
-    """The bundled model on the real engine with `config`, FCFS, for a module's fixture:
+    """The bundled model on the real engine with `config`, for a module's fixture:
     `yield from running_engine(...)`."""
     spec = bundled_model()
-    engine = LlamaCppEngine(spec.model_id, spec.path, config,
-                            queue=FairQueue(SchedulingConfig(mode=Mode.FCFS)))
+    engine = LlamaCppEngine(spec.model_id, spec.path, config)
     loop_thread.run(engine.start())
     yield engine
     loop_thread.run(engine.close())

@@ -30,10 +30,6 @@ def engine(loop_thread: LoopThread) -> Iterator[LlamaCppEngine]:
                               ContextConfig(sequences=4, context_per_sequence=512))
 
 
-def served_input(engine: LlamaCppEngine) -> int:
-    return sum(t.served_input_tokens for t in engine.tenants())
-
-
 async def events_of(engine: LlamaCppEngine, request: GenerationRequest) -> list[TokenEvent]:
     return [e async for e in await engine.generate(request)]
 
@@ -45,9 +41,8 @@ def test_siblings_started_after_the_first_token_share_the_prompt(
     (two tokens are always recomputed), and at temperature 0 get the same text."""
     question = "Describe, in two sentences, how a lighthouse keeper spends a stormy night."
 
-    async def scenario() -> tuple[int, int, list[list[TokenEvent]]]:
+    async def scenario() -> tuple[int, list[list[TokenEvent]]]:
         tokens = await engine.encode_chat([ChatMessage("user", question)])
-        before = served_input(engine)
         leader = await engine.generate(GenerationRequest("s0", tokens, GREEDY, 12))
         events = aiter(leader)
         head = await anext(events)
@@ -55,12 +50,12 @@ def test_siblings_started_after_the_first_token_share_the_prompt(
                     for j in (1, 2)]
         rest = [head, *[e async for e in events]]
         others = [[e async for e in s] for s in siblings]
-        return len(tokens), served_input(engine) - before, [rest, *others]
+        return len(tokens), [rest, *others]
 
-    prompt, computed, runs = loop_thread.run(scenario(), timeout=SLOW)
-    leader_cached = runs[0][-1].usage.cached_tokens
+    prompt, runs = loop_thread.run(scenario(), timeout=SLOW)
+    # each sibling computed two prompt tokens; the API's counters are checked end to end
+    # in tests/e2e/test_choices.py
     assert [r[-1].usage.cached_tokens for r in runs[1:]] == [prompt - 2] * 2
-    assert computed == prompt - leader_cached + 2 * 2
     texts = {"".join(e.text for e in r) for r in runs}
     assert len(texts) == 1 and texts.pop()
 

@@ -20,6 +20,7 @@ from aicloud.engines.base import (
 )
 from aicloud.engines.llamacpp.model import ContextConfig
 from aicloud.engines.vllm import VllmEngine, VllmStream, vllm_logprobs
+from aicloud.scheduling.admission import AdmittedStream, Admitter
 from tests.conftest import LoopThread
 from tests.engines.checks import check_stop_string_cuts_the_text
 
@@ -157,6 +158,39 @@ def test_priority_goes_first_and_queued_cancel_makes_nothing(engine: VllmEngine,
     assert not batch_started, "the batch request should still wait behind the urgent one"
     assert gone.finish_reason is FinishReason.CANCELLED
     assert gone.usage is not None and gone.usage.completion_tokens == 0
+
+
+def test_the_admission_layer_gives_vllm_tenant_fairness(engine: VllmEngine,
+                                                        loop_thread: LoopThread) -> None:
+    """vLLM alone serves equal priorities first come, first served; behind the admission
+    layer (what `aicloud serve --engine vllm` runs) a light tenant's request overtakes a
+    heavy tenant's backlog, and vLLM is never handed more than its slots."""
+    admitter = Admitter(engine)
+
+    async def scenario() -> tuple[list[str], int]:
+        prompt = await engine.encode_chat([ChatMessage("user", "Count to fifty in words.")])
+        heavy = [await admitter.generate(GenerationRequest(
+            f"fair-h{i}", prompt, GREEDY, 24, tenant="heavy")) for i in range(5)]
+        light = await admitter.generate(GenerationRequest("fair-l", prompt, GREEDY, 4,
+                                                          tenant="light"))
+        firsts: dict[str, float] = {}
+        most = 0
+
+        async def read(name: str, stream: AdmittedStream) -> None:
+            nonlocal most
+            async for event in stream:
+                stats = engine.stats()
+                most = max(most, stats.running + stats.waiting)
+                if event.completion_tokens and name not in firsts:
+                    firsts[name] = time.monotonic()
+
+        await asyncio.gather(*(read(f"h{i}", s) for i, s in enumerate(heavy)),
+                             read("light", light))
+        return sorted(firsts, key=firsts.__getitem__), most
+
+    order, most = loop_thread.run(scenario(), timeout=600)
+    assert order.index("light") < order.index("h2"), order
+    assert most <= SLOTS
 
 
 def test_shared_prefix_reports_cached_tokens(engine: VllmEngine,

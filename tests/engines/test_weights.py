@@ -18,7 +18,6 @@ from aicloud.engines.llamacpp.weights import (
     retyped_path,
 )
 from aicloud.models.catalog import bundled_model
-from aicloud.scheduling.fair_queue import FairQueue
 from tests.conftest import LoopThread
 
 
@@ -40,7 +39,7 @@ def test_engine_serves_retyped_weights(tmp_path: Path, loop_thread: LoopThread) 
     spec = bundled_model()
     engine = LlamaCppEngine(spec.model_id, spec.path,
                             ContextConfig(sequences=2, context_per_sequence=512),
-                            queue=FairQueue(), weights="q4_0", weights_cache=tmp_path)
+                            weights="q4_0", weights_cache=tmp_path)
 
     async def scenario() -> tuple[str, FinishReason | None]:
         await engine.start()

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from aicloud.engines.base import EngineError, EngineOverloaded
-from aicloud.scheduling.fair_queue import FairQueue, Mode, Priority, SchedulingConfig
+from aicloud.engines.base import EngineError, EngineOverloaded, Priority
+from aicloud.scheduling.fair_queue import FairQueue, Mode, SchedulingConfig
 
 
 class Clock:
@@ -154,50 +154,83 @@ def test_remove_and_running_counts() -> None:
     q.push("a-1", "a")
     assert q.remove("a-0") and not q.remove("a-0")
     q.started("a")
-    assert q.running("a") == 1 and q.pop(lambda t: q.running(t) < 1) is None
+    assert q.running("a") == 1 and q.pop(lambda t, _: q.running(t) < 1) is None
     q.finished("a")
-    assert q.pop(lambda t: q.running(t) < 1) == "a-1"
+    assert q.pop(lambda t, _: q.running(t) < 1) == "a-1"
 
 
-def test_tenant_cap_keeps_slots_for_newcomers() -> None:
-    assert SchedulingConfig().tenant_cap(32) == 24
-    assert SchedulingConfig(reserve=2).tenant_cap(8) == 6
-    assert SchedulingConfig(mode=Mode.FCFS).tenant_cap(32) == 32
-    assert SchedulingConfig().tenant_cap(1) == 1
+def test_the_reserve_is_a_quarter_of_the_slots_beyond_them() -> None:
+    assert SchedulingConfig().reserved(32) == 8
+    assert SchedulingConfig().reserved(2) == 1
+    assert SchedulingConfig(reserve=2).reserved(8) == 2
+    assert SchedulingConfig(mode=Mode.FCFS).reserved(32) == 0
+    assert (SchedulingConfig().kept(32), SchedulingConfig().kept(2)) == (8, 0)
 
 
 def busy(q: FairQueue, tenant: str, running: int, waiting: int = 1, weight: float = 1.0) -> None:
-    for _ in range(running):
-        q.started(tenant)
     for i in range(waiting):
         q.push(f"{tenant}-{i}", tenant, weight=weight)
+    for _ in range(running):
+        q.started(tenant)
 
 
-def test_the_reserve_is_kept_from_a_flood_for_tenants_below_their_share() -> None:
-    q = FairQueue()  # 32 slots: the last 8 free ones are reserved
-    busy(q, "heavy", running=20, waiting=20)
-    assert q.can_start("heavy", free=9, slots=32)
-    assert not q.can_start("heavy", free=8, slots=32)  # alone, it still leaves them
-    busy(q, "light", running=10)
-    assert q.can_start("light", free=2, slots=32)  # 10 < its share of 16
-    assert not q.can_start("heavy", free=2, slots=32)  # 20 > its share
-    assert not q.can_start("light", free=0, slots=32)
-    # heavy-0 came first with an equal counter, but only light may take a reserved slot
-    assert q.pop(lambda t: q.can_start(t, free=2, slots=32)) == "light-0"
+def test_a_tenant_alone_gets_every_slot_and_nothing_beyond() -> None:
+    q = FairQueue()
+    busy(q, "heavy", running=31, waiting=20)
+    assert q.can_start("heavy", busy=31, slots=32, preempts=True)  # a free slot is anyone's
+    # where the engine cannot pause a sequence, the last quarter is kept for newcomers
+    assert not q.can_start("heavy", busy=24, slots=32)
+    assert q.can_start("heavy", busy=23, slots=32)
+    q.started("heavy")
+    # all 32 taken: alone, it is not admitted beyond them, even where the engine preempts
+    assert not q.can_start("heavy", busy=32, slots=32, preempts=True)
+
+
+def test_a_newcomer_below_its_share_is_admitted_beyond_the_slots() -> None:
+    q = FairQueue()
+    busy(q, "heavy", running=32, waiting=20)
+    busy(q, "light", running=0)
+    assert q.can_start("light", busy=32, slots=32, preempts=True)  # 0 < its share of 16
+    assert not q.can_start("light", busy=32, slots=32)  # the engine cannot make room
+    assert not q.can_start("heavy", busy=32, slots=32, preempts=True)  # above its share
+    assert not q.can_start("light", busy=40, slots=32, preempts=True)  # the reserve is used
+    # heavy-0 came first with an equal counter, but only light may go beyond the slots
+    assert q.pop(lambda t, _: q.can_start(t, busy=32, slots=32, preempts=True)) == "light-0"
+
+
+def test_going_beyond_the_slots_takes_a_whole_slot_below_the_share() -> None:
+    """One slot, two tenants: each's share is half a slot, so the newcomer waits (the
+    engine could not give it a slot without taking the flood's only one)."""
+    for slots, admitted in ((1, False), (2, True)):
+        q = FairQueue()
+        busy(q, "heavy", running=slots)
+        busy(q, "light", running=0)
+        assert q.can_start("light", busy=slots, slots=slots, preempts=True) is admitted
 
 
 def test_the_share_that_opens_the_reserve_is_weighted() -> None:
     q = FairQueue()
     busy(q, "heavy", running=10)
-    busy(q, "paid", running=20, weight=3.0)
-    assert q.can_start("paid", free=2, slots=32)  # 20 < 32 * 3/4
-    assert not q.can_start("heavy", free=2, slots=32)  # 10 > 32 * 1/4
+    busy(q, "paid", running=22, weight=3.0)
+    assert q.can_start("paid", busy=32, slots=32, preempts=True)  # 22 < 32 * 3/4
+    assert not q.can_start("heavy", busy=32, slots=32, preempts=True)  # 10 > 32 * 1/4
 
 
-def test_fcfs_takes_any_free_slot() -> None:
+def test_fcfs_takes_any_free_slot_and_never_more() -> None:
     q = FairQueue(SchedulingConfig(mode=Mode.FCFS))
     busy(q, "heavy", running=31)
-    assert q.can_start("heavy", free=1, slots=32) and not q.can_start("heavy", 0, 32)
+    busy(q, "light", running=0)
+    assert q.can_start("heavy", busy=31, slots=32)
+    assert q.can_start("heavy", busy=31, slots=32, preempts=True)
+    assert not q.can_start("light", busy=32, slots=32, preempts=True)
+
+
+def test_standing_and_token_cost_are_what_an_engine_orders_tokens_by() -> None:
+    q = FairQueue(SchedulingConfig(output_weight=2.0))
+    q.push("paid-0", "paid", weight=4.0)
+    q.charge("paid", output_tokens=10)
+    assert q.standing("paid") == 5.0 and q.token_cost("paid") == 0.5
+    assert q.standing("stranger") == 0.0 and q.token_cost("stranger") == 2.0
 
 
 def test_backlogged_tenants_stay_within_the_vtc_bound() -> None:

@@ -12,7 +12,6 @@ from aicloud.engines.base import ChatMessage, ChatToolCall
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
 from aicloud.engines.llamacpp.model import ContextConfig
 from aicloud.models.catalog import bundled_model
-from aicloud.scheduling.fair_queue import FairQueue
 from aicloud.tools import FALLBACK, Function, choose, for_template
 from tests.conftest import LoopThread
 
@@ -23,8 +22,7 @@ ADD = Function("add", {"type": "object", "properties": {"a": {"type": "integer"}
 def engine(loop_thread: LoopThread) -> Iterator[LlamaCppEngine]:
     spec = bundled_model()
     eng = LlamaCppEngine(spec.model_id, spec.path,
-                         ContextConfig(sequences=1, context_per_sequence=512),
-                         queue=FairQueue())
+                         ContextConfig(sequences=1, context_per_sequence=512))
     loop_thread.run(eng.start())
     yield eng
     loop_thread.run(eng.close())

@@ -36,12 +36,14 @@ BUSY_HOLD_SECONDS = 2.0
 class LineRunner:
     """The `LineExecutor` of the server's batch runner.
 
-    The scheduler's batch class only orders the waiting line: a batch line that got a
-    sequence slot decodes in every step beside interactive ones, and on a CPU each extra
-    row makes the step (so every interactive token) slower. So while anything other than
-    this server's batch lines runs or waits on a model (or did within BUSY_HOLD_SECONDS),
-    at most `yield_lines` batch lines run there; the others wait here, before admission,
-    holding nothing."""
+    An engine that can pause a sequence (`EngineInfo.preempts`: llama.cpp) makes batch
+    lines yield to interactive work at every step itself: they sit its steps out and lend
+    their slots. On any other (vLLM, Ray replicas, providers) the batch class only orders
+    the waiting line: a batch line that got a sequence slot decodes in every step beside
+    interactive ones, and on a CPU each extra row makes the step (so every interactive
+    token) slower. So there, while anything other than this server's batch lines runs or
+    waits on a model (or did within BUSY_HOLD_SECONDS), at most `yield_lines` batch lines
+    run; the others wait here, before admission, holding nothing."""
 
     def __init__(self, serving: Serving, pool: ModelPool, yield_lines: int = 8) -> None:
         self.serving, self.pool, self.yield_lines = serving, pool, yield_lines
@@ -51,7 +53,7 @@ class LineRunner:
     async def __call__(self, call: LineCall) -> LineOutcome:
         model = call.body.get("model")
         engine = self._engine(model) if isinstance(model, str) else None
-        if engine is None or not isinstance(model, str):
+        if engine is None or not isinstance(model, str) or _yields_by_step(engine):
             return await self._guarded(call)
         # polled: an engine's load changes without an event to wait on
         while self._running[model] >= self.yield_lines and self._others(engine, model):  # noqa: ASYNC110
@@ -130,6 +132,14 @@ class LineRunner:
         finally:
             lease.release()
         return LineOutcome(200, answered, recorded=True)
+
+
+def _yields_by_step(engine: Engine) -> bool:
+    """Whether the engine itself keeps batch lines out of interactive steps."""
+    try:
+        return engine.info().preempts
+    except EngineError:
+        return False
 
 
 def _refused(exc: APIError) -> LineOutcome:

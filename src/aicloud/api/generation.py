@@ -43,13 +43,13 @@ from aicloud.engines.base import (
     FinishReason,
     GenerationRequest,
     GenerationStream,
+    Priority,
     SamplingParams,
     TokenEvent,
     TokenLogprobs,
     Usage,
 )
 from aicloud.limits.policy import Ticket
-from aicloud.scheduling.fair_queue import Priority
 from aicloud.services import Cloud
 
 log = logging.getLogger(__name__)

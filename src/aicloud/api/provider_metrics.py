@@ -8,13 +8,14 @@ from collections.abc import Iterator
 
 from aicloud.engines.base import Engine
 from aicloud.providers.link import LATENCY_BUCKETS, ProviderLink
+from aicloud.scheduling.admission import unwrap
 
 
 def links_of(models: list[tuple[str, Engine]]) -> list[ProviderLink]:
     """The provider links the engines use (engines without any have no `links`)."""
     found: dict[str, ProviderLink] = {}
     for _, engine in models:
-        links = getattr(engine, "links", None)
+        links = getattr(unwrap(engine), "links", None)  # behind the admission layer
         for link in links() if links is not None else ():
             found[link.name] = link
     return [found[name] for name in sorted(found)]

@@ -1,10 +1,12 @@
 """A model served by several Ray replicas, behind the one Engine protocol.
 
-Requests wait here, in the model's one queue, until some replica has a free sequence
-slot; so whatever order the queue keeps (first come, or tenant-fair) holds across the
-whole cluster. A replica that dies takes only its running streams down (they end with an
-error event and the usage produced so far); requests it had not started go back to the
-queue, and Ray restarts the replica.
+The admission layer in front (`scheduling.Admitter`) decides who goes next and hands over
+no more requests than the ready replicas have slots, so its order (tenant-fair or first
+come) holds across the whole cluster. What it hands over waits here, first come, only
+until a replica has room (after a replica died, or raced with another). A replica that
+dies takes only its running streams down (they end with an error event and the usage
+produced so far); requests it had not started go back to the front of the line, and Ray
+restarts the replica.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import itertools
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aicloud.cluster.connect import connect
@@ -24,7 +27,6 @@ from aicloud.cluster.router import Router, Slotted
 from aicloud.cluster.stream import ClusterStream, Phase
 from aicloud.engines.base import (
     EMBED,
-    AdmissionQueue,
     ChatMessage,
     EmbeddingRequest,
     Embeddings,
@@ -34,7 +36,6 @@ from aicloud.engines.base import (
     EngineUnavailable,
     FinishReason,
     GenerationRequest,
-    TenantLoad,
     completion_limit,
     not_embedding,
 )
@@ -48,8 +49,10 @@ UNAVAILABLE_RETRY = 2.0
 
 @dataclass(slots=True)
 class Scaling:
-    """Replicas between `minimum` and `maximum`: one more when a request has waited
-    `up_after` seconds, one fewer after `down_after` seconds with nothing to do."""
+    """Replicas between `minimum` and `maximum`: one more when every replica has been
+    full (or a request has waited here) for `up_after` seconds, one fewer after
+    `down_after` seconds with nothing to do. Requests wait in the admission layer, which
+    hands over only what fits, so a set that stays full is one with requests waiting."""
 
     replicas: int = 1
     minimum: int = 1
@@ -74,15 +77,16 @@ class Replica(Slotted):
 class ReplicaSet:
     kind = "ray"
 
-    def __init__(self, spec: ReplicaSpec, scaling: Scaling, queue: AdmissionQueue[ClusterStream], *,
-                 address: str = "auto", tick: float = 1.0) -> None:
+    def __init__(self, spec: ReplicaSpec, scaling: Scaling, *, address: str = "auto",
+                 tick: float = 1.0, max_wait: float = 60.0) -> None:
         self.model_id = spec.model_id
         self.address = address
         self.spec = spec
         self.scaling = scaling
         self.replicas: list[Replica] = []
-        self.queue = queue
-        self._waiting: set[ClusterStream] = set()
+        self.max_wait = max_wait  # a request handed over but never placed is refused then
+        self._waiting: deque[ClusterStream] = deque()
+        self._full_since: float | None = None
         self._router = Router()
         self._info: EngineInfo | None = None
         self._numbers = itertools.count()
@@ -198,21 +202,12 @@ class ReplicaSet:
         self._enqueue(stream)
         return stream
 
-    def _enqueue(self, stream: ClusterStream) -> None:
-        """Raises EngineOverloaded; a request evicted to make room is refused (429)."""
-        request = stream.request
-        evicted = self.queue.push(stream, request.tenant, request.priority, request.weight)
-        self._waiting.add(stream)
-        for other in evicted:
-            self._refuse(other, everyone=False)
+    def _enqueue(self, stream: ClusterStream, *, first: bool = False) -> None:
+        if first:
+            self._waiting.appendleft(stream)
+        else:
+            self._waiting.append(stream)
         self._wake.set()
-
-    def _refuse(self, stream: Any, *, everyone: bool) -> None:
-        self._waiting.discard(stream)
-        stream.end(FinishReason.OVERLOADED if everyone else FinishReason.THROTTLED)
-
-    def tenants(self) -> list[TenantLoad]:
-        return self.queue.metrics()
 
     def _check(self, request: GenerationRequest) -> None:
         """What can be refused before queueing: the replica checks the vocabulary."""
@@ -222,7 +217,7 @@ class ReplicaSet:
         live = [r.stats for r in self.replicas if r.stats is not None and r.alive]
         return EngineStats(
             running=sum(len(r.outstanding) for r in self.replicas),
-            waiting=len(self.queue) + sum(s.waiting for s in live),
+            waiting=len(self._waiting) + sum(s.waiting for s in live),
             tokens_per_second=round(sum(s.tokens_per_second for s in live), 2),
             kv_cells_used=sum(s.kv_cells_used for s in live),
             kv_cells_total=sum(s.kv_cells_total for s in live),
@@ -236,32 +231,23 @@ class ReplicaSet:
                 "running": len(r.outstanding), "outstanding_tokens": r.load,
                 "capacity": r.capacity, "served": r.served,
             } for r in self.replicas],
-            "waiting": len(self.queue),
+            "waiting": len(self._waiting),
             "scaling": {"replicas": len(self.replicas), "min_replicas": self.scaling.minimum,
                         "max_replicas": self.scaling.maximum},
         }
 
     # -- dispatching ------------------------------------------------------------------------
 
-    def _may_run(self, tenant: str) -> bool:
-        """The same rule as inside one engine, over the slots of every live replica."""
-        live = [r for r in self.replicas if r.alive]
-        free = sum(r.capacity - len(r.outstanding) for r in live)
-        return self.queue.can_start(tenant, free, max(sum(r.capacity for r in live), 1))
-
     async def _dispatch_forever(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while len(self.queue) and any(r.has_room for r in self.replicas):
-                stream = self.queue.pop(self._may_run)
-                if not isinstance(stream, ClusterStream):
-                    break  # whoever waits is at their share of the slots
-                self._waiting.discard(stream)
+            while self._waiting and any(r.has_room for r in self.replicas):
+                stream = self._waiting.popleft()
                 replica = self._router.pick(self.replicas, stream.request.prompt_tokens,
                                            stream.request.cache_scope)
                 if replica is None:  # raced with a death: put it back and wait
-                    self._enqueue(stream)
+                    self._enqueue(stream, first=True)
                     break
                 self._start(stream, replica)
 
@@ -270,20 +256,17 @@ class ReplicaSet:
         tokens = len(request.prompt_tokens) + (request.max_tokens or 0)
         replica.outstanding[stream.request_id] = tokens
         stream.phase, stream.replica = Phase.RUNNING, replica.index
-        self.queue.started(request.tenant)
-        self.queue.charge(request.tenant, input_tokens=len(request.prompt_tokens))
         self._spawn(self._run(stream, replica))
 
     async def _run(self, stream: ClusterStream, replica: Replica) -> None:
         from ray.exceptions import RayError, RayTaskError
 
         try:
+            # the admission layer's counters stay in this process
             refs = replica.handle.generate.options(num_returns="streaming").remote(
-                stream.request)
+                replace(stream.request, shares=None))
             async for ref in refs:
                 for event in await ref:
-                    made = event.completion_tokens - stream.completion_tokens
-                    self.queue.charge(stream.request.tenant, output_tokens=max(made, 0))
                     stream.deliver(event)
             replica.served += 1
         except RayTaskError as exc:
@@ -293,25 +276,18 @@ class ReplicaSet:
             self._lost(replica)
             if stream.delivered == 0 and stream.phase is not Phase.DONE:
                 stream.phase, stream.replica = Phase.WAITING, None
-                self._requeue(stream)  # nothing was produced: another replica takes it
+                self._enqueue(stream, first=True)  # nothing was produced: another takes it
             else:
                 stream.end(FinishReason.ERROR)
         finally:
-            self.queue.finished(stream.request.tenant)
             replica.outstanding.pop(stream.request_id, None)
             self._wake.set()
             async with self._finished:
                 self._finished.notify_all()
 
-    def _requeue(self, stream: ClusterStream) -> None:
-        try:
-            self._enqueue(stream)
-        except EngineError:
-            stream.end(FinishReason.ERROR)
-
     def _cancel(self, stream: ClusterStream) -> None:
-        if self.queue.remove(stream):
-            self._waiting.discard(stream)
+        if stream in self._waiting:
+            self._waiting.remove(stream)
             stream.end(FinishReason.CANCELLED)
             return
         replica = next((r for r in self.replicas if r.index == stream.replica), None)
@@ -371,15 +347,19 @@ class ReplicaSet:
 
     async def _maintain_forever(self) -> None:
         while True:
-            await asyncio.sleep(min(self._tick, self.queue.next_expiry() or self._tick))
-            for stream, everyone in self.queue.expired():
-                self._refuse(stream, everyone=everyone)
+            await asyncio.sleep(self._tick)
+            self._expire(time.monotonic())
             try:
                 await self._refresh_stats()
             except Exception as exc:  # stale numbers until the next tick; say why
                 log.warning("could not read the replicas' stats of %s: %s: %s",
                             self.model_id, type(exc).__name__, exc)
             self._autoscale(time.monotonic())
+
+    def _expire(self, now: float) -> None:
+        """Refuse (503) what has waited `max_wait` for a replica: none came back."""
+        while self._waiting and now - self._waiting[0].enqueued_at >= self.max_wait:
+            self._waiting.popleft().end(FinishReason.OVERLOADED)
 
     async def _refresh_stats(self) -> None:
         ready = [r for r in self.replicas if r.state == "ready"]
@@ -391,13 +371,17 @@ class ReplicaSet:
 
     def _autoscale(self, now: float) -> None:
         s, serving = self.scaling, self._serving()
-        busy = len(self.queue) or any(r.outstanding for r in self.replicas)
+        busy = self._waiting or any(r.outstanding for r in self.replicas)
         if busy:
             self._idle_since = now
         starting = any(r.state == "starting" for r in self.replicas)
+        ready = [r for r in self.replicas if r.state == "ready"]
+        full = bool(ready) and not any(r.has_room for r in ready)
+        self._full_since = (self._full_since or now) if full else None
         waited = max((now - w.enqueued_at for w in self._waiting), default=0.0)
+        waited = max(waited, now - self._full_since if self._full_since else 0.0)
         if len(serving) < s.maximum and not starting and waited >= s.up_after:
-            log.info("scaling %s up: a request waited %.1fs", self.model_id, waited)
+            log.info("scaling %s up: full for %.1fs", self.model_id, waited)
             self._spawn(self._add_replica())
         elif len(serving) > s.minimum and now - self._idle_since >= s.down_after:
             log.info("scaling %s down after %.0fs idle", self.model_id, now - self._idle_since)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import AsyncIterator, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 class FinishReason(enum.StrEnum):
@@ -31,6 +31,15 @@ class FinishReason(enum.StrEnum):
     @property
     def openai(self) -> str:
         return "length" if self is FinishReason.LENGTH else "stop"
+
+
+class Priority(enum.IntEnum):
+    """Classes, lowest first: any waiting interactive request is admitted before any batch
+    one, and an engine that can pause a sequence (`EngineInfo.preempts`) also lets its
+    batch sequences yield their steps, and their slots, to interactive ones."""
+
+    INTERACTIVE = 0
+    BATCH = 1
 
 
 class EngineError(Exception):
@@ -206,13 +215,16 @@ class GenerationRequest:
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
     tenant: str = ""  # whose share this is (opaque to engines)
-    priority: int = 0  # 0 interactive, 1 batch: lower runs first
+    priority: int = Priority.INTERACTIVE  # lower runs first
     weight: float = 1.0  # the tenant's share relative to others
     cache_scope: str = ""  # prompt-prefix caches are shared only within one scope (opaque)
     constraint: Constraint | None = None
     logprobs: int | None = None  # None: none; k: the chosen token's and k alternatives
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the raw logits
     relay: RelayBody | None = None  # set (and prompt_tokens empty) for RELAY engines
+    # the admission layer's per-tenant counters, for an engine that picks which sequences
+    # decode each step (never sent to another process: a replica set drops it)
+    shares: TenantShares | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
@@ -291,6 +303,9 @@ class EngineInfo:
     kind: str
     capabilities: frozenset[str] = frozenset({GENERATE})
     chat_template: str | None = None  # the template's source, to pick a tool-call format
+    # it makes room for a newcomer by pausing a running sequence of a tenant above its share,
+    # so the admission layer may hand it more requests than `max_sequences`
+    preempts: bool = False
 
     def can(self, capability: str) -> bool:
         return capability in self.capabilities
@@ -373,43 +388,17 @@ class TenantLoad:
     weight: float
 
 
-Item = TypeVar("Item", bound=Hashable)
+class TenantShares(Protocol):
+    """The admission layer's per-tenant virtual token counters (`scheduling.FairQueue`),
+    read by an engine that decides which of its sequences decode each step, so one set of
+    counters orders both admission and tokens. Read from the engine's thread without a
+    lock: a stale value only reorders one step."""
 
+    def standing(self, tenant: str) -> float:
+        """The tenant's counter: who has the smallest is served first."""
 
-class AdmissionQueue(Protocol[Item]):
-    """The waiting line an engine admits from, handed in by whoever builds the engine
-    (the scheduler); the engine calls it under its own lock, from its own thread."""
-
-    def __len__(self) -> int: ...
-
-    def push(self, item: Item, tenant: str, priority: int = 0,
-             weight: float = 1.0) -> list[Item]:
-        """Queue `item`; return items evicted to make room, or raise EngineOverloaded."""
-
-    def pop(self, can_run: Callable[[str], bool] = ...) -> Item | None:
-        """The next item to start, among tenants `can_run` allows."""
-
-    def remove(self, item: Item) -> bool: ...
-
-    def expired(self) -> list[tuple[Item, bool]]:
-        """Items that waited too long, with whether the model is saturated for everyone."""
-
-    def next_expiry(self) -> float | None: ...
-
-    def can_start(self, tenant: str, free: int, slots: int) -> bool:
-        """Whether `tenant` may take one of `free` slots (of `slots`) now; asked before
-        each admission, so a flood can be kept from the last few free slots."""
-
-    def started(self, tenant: str) -> None: ...
-
-    def finished(self, tenant: str) -> None: ...
-
-    def running(self, tenant: str) -> int: ...
-
-    def charge(self, tenant: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
-        """Service as it is delivered: prompt tokens when prefilled, each token made."""
-
-    def metrics(self) -> list[TenantLoad]: ...
+    def token_cost(self, tenant: str) -> float:
+        """What one more output token adds to the tenant's counter."""
 
 
 @runtime_checkable

@@ -64,8 +64,7 @@ class FairGate:
 
     def _dispatch(self) -> None:
         while self.busy < self.slots:
-            place = self.line.pop(lambda t: self.line.can_start(t, self.slots - self.busy,
-                                                                self.slots))
+            place = self.line.pop(lambda t, _: self.line.can_start(t, self.busy, self.slots))
             if place is None:
                 return
             tenant = self._tenants.pop(place)

@@ -9,8 +9,9 @@ A tenant idle for `forget_after` seconds is forgotten once forgetting cannot cha
 it would stand on return, so the state (and the metric label sets) stay bounded by the
 tenants recently seen.
 
-Pure Python with an injectable clock: the engine thread drives it under its own lock, and
-tests drive it deterministically.
+Pure Python with an injectable clock: the admission layer (`scheduling.admission`) drives
+it on the event loop, an engine reads the counters (`standing`) to order each step's
+tokens, and tests drive it deterministically.
 """
 
 from __future__ import annotations
@@ -24,17 +25,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from aicloud.engines.base import EngineError, EngineOverloaded, TenantLoad
+from aicloud.engines.base import EngineError, EngineOverloaded, Priority, TenantLoad
 
 # what waits in the line: the engine's own handle for a request (a sequence, a stream)
 Item = TypeVar("Item", bound=Hashable)
-
-
-class Priority(enum.IntEnum):
-    """Classes, lowest first: any waiting interactive request starts before any batch one."""
-
-    INTERACTIVE = 0
-    BATCH = 1
 
 
 class Mode(enum.StrEnum):
@@ -47,12 +41,13 @@ class Mode(enum.StrEnum):
 
 @dataclass(slots=True)
 class SchedulingConfig:
-    """The last `reserve` free slots (None: a quarter of them) go only to tenants holding
-    less than their weighted share of the slots, so a light tenant's request starts at the
-    next step even while a flood keeps the rest busy: VTC alone picks who gets a slot when
-    one frees, but a flood's sequences may hold every slot for a whole generation. While
-    the slots a flood may fill are at least one decoding step's width, the reserve costs no
-    throughput, only concurrency."""
+    """Admission is work-conserving: any tenant may fill every free slot, so a tenant alone
+    gets the whole engine. The shares are kept token by token instead (an engine that
+    decodes fewer sequences per step than it holds picks them by these counters), and on
+    an engine that can pause a sequence, up to `reserve` more requests than it has slots
+    (None: a quarter of them) are admitted for tenants a whole slot below their weighted
+    share of the slots: the engine parks a flood's sequence to give a newcomer a slot at
+    once."""
 
     mode: Mode = Mode.VTC
     input_weight: float = 1.0
@@ -69,16 +64,20 @@ class SchedulingConfig:
         if min(self.input_weight, self.output_weight) < 0:
             raise ValueError("token weights cannot be negative")
 
-    def reserved(self, slots: int) -> int:
-        """How many of `slots` are kept for tenants below their share (FCFS: none)."""
+    def kept(self, slots: int) -> int:
+        """On an engine that cannot pause a sequence: how many of the last free slots go
+        only to tenants below their share (FCFS: none), as a newcomer could not otherwise
+        start before a flood's sequence ends; a tenant alone fills the rest."""
         if self.mode is Mode.FCFS:
             return 0
-        reserve = self.reserve if self.reserve is not None else slots // 4
-        return min(reserve, slots - 1)
+        return min(self.reserve if self.reserve is not None else slots // 4, slots - 1)
 
-    def tenant_cap(self, slots: int) -> int:
-        """How many of `slots` one tenant may hold whatever the others do."""
-        return slots - self.reserved(slots)
+    def reserved(self, slots: int) -> int:
+        """How many requests beyond `slots` may be admitted for tenants below their share
+        (FCFS: none)."""
+        if self.mode is Mode.FCFS:
+            return 0
+        return self.reserve if self.reserve is not None else max(slots // 4, 1)
 
 
 @dataclass(slots=True)
@@ -115,7 +114,8 @@ class Entry(Generic[Item]):
 
 
 class FairQueue(Generic[Item]):
-    """One model's waiting line. Not thread-safe: the engine calls it under its own lock."""
+    """One model's waiting line and its tenants' counters. Changed only on the event loop;
+    `standing` and `token_cost` may be read from an engine's thread."""
 
     def __init__(self, config: SchedulingConfig | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -209,8 +209,9 @@ class FairQueue(Generic[Item]):
             + ("." if everyone else "; most of them are yours."),
             retry_after=self.retry_after(), everyone=everyone)
 
-    def pop(self, can_run: Callable[[str], bool] = lambda _: True) -> Item | None:
-        """The next item to admit among tenants `can_run` allows, or None."""
+    def pop(self, can_run: Callable[[str, Priority], bool] = lambda _t, _p: True
+            ) -> Item | None:
+        """The next item to admit among the tenants and classes `can_run` allows, or None."""
         entry = self._choose(can_run)
         if entry is None:
             return None
@@ -219,9 +220,9 @@ class FairQueue(Generic[Item]):
         self._last_left = entry.tenant
         return entry.item
 
-    def _choose(self, can_run: Callable[[str], bool]) -> Entry[Item] | None:
-        heads = [q[0] for t, s in self._tenants.items() if can_run(t)
-                 for q in s.waiting.values() if q]
+    def _choose(self, can_run: Callable[[str, Priority], bool]) -> Entry[Item] | None:
+        heads = [q[0] for t, s in self._tenants.items()
+                 for p, q in s.waiting.items() if q and can_run(t, p)]
         if not heads:
             return None
         if self.config.mode is Mode.FCFS:
@@ -283,14 +284,22 @@ class FairQueue(Generic[Item]):
         state = self._tenants.get(tenant)
         return state.running if state else 0
 
-    def can_start(self, tenant: str, free: int, slots: int) -> bool:
-        """Whether `tenant` may take one of the `free` slots out of `slots` now. The engine
-        asks before each admission; the reserved slots go only to a tenant holding less
-        than its weighted share of the slots among the tenants with work (never to one
-        alone: the reserve is there for whoever comes next)."""
-        if free > self.config.reserved(slots):
+    def can_start(self, tenant: str, busy: int, slots: int, preempts: bool = False) -> bool:
+        """Whether `tenant` may be admitted now, with `busy` of the engine's `slots` taken.
+        On an engine that `preempts` (makes room by pausing a sequence of a tenant holding
+        more), any tenant may take a free slot, and beyond them, up to the reserve, a
+        tenant a whole slot below its weighted share of the slots among the tenants with
+        work (never one alone). On any other engine the last `kept` free slots go only to
+        a tenant below its share."""
+        if not preempts:
+            free = slots - busy
+            if free > self.config.kept(slots):
+                return True
+            return free > 0 and self.running(tenant) < self._share(tenant, slots)
+        if busy < slots:
             return True
-        return free > 0 and self.running(tenant) < self._share(tenant, slots)
+        return (busy < slots + self.config.reserved(slots)
+                and self.running(tenant) + 1 <= self._share(tenant, slots))
 
     def _share(self, tenant: str, slots: int) -> float:
         active = {t: s.weight for t, s in self._tenants.items()
@@ -299,6 +308,16 @@ class FairQueue(Generic[Item]):
             return 0.0
         mine = self._tenants[tenant].weight if tenant in self._tenants else 1.0
         return slots * mine / (mine + sum(active.values()))
+
+    def standing(self, tenant: str) -> float:
+        """The tenant's counter, for an engine ordering its sequences' tokens (read from
+        its thread: one dict lookup)."""
+        state = self._tenants.get(tenant)
+        return state.counter if state is not None else 0.0
+
+    def token_cost(self, tenant: str) -> float:
+        state = self._tenants.get(tenant)
+        return self.config.output_weight / (state.weight if state is not None else 1.0)
 
     def charge(self, tenant: str, input_tokens: int = 0, output_tokens: int = 0) -> None:
         """Count service as it happens: prompt tokens when prefilled, each token made."""

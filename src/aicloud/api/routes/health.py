@@ -14,6 +14,7 @@ from aicloud.api.errors import APIError
 from aicloud.cluster.replica_set import ReplicaSet
 from aicloud.engines.base import Engine, EngineStats
 from aicloud.models.pool import ModelState
+from aicloud.scheduling.admission import unwrap
 
 router = APIRouter()
 
@@ -25,8 +26,9 @@ def engine_view(engine: Engine, *, whereabouts: bool = True) -> dict[str, Any]:
     """Load, and for models on Ray, how each replica is doing and (`whereabouts`) where
     it runs."""
     view: dict[str, Any] = asdict(engine.stats())
-    if isinstance(engine, ReplicaSet):
-        placement = engine.placement()
+    if isinstance(replicas := unwrap(engine), ReplicaSet):
+        placement = replicas.placement()
+        placement["waiting"] = view["waiting"]  # the admission line's too
         if not whereabouts:
             placement["replicas"] = [{k: v for k, v in r.items() if k not in WHEREABOUTS}
                                      for r in placement["replicas"]]

@@ -1,9 +1,16 @@
 """Continuous batching on one llama.cpp context, in the engine's own thread.
 
-Each `step` decodes one token for up to `step_sequences` running sequences (in turn, those
-served longest ago first) and, in the same `llama_decode`, a chunk of the prompts still
-being prefilled, up to `batch_tokens` in all. New requests join at the next step when a
-slot is free; finished or cancelled ones leave at once.
+Each `step` decodes one token for up to `step_sequences` running sequences (in turns, by
+the tenants' counters, then those served longest ago first) and, in the same
+`llama_decode`, a chunk of the prompts still being prefilled, up to `batch_tokens` in all.
+Admitted requests (the admission layer of `aicloud.scheduling` decides who is admitted)
+take a slot at the next step, the least-served tenants' first; finished or cancelled ones
+leave at once. A tenant alone may fill every slot; a newcomer of a tenant below its share
+that finds none free takes one from a tenant above its share, whose sequence is parked
+(`parking.py`); and which sequences decode in each step follows the tenants' counters too
+(`turns.py`). Batch-class sequences yield to interactive ones at every step: while one of
+those runs they sit the steps out, wait for a slot, and lend theirs (parked, or back in
+line before their first token), so batch work uses only capacity left idle.
 
 Narrow steps are what let a newcomer start fast under load: on a CPU a step of 32
 sequences makes hardly more tokens per second than one of 16, but takes twice as long, and
@@ -15,23 +22,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 import llama_cpp
 
-from aicloud.engines.base import AdmissionQueue, FinishReason, TokenEvent, TokenLogprobs
+from aicloud.engines.base import FinishReason, Priority, TokenEvent, TokenLogprobs
 from aicloud.engines.llamacpp.constrain import Guidance
 from aicloud.engines.llamacpp.logprobs import LogprobRow, log_softmax, token_logprobs
 from aicloud.engines.llamacpp.model import LlamaModel
+from aicloud.engines.llamacpp.parking import ParkedCells, park, resume
 from aicloud.engines.llamacpp.sampling import build_sampler, free_sampler
 from aicloud.engines.llamacpp.sequence import SeqState, Sequence
 from aicloud.engines.llamacpp.slots import Slot, SlotTable
 from aicloud.engines.llamacpp.threads import ThreadBudget, ThreadTuner
+from aicloud.engines.llamacpp.turns import take_turns
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +72,18 @@ class RateMeter:
 
 
 class Batcher:
-    """New sequences are admitted only through `queue` (the scheduler's), at every step
-    that has a free slot, and only to tenants the queue lets take one (`can_start`)."""
+    """Runs what it is given (`submit`): admission and its order are the admission
+    layer's; the batcher decides only which of its sequences hold slots and decode."""
 
-    def __init__(self, model: LlamaModel, queue: AdmissionQueue[Sequence],
-                 budget: ThreadBudget | None = None) -> None:
+    def __init__(self, model: LlamaModel, budget: ThreadBudget | None = None) -> None:
         self.model = model
         self.budget = budget  # the process's decode threads, shared with other models
         self.config = model.config
         self.slots = SlotTable(model.memory, self.config.sequences or 1)
-        self.queue = queue
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in a slot
+        self.pending: deque[Sequence] = deque()  # submitted, waiting for a slot
+        self.parked: dict[Sequence, ParkedCells] = {}  # paused to lend their slot
+        self.parks = 0  # sequences parked so far
         self.steps = 0
         self.meter = RateMeter()
         self.threads = ThreadTuner(self.config.threads or 1)
@@ -87,30 +96,36 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="llamacpp-batcher", daemon=True)
 
     @property
-    def lock(self) -> threading.Condition:
-        """Held while the engine thread touches the queue; readers take it too."""
-        return self._wake
+    def waiting(self) -> int:
+        """Submitted sequences without a slot: new ones and parked ones."""
+        return len(self.pending) + len(self.parked)
 
     # -- called from the event loop -------------------------------------------------------
+
+    def load(self) -> tuple[int, int]:
+        """Running and waiting sequences at one moment: the engine thread moves a parked
+        sequence from one to the other, and two unlocked reads straddling the move counted
+        it in neither (an engine holding 4 sequences reported 3)."""
+        with self._wake:
+            return len(self.running), self.waiting
 
     def start(self) -> None:
         self._thread.start()
 
     def submit(self, seq: Sequence) -> None:
-        """Raises EngineOverloaded when the queue refuses it; a request the queue evicts
-        to make room for it is refused through its stream."""
-        request = seq.request
+        """Start `seq` at the next step (the admission layer has admitted it)."""
         with self._wake:
             if self._stopping:
                 raise RuntimeError("engine is shutting down")
-            evicted = self.queue.push(seq, request.tenant, request.priority, request.weight)
+            self.pending.append(seq)
             self._wake.notify()
-        self._deliver([(s, s.finish(FinishReason.THROTTLED)) for s in evicted])
 
     def cancel(self, seq: Sequence) -> None:
-        """A queued sequence is dropped without running; a running one ends next step."""
+        """A sequence not yet in a slot is dropped without running; a running or parked
+        one ends at the next step."""
         with self._wake:
-            if self.queue.remove(seq):
+            if seq in self.pending:
+                self.pending.remove(seq)
                 seq.loop.call_soon_threadsafe(seq.on_event, seq.finish(FinishReason.CANCELLED))
                 return
             seq.cancelled = True
@@ -141,17 +156,14 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not (self._stopping or self.running or self._admissible()
-                           or self._chores):
-                    self._wake.wait(self.queue.next_expiry())
-                    self._expire()
+                while not (self._stopping or self.running or self.waiting or self._chores):
+                    self._wake.wait()
                 if self._stopping:
                     break
-                self._expire()
                 # cancelled sequences leave before admission, so their slots refill at once
                 gone = self._end([s for s in self.running if s.cancelled],
-                                 FinishReason.CANCELLED)
-                self._admit()
+                                 FinishReason.CANCELLED) + self._drop_parked(cancelled=True)
+                gone += self._admit()
             self._deliver(gone)
             try:
                 self.step()
@@ -174,38 +186,149 @@ class Batcher:
         with self.budget.held(self.config.threads or 1, exact=True):  # its own context's
             _safely(chore)
 
-    def _may_run(self, tenant: str) -> bool:
-        return self.queue.can_start(tenant, self.slots.free, self.config.sequences or 1)
+    def _admit(self) -> list[Outcome]:
+        """Give free slots to waiting sequences, interactive ones first, then the
+        least-served tenant's first (a parked one before a newcomer of the same standing);
+        with no slot free, an interactive newcomer takes a batch sequence's slot, and one
+        of a tenant below its share takes one from a tenant above it. While an interactive
+        sequence runs, batch ones wait without a slot (they would not decode anyway, and
+        the slot stays free for the next interactive one). One that finds no room does not
+        hold up the others. Returns the sequences that could not be resumed (the lock is
+        held)."""
+        failed: list[Outcome] = []
+        yielding = self._yielding()
+        for seq in self._by_standing():
+            if batch(seq) and yielding:
+                continue
+            if not self.slots.free and not self._make_room(seq):
+                continue
+            if seq in self.parked:
+                failed += self._resume(seq)
+            else:
+                self._place(seq)
+            yielding = yielding or not batch(seq)
+        return failed
 
-    def _admissible(self) -> bool:
-        return bool(len(self.queue)) and self.slots.free > 0
+    def _yielding(self) -> bool:
+        """Whether batch sequences yield: an interactive one is running."""
+        return any(not batch(s) for s in self.running)
 
-    def _expire(self) -> None:
-        """Refuse what waited longer than the queue allows (the lock is held)."""
-        gone = self.queue.expired()
-        self._deliver([(s, s.finish(FinishReason.OVERLOADED if everyone
-                                    else FinishReason.THROTTLED)) for s, everyone in gone])
+    def _by_standing(self) -> list[Sequence]:
+        waiting = [*self.parked, *self.pending]
+        shares = waiting[0].request.shares if waiting else None
+        if shares is None:
+            return sorted(waiting, key=lambda s: s.request.priority)
+        return sorted(waiting, key=lambda s: (s.request.priority,
+                                              shares.standing(s.request.tenant)))
 
-    def _admit(self) -> None:
-        while self.slots.free and (seq := self.queue.pop(self._may_run)) is not None:
-            slot, reuse = self.slots.acquire(seq.prompt, seq.request.cache_scope)
-            seq.slot, seq.n_past, seq.cached_tokens = slot.seq_id, reuse, reuse
-            seq.sampler = build_sampler(seq.request.sampling, self.model.n_vocab,
-                                        seq.request.logit_bias)
-            seq.state = SeqState.PREFILL
-            self.running.append(seq)
-            self.queue.started(seq.request.tenant)
-            self.queue.charge(seq.request.tenant, input_tokens=len(seq.prompt) - reuse)
+    def _place(self, seq: Sequence) -> None:
+        self.pending.remove(seq)
+        slot, reuse = self.slots.acquire(seq.prompt, seq.request.cache_scope)
+        # placed again after lending its slot mid-prompt (`_unplace`): what it computed
+        # itself the first time is not counted as cached
+        placed_before = seq.slot >= 0
+        seq.slot, seq.n_past = slot.seq_id, reuse
+        seq.cached_tokens = min(reuse, seq.cached_tokens) if placed_before else reuse
+        seq.sampler = build_sampler(seq.request.sampling, self.model.n_vocab,
+                                    seq.request.logit_bias)
+        seq.state = SeqState.PREFILL
+        self.running.append(seq)
+
+    def _make_room(self, seq: Sequence) -> bool:
+        """Free a slot for `seq`: an interactive one takes a batch sequence's (whatever
+        the tenants' shares), else a sequence of its own class or lower is parked by the
+        tenants' shares (`_share_victim`)."""
+        if not batch(seq) and self._lend_batch_slot():
+            return True
+        victim = self._share_victim(seq)
+        return victim is not None and self._park(victim)
+
+    def _lend_batch_slot(self) -> bool:
+        """A batch sequence still in its prompt goes back to the line (its computed prefix
+        stays cached in the slot it leaves); else the shortest decoding one is parked."""
+        lenders = [s for s in self.running if batch(s) and not s.cancelled]
+        for seq in lenders:
+            if seq.state is SeqState.PREFILL:
+                self._unplace(seq)
+                return True
+        decoding = sorted((s for s in lenders if s.state is SeqState.DECODE),
+                          key=lambda s: len(self._slot(s).tokens))
+        return any(self._park(s) for s in decoding[:1])
+
+    def _share_victim(self, seq: Sequence) -> Sequence | None:
+        """A decoding sequence of the tenant holding the most slots per weight, if it would
+        still hold at least as many per weight as `seq`'s tenant once `seq` has its slot
+        (so two tenants never trade a slot back and forth); its shortest, the least to
+        copy; never one of a higher class than `seq`. Only with the admission layer's
+        shares: it is what hands over more sequences than slots, for tenants a whole slot
+        below their share."""
+        if seq.request.shares is None:
+            return None
+        tenant = seq.request.tenant
+        held = Counter(s.request.tenant for s in self.running)
+        after = (held[tenant] + 1) / seq.request.weight
+
+        def per_weight(s: Sequence) -> float:
+            return held[s.request.tenant] / s.request.weight
+
+        victims = [s for s in self.running if s.state is SeqState.DECODE and not s.cancelled
+                   and s.request.tenant != tenant
+                   and s.request.priority >= seq.request.priority
+                   and (held[s.request.tenant] - 1) / s.request.weight >= after]
+        if not victims:
+            return None
+        return min(victims, key=lambda s: (-per_weight(s), len(self._slot(s).tokens)))
+
+    def _park(self, victim: Sequence) -> bool:
+        cells = park(self.model.ctx, self.slots, self._slot(victim),
+                     keep=min(victim.n_past, len(victim.prompt)))
+        if cells is None:
+            log.warning("could not park a sequence; the newcomer waits for a free slot")
+            return False
+        self.running.remove(victim)
+        self.parked[victim] = cells
+        self.parks += 1
+        return True
+
+    def _unplace(self, seq: Sequence) -> None:
+        """Back to the head of the line, before its first token: nothing to copy out."""
+        self.running.remove(seq)
+        self.slots.release(self._slot(seq), keep=seq.n_past)
+        self._free_sampler(seq)
+        seq.state, seq.n_past = SeqState.WAITING, 0
+        self.pending.appendleft(seq)
+        self.parks += 1
+
+    def _resume(self, seq: Sequence) -> list[Outcome]:
+        slot = resume(self.model.ctx, self.slots, self.parked.pop(seq))
+        if slot is None:
+            log.error("could not restore a parked sequence's cells; ending it")
+            self._free_sampler(seq)
+            return [(seq, seq.finish(FinishReason.ERROR))]
+        seq.slot = slot.seq_id
+        self.running.append(seq)
+        return []
+
+    def _drop_parked(self, *, cancelled: bool = False) -> list[Outcome]:
+        """End parked sequences (the cancelled ones, or all when stopping)."""
+        out = []
+        for seq in [s for s in self.parked if s.cancelled or not cancelled]:
+            del self.parked[seq]
+            self._free_sampler(seq)
+            out.append((seq, seq.finish(FinishReason.CANCELLED if cancelled
+                                        else FinishReason.ERROR)))
+        return out
 
     def step(self) -> None:
-        """Decode without the lock (the event loop may queue meanwhile); the queue's
-        bookkeeping for what the step produced happens under it."""
+        """Decode without the lock (the event loop may submit meanwhile); the bookkeeping
+        for what the step produced happens under it."""
         calls = self._plan()
         if calls:
             self._deliver(self._decode(calls))
 
     def _plan(self) -> list[list[PlanItem]]:
-        """The decoding sequences that waited longest get their next token; prompts fill
+        """Decoding sequences get their next token in turns (`take_turns`: by the tenants'
+        counters, then those advanced longest ago first); prompts fill
         what is left of the batch. A step that ends a prompt (and so makes its first token)
         decodes only a quarter as many others, so that first token is not held up by a full
         step; the ones left out go first next step.
@@ -216,20 +339,24 @@ class Batcher:
         rest alone): rows of one token and rows of several take different CPU kernels
         (vec_dot vs tinyBLAS for attention), so the decodes share one call and each prompt
         chunk gets its own, and every row is computed as it would be with the request
-        alone."""
-        width = self.config.step_sequences or len(self.running)
-        decoding = [s for s in self.running if s.state is SeqState.DECODE]
+        alone.
+
+        While an interactive sequence runs, batch ones sit the step out: every row makes a
+        CPU step longer, so they would slow every interactive token (issue 16)."""
+        runnable = self._runnable()
+        width = self.config.step_sequences or len(runnable)
+        decoding = [s for s in runnable if s.state is SeqState.DECODE]
         budget = self.config.batch_tokens - min(width, len(decoding))
         prompts: list[PlanItem] = []
-        for seq in self.running:
+        for seq in runnable:
             if seq.state is SeqState.PREFILL and (n := prompt_chunk(seq.prompt_left, budget)):
                 prompts.append((seq, seq.prompt[seq.n_past : seq.n_past + n],
                                 n == seq.prompt_left))
                 budget -= n
         if any(ends for _, _, ends in prompts):
             width = max(1, width // 4)
-        if len(decoding) > width:
-            decoding = heapq.nsmallest(width, decoding, key=lambda s: s.last_step)
+        decoding = take_turns(decoding, width, decoding[0].request.shares if decoding else None,
+                              lambda s: s.request.tenant, lambda s: s.last_step)
         self.steps += 1
         decodes: list[PlanItem] = [(seq, [seq.last_token], True) for seq in decoding]
         for seq, _, _ in (*decodes, *prompts):
@@ -237,6 +364,11 @@ class Batcher:
         if self.config.unified_kv:
             return [decodes + prompts] if decodes or prompts else []
         return ([decodes] if decodes else []) + [[item] for item in prompts]
+
+    def _runnable(self) -> list[Sequence]:
+        """The running sequences this step may advance: the interactive ones if any."""
+        interactive = [s for s in self.running if not batch(s)]
+        return interactive or self.running
 
     def _decode(self, groups: list[list[PlanItem]]) -> list[Outcome]:
         out: list[Outcome] = []
@@ -329,7 +461,6 @@ class Batcher:
         event = seq.on_token(token, self.model.piece(token), self.model.is_eog(token),
                              logprobs)
         self.meter.add(1)
-        self.queue.charge(seq.request.tenant, output_tokens=1)
         if event.finish_reason is not None:
             self._retire(seq, event)
         return seq, event
@@ -345,12 +476,15 @@ class Batcher:
     def _retire(self, seq: Sequence, event: TokenEvent) -> TokenEvent:
         """Free the sequence's slot, keeping only its prompt for later prefix reuse."""
         self.running.remove(seq)
-        self.queue.finished(seq.request.tenant)
         self.slots.release(self._slot(seq), keep=min(seq.n_past, len(seq.prompt)))
+        self._free_sampler(seq)
+        return event
+
+    @staticmethod
+    def _free_sampler(seq: Sequence) -> None:
         if seq.sampler is not None:
             free_sampler(seq.sampler)
         seq.sampler = None
-        return event
 
     @staticmethod
     def _deliver(out: list[Outcome]) -> None:
@@ -364,15 +498,19 @@ class Batcher:
 
     def _drain(self) -> None:
         with self._wake:
-            waiting = []
-            while (seq := self.queue.pop()) is not None:
-                waiting.append((seq, seq.finish(FinishReason.ERROR)))
-            running = self._end(self.running, FinishReason.ERROR)
+            waiting = [(seq, seq.finish(FinishReason.ERROR)) for seq in self.pending]
+            self.pending.clear()
+            running = self._end(self.running, FinishReason.ERROR) + self._drop_parked()
             chores = list(self._chores)
             self._chores.clear()
         self._deliver(waiting + running)
         for chore in chores:  # each is short, and its caller is waiting for the answer
             _safely(chore)
+
+
+def batch(seq: Sequence) -> bool:
+    """Of the batch class: it yields steps and slots to interactive sequences."""
+    return seq.request.priority >= Priority.BATCH
 
 
 def prompt_chunk(left: int, budget: int) -> int:

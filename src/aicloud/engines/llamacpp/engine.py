@@ -10,7 +10,6 @@ from typing import Any
 from aicloud.engines.base import (
     EMBED,
     GENERATE,
-    AdmissionQueue,
     ChatMessage,
     Constraint,
     EmbeddingRequest,
@@ -19,7 +18,6 @@ from aicloud.engines.base import (
     EngineInfo,
     EngineStats,
     GenerationRequest,
-    TenantLoad,
     TokenEvent,
     Usage,
     check_embedding_inputs,
@@ -66,12 +64,10 @@ class LlamaCppEngine:
     kind = "llama.cpp"
 
     def __init__(self, model_id: str, path: Path, config: ContextConfig | None = None, *,
-                 queue: AdmissionQueue[Sequence], weights: str = NATIVE,
-                 weights_cache: Path | None = None,
+                 weights: str = NATIVE, weights_cache: Path | None = None,
                  threads_budget: ThreadBudget | None = None) -> None:
         self.model_id = model_id
         self.threads_budget = threads_budget
-        self.queue = queue
         self.path = path
         self.weights = weights
         self._weights_cache = (weights_cache or DEFAULT_CACHE).expanduser()
@@ -91,7 +87,7 @@ class LlamaCppEngine:
             bos_token=model.bos_text, eos_token=model.eos_text, model=self.model_id,
         )
         await asyncio.to_thread(lambda: model.controls)  # read the vocabulary once, off-loop
-        self._batcher = Batcher(model, self.queue, self.threads_budget)
+        self._batcher = Batcher(model, self.threads_budget)
         self._embedder = await asyncio.to_thread(self._new_embedder, model, self._batcher)
         self._batcher.start()
 
@@ -194,22 +190,16 @@ class LlamaCppEngine:
         can = frozenset({GENERATE, EMBED} if self._embedder else {GENERATE})
         return EngineInfo(self.model_id, config.context_per_sequence or 0,
                           config.sequences or 1, self.kind, can,
-                          self._template.source if self._template else None)
-
-    def tenants(self) -> list[TenantLoad]:
-        batcher = self._batcher
-        if batcher is None:
-            return []
-        with batcher.lock:
-            return self.queue.metrics()
+                          self._template.source if self._template else None, preempts=True)
 
     def stats(self) -> EngineStats:
         batcher = self._batcher
         if batcher is None:
             return EngineStats(0, 0, 0.0, 0, 0)
+        running, waiting = batcher.load()
         return EngineStats(
-            running=len(batcher.running),
-            waiting=len(batcher.queue),
+            running=running,
+            waiting=waiting,
             tokens_per_second=round(batcher.meter.rate, 2),
             kv_cells_used=batcher.slots.cells_used,
             kv_cells_total=self.config.n_ctx,

@@ -73,6 +73,14 @@ class SlotTable:
         slot.busy, slot.scope = True, scope
         return slot, reuse
 
+    def acquire_empty(self, scope: str) -> Slot:
+        """An idle slot emptied of its cache (the one caching least), for cells restored
+        from elsewhere (a parked sequence)."""
+        slot = min((s for s in self.slots if not s.busy), key=lambda s: len(s.tokens))
+        self.truncate(slot, 0)
+        slot.busy, slot.scope = True, scope
+        return slot
+
     def _share(self, source: Slot, slot: Slot, n: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
         # whole-sequence copies are the form every KV layout supports; trim after

@@ -24,6 +24,7 @@ from aicloud.engines.base import EngineError
 from aicloud.models.admin import ModelAdmin, culprit
 from aicloud.models.catalog import CatalogError
 from aicloud.models.pool import ModelPool, UnknownModel
+from aicloud.scheduling.admission import unwrap
 from aicloud.services import Cloud
 
 router = APIRouter()
@@ -160,10 +161,11 @@ async def _scale(pool: ModelPool, model: str, body: ModelUpdate) -> None:
         engine = pool.get(model)
     except UnknownModel:
         raise NotFound("model", model) from None
-    if not isinstance(engine, ReplicaSet):
+    replicas = unwrap(engine)
+    if not isinstance(replicas, ReplicaSet):
         raise AccountError("replicas can only be changed for models served on Ray "
                            "(aicloud serve --ray ...)", "replicas")
     try:
-        await engine.scale_to(body.replicas, body.min_replicas, body.max_replicas)
+        await replicas.scale_to(body.replicas, body.min_replicas, body.max_replicas)
     except EngineError as exc:
         raise AccountError(exc.message, exc.param) from None
