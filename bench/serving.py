@@ -352,7 +352,7 @@ def main() -> None:
         for proc in busy:
             proc.kill()
     print(table(results))
-    if args.plot:
+    if args.plot and str(args.plot) not in ("", "."):  # --plot "" draws none
         plot(results, args.plot)
         print(f"plot: {args.plot}")
 
