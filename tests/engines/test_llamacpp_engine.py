@@ -23,7 +23,7 @@ from aicloud.engines.llamacpp.model import ContextConfig
 from aicloud.engines.llamacpp.sequence import Sequence
 from aicloud.engines.llamacpp.slots import common_prefix
 from aicloud.models.catalog import bundled_model
-from aicloud.scheduling.admission import Admitter
+from aicloud.scheduling.admission import AdmittedStream, Admitter
 from aicloud.scheduling.fair_queue import FairQueue, SchedulingConfig
 from tests.conftest import LoopThread
 from tests.engines.checks import check_stop_string_cuts_the_text, running_engine
@@ -280,6 +280,11 @@ class Deliveries:
         """Sequences parked (or sent back to the line) so far, also once the engine closed."""
         return self._batcher.parks
 
+    @property
+    def preempted(self) -> int:
+        """Batch steps cut short for an interactive newcomer so far."""
+        return self._batcher.preempted
+
     def first_step(self, name: str) -> int:
         """The step that made a finished sequence's first token, for one that decoded in
         every step from its first token to its last."""
@@ -528,3 +533,59 @@ def test_a_batch_sequence_in_its_prompt_lends_its_slot_and_keeps_what_it_compute
     assert seen.parks >= 1
     assert texts == [alone] * 4
     assert all(f.usage is not None and f.usage.cached_tokens == 0 for f in finals)
+
+
+def test_an_interactive_request_stops_the_batch_step_in_flight(
+        loop_thread: LoopThread, capfd: pytest.CaptureFixture[str]) -> None:
+    """Batch sequences with long prompts (each in its own cache scope) hold every slot; an
+    interactive request is handed over while a decode of their prompt chunks runs (from
+    inside that decode's call, so the timing is fixed). The decode is stopped and the step
+    cut short: the interactive request's first token comes before any batch sequence's
+    (without preemption the step in flight ends a batch prompt, whose first token comes
+    first). The stopped rows are computed again later: every batch text is still its text
+    alone, and nothing is counted twice (no prompt token reported as cached). llama.cpp's
+    warning for each stopped row stays out of stderr."""
+    spec = bundled_model()
+    engine = LlamaCppEngine(spec.model_id, spec.path,
+                            ContextConfig(sequences=4, context_per_sequence=1024))
+    admitter = Admitter(engine)
+
+    async def scenario() -> tuple[list[TokenEvent], list[TokenEvent], list[str], Deliveries]:
+        await admitter.start()
+        try:
+            loop = asyncio.get_running_loop()
+            numbers = await engine.encode_text(", ".join(str(i) for i in range(1, 80)))
+            fruit = await engine.encode_chat([ChatMessage("user", "Name a fruit.")])
+
+            def bulk(name: str) -> GenerationRequest:
+                return GenerationRequest(name, numbers, GREEDY, 6, tenant="t",
+                                         priority=Priority.BATCH, cache_scope=name)
+
+            alone = [e async for e in await admitter.generate(bulk("alone"))]
+            seen = Deliveries(engine)
+            batcher = engine.batcher
+            decode = batcher._llama_decode
+            asked: list[AdmittedStream] = []
+
+            def hand_over_during_the_decode(measured: bool) -> int:
+                if not asked:  # the first decode of the flood: its prompt chunks
+                    asked.append(asyncio.run_coroutine_threadsafe(admitter.generate(
+                        GenerationRequest("i", fruit, GREEDY, 4, tenant="t")), loop).result())
+                return decode(measured)
+
+            batcher._llama_decode = hand_over_during_the_decode  # type: ignore[method-assign]
+            flood = [await admitter.generate(bulk(f"b{i}")) for i in range(4)]
+            events = [[e async for e in s] for s in flood]
+            await asked[0].final()
+            texts = ["".join(e.text for e in evs) for evs in events]
+            return alone, [evs[-1] for evs in events], texts, seen
+        finally:
+            await admitter.close()
+
+    alone, finals, texts, seen = loop_thread.run(scenario(), timeout=900)
+    assert seen.log[0][0] == "i", "the batch step in flight ran to its end first"
+    assert seen.finals()[0] == "i"
+    assert seen.preempted >= 1
+    assert texts == ["".join(e.text for e in alone)] * 4
+    assert all(f.usage == alone[-1].usage for f in finals)
+    assert "removing memory module entries" not in capfd.readouterr().err

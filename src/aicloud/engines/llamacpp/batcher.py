@@ -10,7 +10,9 @@ that finds none free takes one from a tenant above its share, whose sequence is 
 (`parking.py`); and which sequences decode in each step follows the tenants' counters too
 (`turns.py`). Batch-class sequences yield to interactive ones at every step: while one of
 those runs they sit the steps out, wait for a slot, and lend theirs (parked, or back in
-line before their first token), so batch work uses only capacity left idle.
+line before their first token), so batch work uses only capacity left idle; and a step of
+batch rows only is cut short when an interactive request arrives (`preempt.py`: its
+decode stops between two graph nodes and its rows are computed again later).
 
 Narrow steps are what let a newcomer start fast under load: on a CPU a step of 32
 sequences makes hardly more tokens per second than one of 16, but takes twice as long, and
@@ -35,6 +37,7 @@ from aicloud.engines.llamacpp.constrain import Guidance
 from aicloud.engines.llamacpp.logprobs import LogprobRow, log_softmax, token_logprobs
 from aicloud.engines.llamacpp.model import LlamaModel
 from aicloud.engines.llamacpp.parking import ParkedCells, park, resume
+from aicloud.engines.llamacpp.preempt import ABORTED, AbortFlag
 from aicloud.engines.llamacpp.sampling import build_sampler, free_sampler
 from aicloud.engines.llamacpp.sequence import SeqState, Sequence
 from aicloud.engines.llamacpp.slots import Slot, SlotTable
@@ -84,12 +87,16 @@ class Batcher:
         self.pending: deque[Sequence] = deque()  # submitted, waiting for a slot
         self.parked: dict[Sequence, ParkedCells] = {}  # paused to lend their slot
         self.parks = 0  # sequences parked so far
+        self.preempted = 0  # batch steps cut short for an interactive newcomer
         self.steps = 0
         self.meter = RateMeter()
         self.threads = ThreadTuner(self.config.threads or 1)
         self._threads_set = self.config.threads or 1
         self.guidance = Guidance(model.vocab, model.n_vocab, self.config.threads or 1)
         self._batch = llama_cpp.llama_batch_init(self.config.batch_tokens, 0, 1)
+        self._abort = AbortFlag(model.ctx)
+        self._abortable = False  # a decode of batch rows only is running
+        self._newcomer = False  # an interactive sequence came since the last admission
         self._wake = threading.Condition()
         self._stopping = False
         self._chores: deque[Callable[[], None]] = deque()
@@ -118,6 +125,10 @@ class Batcher:
             if self._stopping:
                 raise RuntimeError("engine is shutting down")
             self.pending.append(seq)
+            if not batch(seq):
+                self._newcomer = True
+                if self._abortable:
+                    self._abort.raise_flag()
             self._wake.notify()
 
     def cancel(self, seq: Sequence) -> None:
@@ -148,6 +159,7 @@ class Batcher:
             self._stopping = True
             self._wake.notify()
         self._thread.join()
+        self._abort.close()
         self.guidance.close()
         llama_cpp.llama_batch_free(self._batch)
 
@@ -196,6 +208,7 @@ class Batcher:
         hold up the others. Returns the sequences that could not be resumed (the lock is
         held)."""
         failed: list[Outcome] = []
+        self._newcomer = False
         yielding = self._yielding()
         for seq in self._by_standing():
             if batch(seq) and yielding:
@@ -359,8 +372,6 @@ class Batcher:
                               lambda s: s.request.tenant, lambda s: s.last_step)
         self.steps += 1
         decodes: list[PlanItem] = [(seq, [seq.last_token], True) for seq in decoding]
-        for seq, _, _ in (*decodes, *prompts):
-            seq.last_step = self.steps
         if self.config.unified_kv:
             return [decodes + prompts] if decodes or prompts else []
         return ([decodes] if decodes else []) + [[item] for item in prompts]
@@ -376,15 +387,19 @@ class Batcher:
             outputs = self._fill(group)
             # masks not already coming (a sequence's first) are computed during this decode
             self.guidance.prefetch([seq.guide for seq, _ in outputs if seq.guide is not None])
-            status = self._llama_decode(all(len(tokens) == 1 for _, tokens, _ in group))
-            if status == 1 and self.slots.drop_idle_caches():
-                status = self._llama_decode(measured=False)
+            status = self._decode_group(group)
+            if status == ABORTED:  # the rest of the step waits: a newcomer goes first
+                self.preempted += 1
+                for seq, _, _ in group:  # llama.cpp removed the cells it had added
+                    self.slots.truncate(self._slot(seq), len(self._slot(seq).tokens))
+                return out
             if status != 0:
                 log.error("llama_decode failed with status %d", status)
                 with self._wake:
                     return out + self._end([s for g in groups[k:] for s, _, _ in g],
                                            FinishReason.ERROR)
             for seq, tokens, _ in group:
+                seq.last_step = self.steps
                 self.slots.append(self._slot(seq), tokens)
                 if seq.state is SeqState.PREFILL:
                     seq.n_past += len(tokens)
@@ -401,6 +416,36 @@ class Batcher:
             self.guidance.prefetch([seq.guide for seq, _, _ in sampled if seq.guide is not None
                                     and seq.state is not SeqState.FINISHED])
         return out
+
+    def _decode_group(self, group: list[PlanItem]) -> int:
+        """One `llama_decode` of `group` (retried once with idle caches dropped when the
+        cache is full). A group of batch rows only is preempted by an interactive request
+        handed over since the last admission: not started if one already is (ABORTED, as
+        if stopped at once), stopped between two graph nodes if one comes meanwhile. Then
+        the step ends and the newcomer is placed: it waits for one graph node, not for
+        the step's remaining prompt chunks and rows (issue 16)."""
+        preemptible = all(batch(seq) for seq, _, _ in group)
+        if preemptible and not self._arm_abort():
+            return ABORTED
+        try:
+            status = self._llama_decode(all(len(tokens) == 1 for _, tokens, _ in group))
+            if status == 1 and self.slots.drop_idle_caches():
+                status = self._llama_decode(measured=False)
+        finally:
+            if preemptible:  # every other decode runs with the flag down
+                with self._wake:
+                    self._abortable = False
+                    self._abort.clear()
+        return status
+
+    def _arm_abort(self) -> bool:
+        """Let `submit` stop the next decode, unless a newcomer already waits."""
+        with self._wake:
+            if self._newcomer:
+                return False
+            self._abort.clear()
+            self._abortable = True
+            return True
 
     def _llama_decode(self, measured: bool) -> int:
         """One llama_decode with the tuner's thread count, or fewer if the shared budget

@@ -10,17 +10,41 @@ import ctypes
 import functools
 import os
 import stat
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import llama_cpp
-from llama_cpp import _logger as llama_logger
+from llama_cpp import _logger  # noqa: F401 - installs its callback first; ours replaces it
 
 from aicloud.engines.base import EngineError
 from aicloud.engines.llamacpp.chat import ControlTokens
 
 GGUF_MAGIC = b"GGUF"
-llama_logger.set_verbose(False)  # llama.cpp's own chatter only at error level
+
+
+class ErrorsOnly:
+    """llama.cpp's log callback: its errors to stderr, its chatter dropped. The one
+    llama-cpp-python installs reads an older ggml level enum (WARN is 3 now, ERROR was), so
+    every warning got through, among them one line per sequence of each decode stopped for
+    an interactive newcomer (`preempt.py`). Called only when llama.cpp logs."""
+
+    ERROR, CONT = 4, 5  # ggml_log_level
+
+    def __init__(self) -> None:
+        self.printing = False  # a continued line follows its first line's level
+        self.callback = llama_cpp.llama_log_callback(self._log)
+
+    def _log(self, level: int, text: bytes | None, _data: ctypes.c_void_p) -> None:
+        if level != self.CONT:
+            self.printing = level == self.ERROR
+        if self.printing and text:
+            sys.stderr.write(text.decode("utf-8", errors="replace"))
+            sys.stderr.flush()
+
+
+LOG = ErrorsOnly()
+llama_cpp.llama_log_set(LOG.callback, ctypes.c_void_p(0))
 
 
 class ModelLoadError(EngineError):
