@@ -27,6 +27,7 @@ from starlette.requests import Request
 from aicloud.accounts.keys import Principal
 from aicloud.api.admission import admit, check_prompt_size
 from aicloud.api.errors import APIError, error_body, invalid
+from aicloud.api.event_stream import EventStream
 from aicloud.api.generation import (
     Run,
     _unwind,
@@ -73,15 +74,14 @@ async def fallbacks_of(cloud: Cloud, model: str) -> list[str]:
 
 
 async def relay_with_fallbacks(request: Request, principal: Principal, body: SamplingFields,
-                               endpoint: str, prefix: str, resolve: Resolve,
+                               endpoint: str, prefix: str, engine: Engine, resolve: Resolve,
                                local: Local) -> StreamingResponse | JSONResponse:
-    """Try `body.model`, then its fallbacks, while each is unavailable; `resolve` finds a
-    model's engine the caller may use (raising the 404 otherwise), `local` runs a local
-    model's route."""
+    """Try `body.model` on `engine` (the route leased it), then its fallbacks, while each
+    is unavailable; `resolve` finds a fallback's engine the caller may use (raising the 404
+    otherwise), `local` runs a local model's route."""
     cloud: Cloud = request.app.state.cloud
     try:
-        return await relay(request, principal, await resolve(body.model), body.model, body,
-                           endpoint, prefix)
+        return await relay(request, principal, engine, body.model, body, endpoint, prefix)
     except EngineUnavailable as exc:
         unavailable = exc  # only now are the fallbacks read: nothing on the happy path
     names = [n for n in dict.fromkeys(await fallbacks_of(cloud, body.model))
@@ -146,9 +146,8 @@ async def relay(request: Request, principal: Principal, engine: Engine, model: s
     headers = {**run.admission.headers, "x-request-id": run.request_id}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return StreamingResponse(relay_events(run, endpoint, include_usage),
-                                 media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **headers})
+        return EventStream(relay_events(run, endpoint, include_usage),
+                           media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
     return JSONResponse(await relay_whole(run, request, endpoint), headers=headers)
 
 

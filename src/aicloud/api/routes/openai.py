@@ -12,6 +12,7 @@ from aicloud.accounts.keys import Principal
 from aicloud.api.admission import admit_request, check_prompt_size
 from aicloud.api.deps import CurrentPrincipal, PoolDep, parse_body
 from aicloud.api.errors import APIError, invalid
+from aicloud.api.event_stream import EventStream
 from aicloud.api.generation import (
     Completed,
     Format,
@@ -221,9 +222,9 @@ async def _respond(request: Request, run: Run, fmt: Format,
                    stream: bool, include_usage: bool) -> StreamingResponse | JSONResponse:
     await begin(run, request)
     if stream:
-        return StreamingResponse(stream_events(run, fmt, include_usage),
-                                 media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **_headers(run)})
+        return EventStream(stream_events(run, fmt, include_usage),
+                           media_type="text/event-stream",
+                           headers={**SSE_HEADERS, **_headers(run)})
     choices, usage = await collect(run, request)
     return JSONResponse(fmt.whole(run, choices, usage), headers=_headers(run))
 
@@ -265,7 +266,7 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
     engine = await engine_for(request, pool, body.model, principal)
     if engine.info().can(RELAY):  # a provider's model: relayed as sent, nothing rendered
         return await relay_with_fallbacks(
-            request, principal, body, CHAT, id_prefix,
+            request, principal, body, CHAT, id_prefix, engine,
             lambda name: engine_for(request, pool, name, principal),
             lambda name: run_chat(request, principal, pool,
                                   body.model_copy(update={"model": name}), id_prefix))
@@ -323,7 +324,7 @@ async def run_completion(request: Request, principal: Principal, pool: ModelPool
     engine = await engine_for(request, pool, body.model, principal)
     if engine.info().can(RELAY):
         return await relay_with_fallbacks(
-            request, principal, body, TEXT, "cmpl",
+            request, principal, body, TEXT, "cmpl", engine,
             lambda name: engine_for(request, pool, name, principal),
             lambda name: run_completion(request, principal, pool,
                                         body.model_copy(update={"model": name})))

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from aicloud.accounts.keys import Principal
 from aicloud.api.deps import CloudDep, CurrentPrincipal, PoolDep, parse_body
 from aicloud.api.errors import APIError, invalid, validation_message
+from aicloud.api.event_stream import EventStream
 from aicloud.api.openapi import request_body
 from aicloud.api.routes.openai import SSE_HEADERS, run_chat
 from aicloud.api.schemas import ChatCompletionRequest
@@ -92,7 +93,7 @@ async def create_response(request: Request, principal: CurrentPrincipal, pool: P
     response = ResponseObject("", body)  # takes the chat completion's id, the ledger's key
     headers = {k: v for k, v in result.headers.items() if k not in BODY_HEADERS}
     if isinstance(result, StreamingResponse):
-        return StreamingResponse(
+        return EventStream(
             _events(result.body_iterator, EventWriter(response), cloud, principal, items,
                     conversation),
             media_type="text/event-stream", headers={**headers, **SSE_HEADERS})
