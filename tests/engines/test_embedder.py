@@ -20,8 +20,9 @@ from aicloud.engines.base import (
     GenerationRequest,
     SamplingParams,
 )
-from aicloud.engines.llamacpp.embedder import pooling_of
+from aicloud.engines.llamacpp.embedder import Embedder, pooling_of
 from aicloud.engines.llamacpp.engine import LlamaCppEngine
+from aicloud.engines.llamacpp.headless import NormTap
 from aicloud.engines.llamacpp.model import ContextConfig
 from tests.conftest import LoopThread
 from tests.engines.checks import running_engine
@@ -121,3 +122,86 @@ def test_a_vector_does_not_depend_on_the_thread_count(engine: LlamaCppEngine,
     finally:
         embedder.threads.current = 1
     assert np.abs(at[0] - at[1]).max() < 1e-6
+
+
+def reference(engine: LlamaCppEngine, pooling: int, tokens: list[int]) -> np.ndarray:
+    """llama.cpp's own pooled unit vector: a plain embedding context, whole graph."""
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = 256
+    cparams.n_seq_max, cparams.n_threads, cparams.n_threads_batch = 1, 1, 1
+    cparams.embeddings, cparams.pooling_type = True, pooling
+    cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = llama_cpp.llama_init_from_model(engine.model.model, cparams)
+    batch = llama_cpp.llama_batch_init(256, 0, 1)
+    try:
+        for pos, token in enumerate(tokens):
+            batch.token[pos], batch.pos[pos], batch.n_seq_id[pos] = token, pos, 1
+            batch.seq_id[pos][0], batch.logits[pos] = 0, 1
+        batch.n_tokens = len(tokens)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+        n_embd = llama_cpp.llama_model_n_embd(engine.model.model)
+        raw = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(ctx, 0),
+                                    shape=(n_embd,)).astype(np.float64)
+        return raw / np.linalg.norm(raw)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+
+
+def embedder_with(engine: LlamaCppEngine, pooling: int) -> Embedder:
+    """A second embedder on the engine's model, driven directly on this thread."""
+    return Embedder(engine.model, pooling, 256, 1, 512, lambda chore: chore())
+
+
+def test_the_output_head_is_skipped(engine: LlamaCppEngine, loop_thread: LoopThread) -> None:
+    """Every decode's graph stops at the final norm, before the 49k-row output head."""
+    embedder = engine._embedder
+    assert embedder is not None and embedder.tap is not None and embedder.tap.stopping
+    before = embedder.tap.stops
+    loop_thread.run(embed(engine, TEXTS))
+    assert embedder.tap.stops - before == len(TEXTS)
+
+
+@pytest.mark.parametrize("pooling", [llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                                     llama_cpp.LLAMA_POOLING_TYPE_CLS,
+                                     llama_cpp.LLAMA_POOLING_TYPE_LAST])
+def test_headless_vectors_equal_llama_cpp_pooling(engine: LlamaCppEngine,
+                                                  loop_thread: LoopThread, pooling: int) -> None:
+    """Pooled here from the final norm's rows, a vector is llama.cpp's own to 1e-6."""
+    embedder = embedder_with(engine, pooling)
+    try:
+        assert embedder.tap is not None and embedder.tap.stopping
+        for text in TEXTS + SENTENCES[:2]:
+            tokens = loop_thread.run(engine.encode_text(text))
+            stops = embedder.tap.stops
+            vector = np.array(embedder._embed_one(tokens))
+            assert embedder.tap.stops == stops + 1
+            assert np.abs(vector - reference(engine, pooling, tokens)).max() < 1e-6, text
+    finally:
+        embedder.close()
+
+
+def test_a_model_whose_norm_is_not_found_computes_the_whole_graph(
+        engine: LlamaCppEngine, loop_thread: LoopThread,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check decode decides: no rows (or rows that pool to another vector, as dense
+    layers after pooling would make) and the embedder keeps llama.cpp's whole graph."""
+    monkeypatch.setattr(NormTap, "NODE", b"no_such_node")
+    embedder = embedder_with(engine, llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+    try:
+        assert embedder.tap is None
+        tokens = loop_thread.run(engine.encode_text(TEXTS[0]))
+        vector = np.array(embedder._embed_one(tokens))
+        expected = reference(engine, llama_cpp.LLAMA_POOLING_TYPE_MEAN, tokens)
+        assert np.abs(vector - expected).max() < 1e-6
+    finally:
+        embedder.close()
+
+
+def test_rows_that_pool_to_another_vector_are_not_used() -> None:
+    tap = NormTap(4)
+    tap.rows = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], dtype=np.float32)
+    mean = np.array([1, 1, 0, 0]) / np.sqrt(2)
+    assert tap.verify(llama_cpp.LLAMA_POOLING_TYPE_MEAN, mean) and tap.stopping
+    assert not tap.verify(llama_cpp.LLAMA_POOLING_TYPE_LAST, mean) and not tap.stopping
+    assert not tap.verify(llama_cpp.LLAMA_POOLING_TYPE_RANK, mean)

@@ -17,10 +17,12 @@ only, not every cell of a packed batch. On a CPU a decode of a few dozen rows is
 compute-bound (the weights are read once per decode, a few ms against ~100 ms of
 arithmetic for 24 tokens here), so packing saved nothing to pay for that.
 
-llama.cpp computes the model's output head for every row of an embedding context too
-(about a fifth of SmolLM2's arithmetic per row; only a graph without it would avoid that).
-The thread count is re-decided by measuring, as for generation (threads.py): beside a busy
-neighbour, spinning workers make two threads slower than one.
+llama.cpp computes the model's output head for every row of an embedding context too,
+whose result nobody reads: an eval callback stops each decode's graph at the final norm
+instead, and the norm's rows are pooled here (headless.py), once a check decode has shown
+that they pool to llama.cpp's own vector. The thread count is re-decided by measuring, as
+for generation (threads.py): beside a busy neighbour, spinning workers make two threads
+slower than one.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import llama_cpp
 import numpy as np
 
 from aicloud.engines.base import EngineError
+from aicloud.engines.llamacpp.headless import NormTap, pool, unit
 from aicloud.engines.llamacpp.model import LlamaModel
 from aicloud.engines.llamacpp.threads import ThreadTuner
 
@@ -96,6 +99,7 @@ class EmbeddingJob:
 
 
 Item = tuple[EmbeddingJob, int]
+NULL_CONTEXT = llama_cpp.llama_context_p(0)  # None as llama.cpp sees it
 
 
 class Embedder:
@@ -112,12 +116,19 @@ class Embedder:
         self.threads = ThreadTuner(threads)
         self._threads_set = threads
         self._schedule = schedule
-        self._ctx = self._new_context(threads)
-        self._batch = llama_cpp.llama_batch_init(window, 0, 1)
         self._pending: deque[Item] = deque()
         self._lock = threading.Lock()
         self._scheduled = False
         self._closed = False
+        self.tap: NormTap | None = NormTap(self.n_embd) if pooling in NormTap.POOLINGS else None
+        self._batch = llama_cpp.llama_batch_init(window, 0, 1)
+        self._ctx = NULL_CONTEXT
+        try:
+            self._ctx = self._new_context(threads)
+            self._check_tap()
+        except BaseException:
+            self.close()
+            raise
 
     def _new_context(self, threads: int) -> llama_cpp.llama_context_p:
         cparams = llama_cpp.llama_context_default_params()
@@ -131,12 +142,36 @@ class Embedder:
         cparams.pooling_type = self.pooling
         cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cparams.no_perf = True
+        if self.tap is not None:
+            cparams.cb_eval = self.tap.callback
         ctx: llama_cpp.llama_context_p = llama_cpp.llama_init_from_model(self.model.model,
                                                                          cparams)
         if not ctx:
             raise EngineError("llama.cpp could not create the embedding context "
                               "(out of memory?)")
         return ctx
+
+    def _check_tap(self) -> None:
+        """One decode with the whole graph: if the final norm's rows pool to llama.cpp's
+        own vector, later decodes stop before the output head; if not (dense layers after
+        pooling, a norm by another name), the context is made again without the callback,
+        which then costs nothing. (It runs on the loading thread, so the process then has
+        a second OpenMP team, which by itself shortens libgomp's spinning at every barrier
+        of every decode: docs/benchmarks.md, Embeddings, Session 8.)"""
+        tap = self.tap
+        if tap is None:
+            return
+        tokens = self.model.tokenize("The keeper climbs the stair to light the lamp.",
+                                     special=False)[: self.window]
+        self._decode(tokens)
+        if tap.verify(self.pooling, self._pooled()):
+            log.info("%s: embeddings skip the output head", self.model.path.name)
+            return
+        log.info("%s: embeddings compute the whole graph (the final norm's rows do not "
+                 "pool to llama.cpp's vector)", self.model.path.name)
+        llama_cpp.llama_free(self._ctx)
+        self._ctx, self.tap = NULL_CONTEXT, None
+        self._ctx = self._new_context(self._threads_set)
 
     # -- the event loop -------------------------------------------------------------------
 
@@ -196,6 +231,21 @@ class Embedder:
         return items
 
     def _embed_one(self, tokens: list[int]) -> list[float]:
+        n = self.threads.threads()
+        if n != self._threads_set:
+            llama_cpp.llama_set_n_threads(self._ctx, n, n)
+            self._threads_set = n
+        start = time.perf_counter()
+        self._decode(tokens)
+        self.threads.record(len(tokens), time.perf_counter() - start)
+        rows = self.tap.rows if self.tap is not None else None
+        # the tap's rows when it stopped the graph; llama.cpp's vector when the graph ran
+        # to its end (no tap, or rows the tap did not recognise as one per token)
+        vector: list[float] = (pool(rows, self.pooling) if rows is not None
+                               else self._pooled()).astype(np.float32).tolist()
+        return vector
+
+    def _decode(self, tokens: list[int]) -> None:
         batch = self._batch
         for pos, token in enumerate(tokens):
             batch.token[pos], batch.pos[pos], batch.n_seq_id[pos] = token, pos, 1
@@ -203,30 +253,24 @@ class Embedder:
             batch.logits[pos] = 1  # pooling reads every row
         batch.n_tokens = len(tokens)
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
-        n = self.threads.threads()
-        if n != self._threads_set:
-            llama_cpp.llama_set_n_threads(self._ctx, n, n)
-            self._threads_set = n
-        start = time.perf_counter()
+        if self.tap is not None:
+            self.tap.expect(len(tokens))
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status}")
-        self.threads.record(len(tokens), time.perf_counter() - start)
-        return self._vector()
 
-    def _vector(self) -> list[float]:
+    def _pooled(self) -> np.ndarray:
+        """llama.cpp's own pooled vector of the last decode, as a unit vector."""
         pointer = llama_cpp.llama_get_embeddings_seq(self._ctx, 0)
         if not pointer:
             raise EngineError("llama.cpp has no pooled embedding for the input")
-        raw = np.ctypeslib.as_array(pointer, shape=(self.n_embd,)).astype(np.float64)
-        norm = float(np.linalg.norm(raw))
-        unit = raw / norm if norm > 0 else raw
-        vector: list[float] = unit.astype(np.float32).tolist()
-        return vector
+        return unit(np.ctypeslib.as_array(pointer, shape=(self.n_embd,)).astype(np.float64))
 
     def close(self) -> None:
         """Free the context; once, after the batcher thread (its only user) has stopped."""
         if not self._closed:
             self._closed = True
             llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self._ctx)
+            if self._ctx:
+                llama_cpp.llama_free(self._ctx)
+                self._ctx = NULL_CONTEXT
