@@ -387,3 +387,36 @@ def test_loads_waiting_for_room_do_not_block_each_other(tmp_path: Path) -> None:
         running.finish()
 
     run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario, fit_wait=5.0)
+
+
+def test_loads_waiting_for_room_get_it_in_the_order_they_began(tmp_path: Path) -> None:
+    """c waits for room behind two young models; d, asked for later, must not take the
+    room c was waiting for (a load just begun used to evict before the waiters woke)."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        await call(pool, "d")
+        await pool.unload("d")  # measured now: its next load goes straight for room
+        await call(pool, "a")
+        await call(pool, "b")
+        waiting_c = asyncio.ensure_future(call(pool, "c"))
+        await until(lambda: states(pool)["c"] == "loading")
+        await asyncio.sleep(0.4)  # a and b are now old enough to be evicted
+        await asyncio.gather(waiting_c, call(pool, "d"))
+        assert world.starts == ["d", "a", "b", "c", "d"]
+
+    run(tmp_path, [entry("a"), entry("b"), entry("c"), entry("d")], scenario,
+        min_residency=0.3, tick=0.5, fit_wait=30.0)
+
+
+def test_a_load_waiting_for_room_evicts_once_the_minimum_residency_ends(
+        tmp_path: Path) -> None:
+    """Nothing happens when an idle model's minimum residency ends: the waiting load
+    looks again at that moment, not only at its next tick (here longer than the wait)."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        await call(pool, "a")
+        await call(pool, "b")
+        await asyncio.wait_for(call(pool, "c"), 5.0)
+        assert states(pool) == {"a": "unloaded", "b": "ready", "c": "ready"}
+
+    run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario,
+        min_residency=0.3, tick=60.0, fit_wait=60.0)
+

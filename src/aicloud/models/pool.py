@@ -345,6 +345,7 @@ class ModelPool:
         self._created = int(time.time())
         self._load_lock = asyncio.Lock()
         self._room = _Room()
+        self._room_line: list[PooledModel] = []  # loads waiting for room, oldest first
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         for model_id, engine in (engines or {}).items():
@@ -551,22 +552,47 @@ class ModelPool:
 
     async def _make_room(self, model: PooledModel) -> None:
         """Unload idle models, least recently used first, until `model` fits; wait for
-        busy ones up to `fit_wait`, then refuse (503: nothing is wrong with the model)."""
+        busy ones up to `fit_wait`, then refuse (503: nothing is wrong with the model).
+
+        Loads waiting for room get it in the order they began: only the oldest evicts,
+        and a later one fits only beside what the earlier ones still need. Before, any
+        waiter (or a load just begun) took the room as soon as it saw some, and with ten
+        models on three models' memory one load starved behind newer ones until its
+        requests got 503s (bench/pool.py: loads waited 22-29 s while newer ones took 2 s)."""
         deadline = time.monotonic() + self.config.fit_wait
-        while self.used() + model.need > self.config.memory_budget:
-            woken = self._room.waiter()
-            now = time.monotonic()
-            victims = [m for m in self._models.values() if m is not model
-                       and m.evictable(now, self.config.min_residency)]
-            if victims:
-                await self._unload(min(victims, key=lambda m: m.last_used), "evicted")
-                continue
-            if now >= deadline:
-                raise EngineUnavailable(
-                    f"The model '{model.entry.id}' does not fit in memory beside the models "
-                    "busy now; retry shortly.", retry_after=self.config.retry_after)
-            await self._room.wait(woken, min(deadline - now, self.config.tick))
-        model.reserved = True  # no await since the check: two loads cannot both fit
+        self._room_line.append(model)
+        try:
+            while not self._fits(model):
+                woken = self._room.waiter()
+                now = time.monotonic()
+                victims = [m for m in self._models.values() if m is not model
+                           and m.evictable(now, self.config.min_residency)]
+                if victims and self._room_line[0] is model:
+                    await self._unload(min(victims, key=lambda m: m.last_used), "evicted")
+                    continue
+                if now >= deadline:
+                    raise EngineUnavailable(
+                        f"The model '{model.entry.id}' does not fit in memory beside the "
+                        "models busy now; retry shortly.", retry_after=self.config.retry_after)
+                await self._room.wait(woken, min(deadline - now, self._recheck_in(now)))
+            model.reserved = True  # no await since the check: two loads cannot both fit
+        finally:
+            self._room_line.remove(model)
+            self.wake()  # the next in line may fit now, or be the one to evict
+
+    def _fits(self, model: PooledModel) -> bool:
+        """Whether `model` fits beside the loaded models and the loads ahead of it."""
+        ahead = self._room_line[: self._room_line.index(model)]
+        needed = self.used() + sum(m.need for m in ahead) + model.need
+        return needed <= self.config.memory_budget
+
+    def _recheck_in(self, now: float) -> float:
+        """Seconds until an idle model's minimum residency ends (nothing wakes a waiting
+        load then), at most `tick`."""
+        ends = [m.loaded_at + self.config.min_residency - now for m in self._models.values()
+                if m.state is ModelState.READY and m.in_flight == 0 and not m.waiters
+                and now - m.loaded_at < self.config.min_residency]
+        return max(0.001, min([self.config.tick, *ends]))
 
     def used(self) -> int:
         return sum(m.need for m in self._models.values() if m.holds_memory)
