@@ -420,3 +420,40 @@ def test_a_load_waiting_for_room_evicts_once_the_minimum_residency_ends(
     run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario,
         min_residency=0.3, tick=60.0, fit_wait=60.0)
 
+
+def test_a_reload_beside_an_unload_is_counted_at_what_the_model_takes(tmp_path: Path) -> None:
+    """b's unload while a reloads must not make a's load read as free (its growth and b's
+    freed memory cancel): a stays counted at 100 MB, not at the 1 byte a reload measured."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        await call(pool, "a")
+        await call(pool, "b")
+        await pool.unload("a")
+        world.gate = asyncio.Event()
+        reloading = asyncio.ensure_future(call(pool, "a"))
+        await until(lambda: world.starts.count("a") == 2)
+        unloading = asyncio.ensure_future(pool.unload("b"))
+        await asyncio.sleep(0.05)
+        world.gate.set()
+        await asyncio.gather(reloading, unloading)
+        assert {v.id: v.memory_bytes for v in pool.views()} == {"a": 100 * MB, "b": 100 * MB}
+
+    run(tmp_path, [entry("a"), entry("b")], scenario)
+
+
+def test_memory_the_process_kept_beyond_its_models_counts_against_the_budget(
+        tmp_path: Path) -> None:
+    """100 MB the process holds beyond its loaded models (an allocator that kept what an
+    unload freed) leaves room for one model, not two; with none loaded, a model that fits
+    the budget still loads."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        await call(pool, "a")
+        world.resident += 100 * MB
+        assert pool.unaccounted() == 100 * MB
+        await call(pool, "b")
+        assert states(pool) == {"a": "unloaded", "b": "ready", "c": "unloaded"}
+        await pool.unload("b")
+        world.resident += 100 * MB  # now 200 MB beyond: c alone exceeds the budget with it
+        await call(pool, "c")
+        assert states(pool)["c"] == "ready"
+
+    run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario)
