@@ -457,3 +457,16 @@ def test_memory_the_process_kept_beyond_its_models_counts_against_the_budget(
         assert states(pool)["c"] == "ready"
 
     run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario)
+
+
+def test_what_an_unload_freed_replaces_a_higher_estimate(tmp_path: Path) -> None:
+    """Estimated at 100 MB, `a` takes 60: counted at 100 until its unload measures 60, and
+    at 60 from then on (its next load's growth reads no more)."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        await call(pool, "a")
+        await pool.unload("a")
+        assert {v.id: v.memory_bytes for v in pool.views()}["a"] == 60 * MB
+        await call(pool, "a")
+        assert {v.id: v.memory_bytes for v in pool.views()}["a"] == 60 * MB
+
+    run(tmp_path, [entry("a", 100, options={"real_mb": 60})], scenario)
