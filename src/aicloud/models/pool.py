@@ -523,9 +523,9 @@ class ModelPool:
         if before is not None and after is not None and model.need > 0:
             # llama.cpp's buffers become resident only as they are first written, so right
             # after a load the growth reads low: it never lowers what the model is counted
-            # for (its estimate, or what its last unload freed). A reload counted at its
-            # growth alone took 50-110 MiB instead of ~175, and five SmolLM2s were loaded
-            # on a budget for three (bench/pool.py)
+            # for (its estimate, or what its last unload freed). Reloads counted at their
+            # growth alone let five SmolLM2s be loaded, counted at 561 MiB together, on a
+            # budget of 720 for three (bench/pool.py: the process grew by 870 MiB)
             model.need, model.measured = max(after - before, model.need, 1), True
         if self._models.get(entry.id) is not model:  # removed from the catalog meanwhile
             await _quietly_close(engine)
