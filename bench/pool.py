@@ -21,6 +21,7 @@ not lost; lost requests are those that failed otherwise.
 
     python bench/pool.py                                # 10 models, 300 requests, 3 in memory
     python bench/pool.py --requests 40 --rate 1 --policies aicloud ollama   # a quick check
+    python bench/pool.py --policies aicloud aicloud-own-threads   # what the shared threads do
 """
 
 from __future__ import annotations
@@ -239,10 +240,14 @@ class Counting:
 
 
 class AicloudPolicy:
-    def __init__(self, args: Args) -> None:
+    """`shared_threads=False` (policy `aicloud-own-threads`): the same pool, each engine
+    decoding with its own threads as the other policies do, to tell what the shared
+    thread budget costs or saves on a given machine."""
+
+    def __init__(self, args: Args, shared_threads: bool = True) -> None:
         cores = default_threads()
         self.timing = Timing()
-        self.threads = TimedBudget(cores)
+        self.threads = TimedBudget(cores) if shared_threads else None
         kinds = EngineKinds(
             {EngineKind.LLAMACPP: lambda e: Admitter(TimedEngine(
                 self.timing, e.id, layout(args, cores), self.threads), FairQueue())},
@@ -410,8 +415,8 @@ async def one(policy: Any, k: int, arrival: float, start: float, args: Args,
 
 async def run_policy(name: str, args: Args) -> Result:
     policy: Any
-    if name == "aicloud":
-        policy = AicloudPolicy(args)
+    if name in ("aicloud", "aicloud-own-threads"):
+        policy = AicloudPolicy(args, shared_threads=name == "aicloud")
     else:
         policy = SimplePolicy(args, 3 if name == "ollama" else 1)
     base = resident_bytes() or 0
