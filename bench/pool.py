@@ -21,16 +21,19 @@ not lost; lost requests are those that failed otherwise.
 
     python bench/pool.py                                # 10 models, 300 requests, 3 in memory
     python bench/pool.py --requests 40 --rate 1 --policies aicloud ollama   # a quick check
+    python bench/pool.py --policies aicloud aicloud-own-threads   # what the shared threads do
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -71,6 +74,7 @@ class Args:
     context: int
     sequences: int
     seed: int
+    trace: str | None = None
 
 
 @dataclass(slots=True)
@@ -82,6 +86,12 @@ class Outcome:
     done: float | None = None  # seconds from arrival to the last token
     refused: bool = False
     error: str | None = None
+    # seconds from arrival to each stage (for --trace): the model leased (loaded), the
+    # prompt tokenized, the request handed to the engine by the admission layer
+    leased: float | None = None
+    encoded: float | None = None
+    admitted: float | None = None
+    refusal: str | None = None
 
 
 @dataclass(slots=True)
@@ -144,6 +154,62 @@ def need(args: Args) -> int:
                          batch_tokens=512).total
 
 
+# -- what --trace records --------------------------------------------------------------------
+
+
+class Timing:
+    """Besides each request's stages: every load and unload of an engine (when its start
+    began, as seconds into the run, and how long it and its close took), when each request
+    was handed to its engine, and how long decodes waited for the shared threads."""
+
+    def __init__(self) -> None:
+        self.origin = time.perf_counter()
+        self.engines: list[dict[str, Any]] = []
+        self.admitted: dict[str, float] = {}
+        self.memory: list[tuple[float, int, int]] = []  # (second, resident, counted) MiB
+
+
+class TimedEngine(LlamaCppEngine):
+    def __init__(self, timing: Timing, model_id: str, config: ContextConfig,
+                 threads_budget: ThreadBudget | None = None) -> None:
+        super().__init__(model_id, bundled_model().path, config, threads_budget=threads_budget)
+        self.timing = timing
+
+    async def start(self) -> None:
+        began = time.perf_counter()
+        await super().start()
+        self.timing.engines.append({"model": self.model_id, "at": began - self.timing.origin,
+                                    "start_s": time.perf_counter() - began})
+
+    async def close(self) -> None:
+        began = time.perf_counter()
+        await super().close()
+        self.timing.engines.append({"model": self.model_id, "at": began - self.timing.origin,
+                                    "close_s": time.perf_counter() - began})
+
+    async def generate(self, request: GenerationRequest) -> Any:
+        self.timing.admitted[request.request_id] = time.perf_counter()
+        return await super().generate(request)
+
+
+class TimedBudget(ThreadBudget):
+    """The shared decode threads, with the time callers waited for them summed."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__(total)
+        self.waited = 0.0
+        self.takes = 0
+        self._sum = threading.Lock()
+
+    def take(self, wanted: int, *, exact: bool = False) -> int:
+        began = time.perf_counter()
+        got = super().take(wanted, exact=exact)
+        with self._sum:
+            self.waited += time.perf_counter() - began
+            self.takes += 1
+        return got
+
+
 # -- the policies: each gives a loaded engine for a request, for as long as it runs ----------
 
 
@@ -174,12 +240,17 @@ class Counting:
 
 
 class AicloudPolicy:
-    def __init__(self, args: Args) -> None:
+    """`shared_threads=False` (policy `aicloud-own-threads`): the same pool, each engine
+    decoding with its own threads as the other policies do, to tell what the shared
+    thread budget costs or saves on a given machine."""
+
+    def __init__(self, args: Args, shared_threads: bool = True) -> None:
         cores = default_threads()
-        budget = ThreadBudget(cores)
+        self.timing = Timing()
+        self.threads = TimedBudget(cores) if shared_threads else None
         kinds = EngineKinds(
-            {EngineKind.LLAMACPP: lambda e: Admitter(LlamaCppEngine(
-                e.id, e.path, layout(args, cores), threads_budget=budget), FairQueue())},
+            {EngineKind.LLAMACPP: lambda e: Admitter(TimedEngine(
+                self.timing, e.id, layout(args, cores), self.threads), FairQueue())},
             {EngineKind.LLAMACPP: lambda e: need(args)})
         self.budget = int(args.budget_models * need(args))
         self.pool = ModelPool(kinds=kinds, config=PoolConfig(memory_budget=self.budget))
@@ -221,7 +292,7 @@ class SimplePolicy:
     def __init__(self, args: Args, capacity: int) -> None:
         self.args, self.capacity = args, capacity
         self.budget = int(capacity * need(args))
-        self.engines: OrderedDict[str, LlamaCppEngine] = OrderedDict()  # LRU first
+        self.engines: OrderedDict[str, TimedEngine] = OrderedDict()  # LRU first
         self.loading: set[str] = set()
         self.busy: dict[str, int] = {}
         self.last_used: dict[str, float] = {}
@@ -229,6 +300,8 @@ class SimplePolicy:
         self.changed = asyncio.Condition()
         self.load_lock = asyncio.Lock()
         self.load_count = 0
+        self.timing = Timing()
+        self.threads: TimedBudget | None = None  # each engine decodes with its own
         self.reaper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -245,12 +318,12 @@ class SimplePolicy:
                             and not self.busy.get(m) and time.monotonic() - t > 300]:
                     await self.engines.pop(mid).close()
 
-    def _take(self, model_id: str) -> LlamaCppEngine:
+    def _take(self, model_id: str) -> TimedEngine:
         self.engines.move_to_end(model_id)
         self.busy[model_id] = self.busy.get(model_id, 0) + 1
         return self.engines[model_id]
 
-    async def _ready(self, model_id: str) -> LlamaCppEngine:
+    async def _ready(self, model_id: str) -> TimedEngine:
         async with self.changed:
             if model_id in self.engines and not (self.capacity == 1 and self.waiting):
                 return self._take(model_id)
@@ -272,8 +345,8 @@ class SimplePolicy:
                 self.waiting -= 1
         try:
             async with self.load_lock:
-                engine = LlamaCppEngine(model_id, bundled_model().path,
-                                        layout(self.args, default_threads()))
+                engine = TimedEngine(self.timing, model_id,
+                                     layout(self.args, default_threads()))
                 await engine.start()
                 self.load_count += 1
         finally:
@@ -318,26 +391,32 @@ async def one(policy: Any, k: int, arrival: float, start: float, args: Args,
     model_id = entry(k).id
     outcome.cold = not policy.loaded(model_id)
     began = time.perf_counter()
+    request_id = f"r{arrival}"
     try:
         async with policy.engine(model_id) as engine:
+            outcome.leased = time.perf_counter() - began
             tokens = await engine.encode_chat(
                 [ChatMessage("user", f"Write one sentence about {TOPICS[k % len(TOPICS)]}.")])
-            request = GenerationRequest(f"r{arrival}", tokens, SamplingParams(temperature=0),
+            outcome.encoded = time.perf_counter() - began
+            request = GenerationRequest(request_id, tokens, SamplingParams(temperature=0),
                                         args.max_tokens, tenant=f"t{k}")
             async for event in await engine.generate(request):
                 if outcome.ttft is None and event.completion_tokens:
                     outcome.ttft = time.perf_counter() - began
             outcome.done = time.perf_counter() - began
-    except EngineUnavailable:
+        handed = policy.timing.admitted.get(request_id)
+        outcome.admitted = None if handed is None else handed - began
+    except EngineUnavailable as exc:
         outcome.refused = True
+        outcome.refusal = f"after {time.perf_counter() - began:.1f} s: {exc.message}"
     except Exception as exc:
         outcome.error = f"{type(exc).__name__}: {exc}"
 
 
 async def run_policy(name: str, args: Args) -> Result:
     policy: Any
-    if name == "aicloud":
-        policy = AicloudPolicy(args)
+    if name in ("aicloud", "aicloud-own-threads"):
+        policy = AicloudPolicy(args, shared_threads=name == "aicloud")
     else:
         policy = SimplePolicy(args, 3 if name == "ollama" else 1)
     base = resident_bytes() or 0
@@ -345,16 +424,22 @@ async def run_policy(name: str, args: Args) -> Result:
     stop = asyncio.Event()
 
     async def sample() -> None:
+        ticks = 0
         while not stop.is_set():
-            result.peak_memory = max(result.peak_memory, (resident_bytes() or 0) - base)
-            result.peak_counted = max(result.peak_counted, policy.counted())
+            grown, counted = (resident_bytes() or 0) - base, policy.counted()
+            result.peak_memory = max(result.peak_memory, grown)
+            result.peak_counted = max(result.peak_counted, counted)
+            if ticks % 5 == 0:
+                policy.timing.memory.append((round(time.perf_counter() - policy.timing.origin,
+                                                   2), grown >> 20, counted >> 20))
+            ticks += 1
             await asyncio.sleep(0.05)
 
     await policy.start()
     sampler = asyncio.ensure_future(sample())
     plan = schedule(args)
     result.outcomes = [Outcome(k, at, False) for at, k in plan]
-    start = time.perf_counter()
+    start = policy.timing.origin = time.perf_counter()
     await asyncio.gather(*(one(policy, k, at, start, args, o)
                            for (at, k), o in zip(plan, result.outcomes, strict=True)))
     result.wall = time.perf_counter() - start
@@ -362,7 +447,20 @@ async def run_policy(name: str, args: Args) -> Result:
     stop.set()
     await sampler
     await policy.close()
+    if args.trace:
+        write_trace(f"{args.trace}.{name}.json", result, policy)
     return result
+
+
+def write_trace(path: str, result: Result, policy: Any) -> None:
+    """Every request's stages, every engine start and close, the memory samples."""
+    threads = policy.threads
+    with open(path, "w") as fh:
+        json.dump({"policy": result.policy,
+                   "requests": [dataclasses.asdict(o) for o in result.outcomes],
+                   "engines": policy.timing.engines, "memory": policy.timing.memory,
+                   "thread_wait_s": None if threads is None else round(threads.waited, 3),
+                   "thread_takes": None if threads is None else threads.takes}, fh)
 
 
 def child(name: str, args: Args) -> None:
@@ -385,10 +483,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--sequences", type=int, default=4)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--trace", help="write each policy's requests' stages, loads and "
+                        "memory samples to TRACE.<policy>.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     args = Args(ns.models, ns.requests, ns.rate, ns.zipf, ns.budget_models, ns.max_tokens,
-                ns.deadline, ns.context, ns.sequences, ns.seed)
+                ns.deadline, ns.context, ns.sequences, ns.seed, ns.trace)
     if ns.child:
         child(ns.child, args)
         return

@@ -12,7 +12,7 @@ import pytest
 
 from aicloud.engines.base import ChatMessage
 from aicloud.engines.llamacpp.chat import ChatTemplate
-from aicloud.engines.llamacpp.model import ContextConfig, LlamaModel
+from aicloud.engines.llamacpp.model import ContextConfig, LlamaModel, VocabOnly
 from aicloud.engines.llamacpp.sandbox import RenderLimits, TemplateLimitError
 from aicloud.engines.vllm import HfChatTokenizer
 from aicloud.models.catalog import bundled_model
@@ -44,6 +44,17 @@ def template(model: LlamaModel) -> Iterator[ChatTemplate]:
 def controls_in(model: LlamaModel, ids: list[int]) -> list[int]:
     wanted = set(model.controls.ids.values())
     return [t for t in ids if t in wanted]
+
+
+def test_control_tokens_are_scanned_once_per_file(model: LlamaModel) -> None:
+    """Every load of a file (a pool reloads models, and serves one file under several
+    ids) shares its first scan of the vocabulary instead of walking it again."""
+    again = VocabOnly(model.path)
+    try:
+        assert again.controls is model.controls
+        assert "<|im_start|>" in again.controls.ids
+    finally:
+        again.close()
 
 
 @pytest.mark.parametrize("source", [None, TRIMMING], ids=["model", "trimming"])

@@ -52,6 +52,27 @@ def test_decoder_model_without_pooling_gets_mean(engine: LlamaCppEngine) -> None
     assert engine.info().capabilities == frozenset({GENERATE, EMBED})
 
 
+def test_the_embedding_context_is_made_by_the_first_embeddings_request(
+        loop_thread: LoopThread) -> None:
+    """A model loaded to generate does not set up a second context at load (a cold
+    request's load waited ~0.1 s for it); the first embeddings request makes it, once,
+    however many ask at the same time."""
+    async def at_once(engine: LlamaCppEngine) -> list[np.ndarray]:
+        return await asyncio.gather(*(embed(engine, [t]) for t in TEXTS))
+
+    for engine in running_engine(loop_thread, ContextConfig(sequences=1,
+                                                            context_per_sequence=128,
+                                                            threads=1)):
+        assert engine._embedder is None
+        assert EMBED in engine.info().capabilities
+        first = loop_thread.run(at_once(engine))
+        made = engine._embedder
+        assert made is not None
+        again = loop_thread.run(embed(engine, TEXTS))
+        assert engine._embedder is made
+        assert np.abs(np.vstack(first) - again).max() < 1e-6
+
+
 def test_vectors_are_unit_and_independent_of_the_batch(engine: LlamaCppEngine,
                                                        loop_thread: LoopThread) -> None:
     """Packed in any order (so at other offsets in the decode), an input keeps its vector
@@ -110,8 +131,7 @@ def test_a_vector_does_not_depend_on_the_thread_count(engine: LlamaCppEngine,
                                                       loop_thread: LoopThread) -> None:
     """The embedder re-decides its thread count while serving (threads.py), so a vector
     must come out the same at any count."""
-    embedder = engine._embedder
-    assert embedder is not None
+    embedder = loop_thread.run(engine._embedding())
     counts = (1, 2)
     try:
         at = []

@@ -387,3 +387,86 @@ def test_loads_waiting_for_room_do_not_block_each_other(tmp_path: Path) -> None:
         running.finish()
 
     run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario, fit_wait=5.0)
+
+
+def test_loads_waiting_for_room_get_it_in_the_order_they_began(tmp_path: Path) -> None:
+    """c waits for room behind two young models; d, asked for later, must not take the
+    room c was waiting for (a load just begun used to evict before the waiters woke)."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        await call(pool, "d")
+        await pool.unload("d")  # measured now: its next load goes straight for room
+        await call(pool, "a")
+        await call(pool, "b")
+        waiting_c = asyncio.ensure_future(call(pool, "c"))
+        await until(lambda: states(pool)["c"] == "loading")
+        await asyncio.sleep(0.4)  # a and b are now old enough to be evicted
+        await asyncio.gather(waiting_c, call(pool, "d"))
+        assert world.starts == ["d", "a", "b", "c", "d"]
+
+    run(tmp_path, [entry("a"), entry("b"), entry("c"), entry("d")], scenario,
+        min_residency=0.3, tick=0.5, fit_wait=30.0)
+
+
+def test_a_load_waiting_for_room_evicts_once_the_minimum_residency_ends(
+        tmp_path: Path) -> None:
+    """Nothing happens when an idle model's minimum residency ends: the waiting load
+    looks again at that moment, not only at its next tick (here longer than the wait)."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        await call(pool, "a")
+        await call(pool, "b")
+        await asyncio.wait_for(call(pool, "c"), 5.0)
+        assert states(pool) == {"a": "unloaded", "b": "ready", "c": "ready"}
+
+    run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario,
+        min_residency=0.3, tick=60.0, fit_wait=60.0)
+
+
+def test_a_reload_beside_an_unload_is_counted_at_what_the_model_takes(tmp_path: Path) -> None:
+    """b's unload while a reloads must not make a's load read as free (its growth and b's
+    freed memory cancel): a stays counted at 100 MB, not at the 1 byte a reload measured."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        await call(pool, "a")
+        await call(pool, "b")
+        await pool.unload("a")
+        world.gate = asyncio.Event()
+        reloading = asyncio.ensure_future(call(pool, "a"))
+        await until(lambda: world.starts.count("a") == 2)
+        unloading = asyncio.ensure_future(pool.unload("b"))
+        await asyncio.sleep(0.05)
+        world.gate.set()
+        await asyncio.gather(reloading, unloading)
+        assert {v.id: v.memory_bytes for v in pool.views()} == {"a": 100 * MB, "b": 100 * MB}
+
+    run(tmp_path, [entry("a"), entry("b")], scenario)
+
+
+def test_memory_the_process_kept_beyond_its_models_counts_against_the_budget(
+        tmp_path: Path) -> None:
+    """100 MB the process holds beyond its loaded models (an allocator that kept what an
+    unload freed) leaves room for one model, not two; with none loaded, a model that fits
+    the budget still loads."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        await call(pool, "a")
+        world.resident += 100 * MB
+        assert pool.unaccounted() == 100 * MB
+        await call(pool, "b")
+        assert states(pool) == {"a": "unloaded", "b": "ready", "c": "unloaded"}
+        await pool.unload("b")
+        world.resident += 100 * MB  # now 200 MB beyond: c alone exceeds the budget with it
+        await call(pool, "c")
+        assert states(pool)["c"] == "ready"
+
+    run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario)
+
+
+def test_what_an_unload_freed_replaces_a_higher_estimate(tmp_path: Path) -> None:
+    """Estimated at 100 MB, `a` takes 60: counted at 100 until its unload measures 60, and
+    at 60 from then on (its next load's growth reads no more)."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        await call(pool, "a")
+        await pool.unload("a")
+        assert {v.id: v.memory_bytes for v in pool.views()}["a"] == 60 * MB
+        await call(pool, "a")
+        assert {v.id: v.memory_bytes for v in pool.views()}["a"] == 60 * MB
+
+    run(tmp_path, [entry("a", 100, options={"real_mb": 60})], scenario)

@@ -103,7 +103,10 @@ def _pool_lines(pool: ModelPool, telemetry: Telemetry) -> Iterator[str]:
     for name, text, value in (
             ("aicloud_pool_memory_budget_bytes", "Memory the loaded models may take",
              pool.config.memory_budget),
-            ("aicloud_pool_memory_used_bytes", "Memory the loaded models take", pool.used())):
+            ("aicloud_pool_memory_used_bytes", "Memory the loaded models take", pool.used()),
+            ("aicloud_pool_memory_unaccounted_bytes", "Memory this process grew by beyond "
+             "what its loaded models are counted for (counted against the budget)",
+             pool.unaccounted())):
         yield f"# HELP {name} {text}\n# TYPE {name} gauge\n{name} {value}"
     for name, text, counts, label in (
             ("aicloud_model_loads_total", "Model loads, by outcome", telemetry.loads, "outcome"),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,14 @@ class LlamaCppEngine:
         self._model: LlamaModel | None = None
         self._batcher: Batcher | None = None
         self._template: ChatTemplate | None = None
+        # the embedding context is made by the first embeddings request (`_embedding`): a
+        # model loaded to generate, as most are, never pays for it (~0.1 s of a cold
+        # request's load, and its memory)
+        self._pooling: int | None = None
         self._embedder: Embedder | None = None
+        self._embedder_made: asyncio.Future[Embedder | None] | None = None
+        self._embedder_lock = threading.Lock()
+        self._closing = False
 
     async def start(self) -> None:
         path = await asyncio.to_thread(ensure_weights, self.path, self.weights,
@@ -87,9 +96,47 @@ class LlamaCppEngine:
             bos_token=model.bos_text, eos_token=model.eos_text, model=self.model_id,
         )
         await asyncio.to_thread(lambda: model.controls)  # read the vocabulary once, off-loop
+        self._pooling = pooling_of(model)
         self._batcher = Batcher(model, self.threads_budget)
-        self._embedder = await asyncio.to_thread(self._new_embedder, model, self._batcher)
         self._batcher.start()
+
+    async def _embedding(self) -> Embedder:
+        """The embedding context, made once on the engine thread between two steps (so
+        llama.cpp never sets up one context while it decodes on another of the same
+        weights); a model that cannot have one answers as a model that does not embed."""
+        if self._embedder is not None:
+            return self._embedder
+        if self._pooling is None:
+            raise not_embedding(self.model_id)
+        if self._embedder_made is None:
+            loop = asyncio.get_running_loop()
+            made: asyncio.Future[Embedder | None] = loop.create_future()
+            model, batcher = self.model, self.batcher
+            self._embedder_made = made
+
+            def chore() -> None:
+                embedder = None
+                try:
+                    embedder = self._new_embedder(model, batcher)
+                finally:  # whatever happened, the requests waiting for it are answered
+                    with self._embedder_lock:  # close() may have begun meanwhile
+                        if self._closing and embedder is not None:
+                            embedder.close()
+                            embedder = None
+                        self._embedder = embedder
+                    with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
+                        loop.call_soon_threadsafe(_settle, made, embedder)
+
+            try:
+                batcher.between_steps(chore)
+            except RuntimeError as exc:  # shutting down
+                self._embedder_made = None
+                raise EngineError(f"model {self.model_id} is not running") from exc
+        embedder = await asyncio.shield(self._embedder_made)
+        if embedder is None:
+            self._pooling = None  # logged once by _new_embedder; no longer listed
+            raise not_embedding(self.model_id)
+        return embedder
 
     @staticmethod
     def _new_embedder(model: LlamaModel, batcher: Batcher) -> Embedder | None:
@@ -108,12 +155,15 @@ class LlamaCppEngine:
         if self._template is not None:
             self._template.close()
             self._template = None
+        with self._embedder_lock:
+            self._closing = True
         if self._batcher is not None:
             await asyncio.to_thread(self._batcher.stop)
             self._batcher = None
-        if self._embedder is not None:
-            self._embedder.close()
-            self._embedder = None
+        with self._embedder_lock:
+            embedder, self._embedder = self._embedder, None
+        if embedder is not None:
+            embedder.close()
         if self._model is not None:
             self._model.close()
             self._model = None
@@ -163,11 +213,11 @@ class LlamaCppEngine:
         return stream
 
     async def embed(self, request: EmbeddingRequest) -> Embeddings:
-        if self._embedder is None:
+        if self._pooling is None:
             raise not_embedding(self.model_id)
         check_embedding_inputs(request, self.config.context_per_sequence or 0,
                                self.model.n_vocab)
-        vectors = await self._embedder.embed(request.inputs)
+        vectors = await (await self._embedding()).embed(request.inputs)
         return Embeddings(vectors, Usage(sum(len(t) for t in request.inputs), 0))
 
     async def _guide(self, constraint: Constraint) -> Guide:
@@ -187,7 +237,7 @@ class LlamaCppEngine:
 
     def info(self) -> EngineInfo:
         config = self.config
-        can = frozenset({GENERATE, EMBED} if self._embedder else {GENERATE})
+        can = frozenset({GENERATE, EMBED} if self._pooling is not None else {GENERATE})
         return EngineInfo(self.model_id, config.context_per_sequence or 0,
                           config.sequences or 1, self.kind, can,
                           self._template.source if self._template else None, preempts=True)
@@ -204,3 +254,8 @@ class LlamaCppEngine:
             kv_cells_used=batcher.slots.cells_used,
             kv_cells_total=self.config.n_ctx,
         )
+
+
+def _settle(made: asyncio.Future[Embedder | None], embedder: Embedder | None) -> None:
+    if not made.done():
+        made.set_result(embedder)
