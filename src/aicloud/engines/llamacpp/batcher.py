@@ -371,7 +371,12 @@ class Batcher:
         decoding = take_turns(decoding, width, decoding[0].request.shares if decoding else None,
                               lambda s: s.request.tenant, lambda s: s.last_step)
         self.steps += 1
-        decodes: list[PlanItem] = [(seq, [seq.last_token], True) for seq in decoding]
+        # in stream order: with per-sequence streams llama.cpp puts only consecutive
+        # sequence ids, in batch order, into one ubatch (`split_equal(sequential)`), so rows
+        # in another order were split into several graph computations, each reading every
+        # weight again
+        decodes: list[PlanItem] = [(seq, [seq.last_token], True)
+                                   for seq in sorted(decoding, key=lambda s: s.slot)]
         if self.config.unified_kv:
             return [decodes + prompts] if decodes or prompts else []
         return ([decodes] if decodes else []) + [[item] for item in prompts]
