@@ -3,6 +3,7 @@ counters standing in for the admission layer's."""
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 
@@ -68,3 +69,49 @@ def test_a_tenant_behind_catches_up_within_the_step() -> None:
     seqs = [Seq(f"{t}{i}", t, last_step=i) for t in ("ahead", "behind") for i in range(16)]
     chosen = turns(seqs, 14, Counters({"ahead": 20.0, "behind": 0.0}))
     assert Counter(s.tenant for s in chosen) == {"behind": 12, "ahead": 2}
+
+
+@dataclass
+class Placed:
+    slot: int
+    tenant: str = "solo"
+    last_step: int = 0
+
+
+def placed_turns(seqs: list[Placed], width: int, shares: Counters | None) -> list[Placed]:
+    return take_turns(seqs, width, shares, lambda s: s.tenant, lambda s: s.last_step,
+                      lambda s: s.slot)
+
+
+def test_a_lone_tenant_takes_turns_in_windows_of_neighbouring_slots() -> None:
+    """32 sequences in steps of 16: two alternating halves of neighbouring slots (one
+    ubatch each), not interleaved sets, and each sequence advances every other step."""
+    seqs = [Placed(slot) for slot in range(32)]
+    random.Random(1).shuffle(seqs)  # the engine lists them in admission order
+    advanced = Counter[int]()
+    for step in range(1, 9):
+        chosen = placed_turns(seqs, 16, Counters({"solo": 5.0}))
+        slots = sorted(s.slot for s in chosen)
+        assert slots == list(range(slots[0], slots[0] + 16)), slots
+        for s in chosen:
+            s.last_step = step
+            advanced[s.slot] += 1
+    assert set(advanced.values()) == {4}
+
+
+def test_the_sequence_advanced_longest_ago_is_always_in_the_window() -> None:
+    ages = [5, 9, 1, 7, 3, 8, 2, 6, 4, 0, 11, 10]
+    seqs = [Placed(slot=i * 2, last_step=age) for i, age in enumerate(ages)]
+    for width in (1, 3, 5, 11):
+        chosen = placed_turns(seqs, width, None)
+        assert len(chosen) == width
+        assert min(seqs, key=lambda s: s.last_step) in chosen
+        order = sorted(seqs, key=lambda s: s.slot)
+        first = order.index(min(chosen, key=lambda s: s.slot))
+        assert order[first:first + width] == sorted(chosen, key=lambda s: s.slot)
+
+
+def test_tenants_with_shares_still_take_turns_by_their_counters() -> None:
+    seqs = [Placed(slot, tenant="a" if slot < 8 else "b") for slot in range(16)]
+    chosen = placed_turns(seqs, 4, Counters({"a": 0.0, "b": 100.0}))
+    assert {s.tenant for s in chosen} == {"a"}

@@ -369,7 +369,8 @@ class Batcher:
         if any(ends for _, _, ends in prompts):
             width = max(1, width // 4)
         decoding = take_turns(decoding, width, decoding[0].request.shares if decoding else None,
-                              lambda s: s.request.tenant, lambda s: s.last_step)
+                              lambda s: s.request.tenant, lambda s: s.last_step,
+                              lambda s: s.slot)
         self.steps += 1
         # in stream order: with per-sequence streams llama.cpp puts only consecutive
         # sequence ids, in batch order, into one ubatch (`split_equal(sequential)`), so rows
