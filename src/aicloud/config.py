@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +12,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from aicloud.store.db import default_url
 
 WEEK = 7 * 24 * 3600.0  # the longest keep_alive (catalog.MAX_KEEP_ALIVE)
+
+
+def user_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "aicloud"
 
 
 class Settings(BaseSettings):
@@ -39,7 +44,8 @@ class Settings(BaseSettings):
     weights: str = Field(default="auto", description="auto (the faster of the file and "
                          "q4_0 here, measured once), native, q4_0, q8_0, bf16 or f16")
     weights_dir: Path | None = Field(default=None, description="re-typed weights and the "
-                                     "format decisions (default: AICLOUD_HOME/weights)")
+                                     "format decisions (default: the user's cache, "
+                                     "$XDG_CACHE_HOME/aicloud/weights)")
     max_body_bytes: int = Field(default=8 << 20, ge=1024)
     scheduling: Literal["vtc", "fcfs"] = Field(default="vtc",
                                                description="vtc (tenant-fair) or fcfs")
@@ -107,7 +113,9 @@ class Settings(BaseSettings):
 
     @property
     def weights_cache(self) -> Path:
-        return (self.weights_dir or self.home_dir / "weights").expanduser()
+        """Derived from the model files and the machine only, so shared by every home on
+        the machine: a new installation neither re-types a model nor times it again."""
+        return (self.weights_dir or user_cache() / "weights").expanduser()
 
     @property
     def db_url(self) -> str:
