@@ -48,6 +48,14 @@ async def run(engine: LlamaCppEngine, prompt: str, max_tokens: int = 32, *,
     return events, "".join(e.text for e in events)
 
 
+
+def batch_line(name: str, prompt: list[int], max_tokens: int, *,
+               scoped: bool = False) -> GenerationRequest:
+    """A greedy batch-class request of tenant "t"; `scoped`: in a cache scope of its own,
+    so no prefix of another is reused."""
+    return GenerationRequest(name, prompt, GREEDY, max_tokens, tenant="t",
+                             priority=Priority.BATCH, cache_scope=name if scoped else "")
+
 PROMPTS = [
     "Hi",
     "What is the capital of France? Answer briefly.",
@@ -463,8 +471,7 @@ def test_batch_sequences_yield_every_step_and_a_slot_to_an_interactive_one(
             long = FLOOD
 
             def bulk(name: str) -> GenerationRequest:
-                return GenerationRequest(name, counting, GREEDY, long, tenant="t",
-                                         priority=Priority.BATCH)
+                return batch_line(name, counting, long)
 
             alone = [e async for e in await admitter.generate(bulk("alone"))]
             seen = Deliveries(engine)
@@ -510,8 +517,7 @@ def test_a_batch_sequence_in_its_prompt_lends_its_slot_and_keeps_what_it_compute
             fruit = await engine.encode_chat([ChatMessage("user", "Name a fruit.")])
 
             def bulk(name: str) -> GenerationRequest:
-                return GenerationRequest(name, numbers, GREEDY, 12, tenant="t",
-                                         priority=Priority.BATCH, cache_scope=name)
+                return batch_line(name, numbers, 12, scoped=True)
 
             alone = [e async for e in await admitter.generate(bulk("alone"))]
             seen = Deliveries(engine)
@@ -558,8 +564,7 @@ def test_an_interactive_request_stops_the_batch_step_in_flight(
             fruit = await engine.encode_chat([ChatMessage("user", "Name a fruit.")])
 
             def bulk(name: str) -> GenerationRequest:
-                return GenerationRequest(name, numbers, GREEDY, 6, tenant="t",
-                                         priority=Priority.BATCH, cache_scope=name)
+                return batch_line(name, numbers, 6, scoped=True)
 
             alone = [e async for e in await admitter.generate(bulk("alone"))]
             seen = Deliveries(engine)
