@@ -216,6 +216,63 @@ def test_eviction_never_cuts_a_running_request(server: Server) -> None:
         "run-a": "ready", "run-b": "unloaded", "run-c": "ready"}
 
 
+def test_an_admin_unload_waits_for_a_stream_to_end(server: Server) -> None:
+    """The stream's request holds its model until its last byte: the unload drains it
+    (counted once in flight) and the stream completes whole."""
+    unload_unpinned(server)
+    add(server, "drain-a")
+    assert chat(server, "drain-a").status_code == 200
+    first_chunk = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def long_stream() -> None:
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {server.keys['alpha']}"},
+                          json={"model": "drain-a", "max_tokens": 160, "stream": True,
+                                "stream_options": {"include_usage": True},
+                                "logit_bias": {"0": -100, "1": -100, "2": -100},
+                                "messages": [{"role": "user",
+                                              "content": "Count from one to one hundred."}]},
+                          ) as resp:
+            text, finish, usage, done = "", None, None, False
+            for line in resp.iter_lines():
+                done = done or line == "data: [DONE]"
+                if not line.startswith("data: {"):
+                    continue
+                first_chunk.set()
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                for choice in chunk["choices"]:
+                    text += choice["delta"].get("content") or ""
+                    finish = choice["finish_reason"] or finish
+            outcome.update(status=resp.status_code, text=text, finish=finish, usage=usage,
+                           done=done)
+
+    unloaded: dict[str, Any] = {}
+
+    def unload() -> None:
+        with admin(server) as client:
+            unloaded["status"] = client.post("/models/drain-a/unload").status_code
+
+    streaming = threading.Thread(target=long_stream)
+    streaming.start()
+    assert first_chunk.wait(60)
+    unloading = threading.Thread(target=unload)
+    unloading.start()
+    seen: list[tuple[str, int]] = []
+    while streaming.is_alive() and not unloaded:  # bounded by the stream's own end
+        shown = model(server, "drain-a")
+        seen.append((shown["state"], shown["in_flight"]))
+    streaming.join(120)
+    unloading.join(120)
+    assert outcome["status"] == 200 and outcome["done"] and outcome["finish"] == "length"
+    assert outcome["text"] and outcome["usage"]["completion_tokens"] == 160
+    assert unloaded["status"] == 200
+    assert model(server, "drain-a")["state"] == "unloaded"
+    assert ("draining", 1) in seen, seen  # the unload waited for the running stream
+    assert all(n <= 1 for _, n in seen), seen  # one request: counted once
+
+
 def write_gguf(path: Path, **numbers: int) -> str:
     """A GGUF with a llama header and no tensors: it parses, but no model loads from it."""
     writer = gguf.GGUFWriter(str(path), "llama")

@@ -360,6 +360,49 @@ def test_a_client_that_leaves_closes_the_upstream_request_and_is_billed(
     assert status == "cancelled" and 3 <= completion < 200
 
 
+def in_flight(server: Server, model: str) -> int:
+    with server.admin() as admin:
+        shown = admin.get(f"/models/{model}")
+    assert shown.status_code == 200, shown.text
+    return int(shown.json()["in_flight"])
+
+
+def until_in_flight(server: Server, model: str, wanted: int, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    seen: list[int] = []
+    while not seen or seen[-1] != wanted:
+        assert time.monotonic() < deadline, f"in_flight was {sorted(set(seen))}, not {wanted}"
+        seen.append(in_flight(server, model))
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/chat/completions", {"messages": HELLO}),
+    ("/v1/completions", {"prompt": "say hello to me", "max_tokens": 500}),
+    ("/v1/responses", {"input": "say hello to me"}),
+])
+def test_a_relayed_stream_counts_once_in_flight_until_it_ends(
+        server: Server, fake: RunningFake, path: str, body: dict[str, Any]) -> None:
+    """The request holds its model (a lease, and the provider's stream under it) until
+    the last byte or the client leaving, and the admin API counts it as one."""
+    fake.reset()
+    until_in_flight(server, "partner-slow", 0)
+    with httpx.stream("POST", server.base_url + path, timeout=30,
+                      json={"model": "partner-slow", "stream": True, **body},
+                      headers={"Authorization": f"Bearer {server.keys['up']}"}) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()  # one iterator: dropping it would close the connection
+        seen = 0
+        for line in lines:
+            seen += line.startswith("data: ")
+            if seen == 3:
+                break
+        until_in_flight(server, "partner-slow", 1)
+        assert fake.app.disconnects == 0  # still streaming: 200 chunks, 50 ms apart
+        assert next(line for line in lines if line.startswith("data: "))
+    until_in_flight(server, "partner-slow", 0)  # the client left: released, exactly once
+
+
 def test_no_overspend_under_50_concurrent_requests(server: Server) -> None:
     with server.admin() as admin:
         org = admin.post("/organizations", json={"name": "tight"}).json()

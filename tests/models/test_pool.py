@@ -338,6 +338,29 @@ def test_a_leased_model_stays_until_released_and_a_later_call_loads_it_again(
     run(tmp_path, [entry("a")], scenario)
 
 
+def test_a_request_counts_once_in_flight_and_its_generation_keeps_the_model_after_it(
+        tmp_path: Path) -> None:
+    """A request's lease and the generation run under it are one request in flight; a
+    generation that outlives its request (the client left) still keeps the model, and a
+    lease released twice counts down once."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        lease = await pool.lease("a", "org_a")
+        stream = await lease.model.generate(GenerationRequest("r", [1]))
+        assert pool.views()[0].in_flight == 1
+        lease.release()
+        lease.release()
+        assert pool.views()[0].in_flight == 1
+        unloading = asyncio.ensure_future(pool.unload("a"))
+        await until(lambda: states(pool)["a"] == "draining")
+        assert not unloading.done()
+        stream.finish()
+        await unloading
+        view = pool.views()[0]
+        assert (view.state.value, view.in_flight) == ("unloaded", 0)
+
+    run(tmp_path, [entry("a")], scenario)
+
+
 def test_organizations_and_allow_lists_hide_models(tmp_path: Path) -> None:
     async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
         assert [c.id for c in await pool.cards("org_a")] == ["open", "theirs"]

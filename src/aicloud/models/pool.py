@@ -125,7 +125,7 @@ class ModelView:
     memory_bytes: int  # measured once loaded, estimated before
     measured: bool
     keep_alive: float
-    in_flight: int
+    in_flight: int  # requests holding it, or engine calls on it, whichever are more
     idle_seconds: float | None
     error: str | None
 
@@ -144,7 +144,7 @@ class Lease:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.model.end()
+            self.model.end(leased=True)
 
 
 class PooledModel:
@@ -167,7 +167,11 @@ class PooledModel:
         self.loaded_at = 0.0
         self.last_used = time.monotonic()
         self.requested_keep_alive: float | None = None  # the last request's X-Keep-Alive
-        self.in_flight = 0
+        # work in flight: requests holding a lease, and engine calls running (a request's
+        # own calls run under its lease; a generation outlives it when its client left,
+        # until the engine stops it). Either keeps the model loaded.
+        self.leased = 0
+        self.running = 0
         self.waiters = 0  # requests waiting for it to be ready: it is theirs once loaded
         self.changed = asyncio.Event()  # set and replaced at every state change
         self._info: EngineInfo | None = None
@@ -200,26 +204,42 @@ class PooledModel:
         self.changed = asyncio.Event()
         self._pool.wake()
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.leased or self.running)
+
+    @property
+    def in_flight(self) -> int:
+        """What the admin API, console and metrics show: one request streaming counts
+        once, though it holds a lease and runs a generation."""
+        return max(self.leased, self.running)
+
     def evictable(self, now: float, min_residency: float) -> bool:
         return (self.state is ModelState.READY and not self.entry.pinned and not self.fixed
-                and self.in_flight == 0 and self.waiters == 0
+                and not self.busy and self.waiters == 0
                 and now - self.loaded_at >= min_residency)
 
     def view(self, now: float) -> ModelView:
-        idle = now - self.last_used if self.in_flight == 0 and self.state.resident else None
+        idle = now - self.last_used if not self.busy and self.state.resident else None
         return ModelView(self.entry.id, self.state, self.entry.pinned or self.fixed, self.need,
                          self.measured, self.keep_alive, self.in_flight, idle, self.error)
 
     # -- work in flight -------------------------------------------------------------------
 
-    def begin(self) -> None:
-        self.in_flight += 1
+    def begin(self, leased: bool = False) -> None:
+        if leased:
+            self.leased += 1
+        else:
+            self.running += 1
         self.last_used = time.monotonic()
 
-    def end(self) -> None:
-        self.in_flight -= 1
+    def end(self, leased: bool = False) -> None:
+        if leased:
+            self.leased -= 1
+        else:
+            self.running -= 1
         self.last_used = time.monotonic()
-        if self.in_flight == 0:
+        if not self.busy:
             self._pool.wake()
 
     async def _ready(self) -> Engine:
@@ -436,7 +456,7 @@ class ModelPool:
         model.last_used = time.monotonic()
         cold = None if model.state is ModelState.READY else time.perf_counter()
         await self.ensure(model)
-        model.begin()  # no await since ensure() saw it ready
+        model.begin(leased=True)  # no await since ensure() saw it ready
         return Lease(model, cold)
 
     async def cards(self, organization_id: str | None = None,
@@ -634,7 +654,7 @@ class ModelPool:
         if model.fixed or model.state is not ModelState.READY:
             return
         model.set_state(ModelState.DRAINING)
-        while model.in_flight:
+        while model.busy:
             await self._room.wait(self._room.waiter(), self.config.tick)
         async with self._memory_lock:  # not during a load: each would measure the other
             before = self._memory()
@@ -703,7 +723,7 @@ class ModelPool:
     def _expire_idle(self) -> None:
         now = time.monotonic()
         for model in list(self._models.values()):
-            if (model.state is ModelState.READY and model.in_flight == 0 and not model.waiters
+            if (model.state is ModelState.READY and not model.busy and not model.waiters
                     and not model.entry.pinned and not model.fixed
                     and now - model.last_used >= model.keep_alive):
                 self._spawn(self._unload(model, "keep_alive"))
