@@ -404,10 +404,15 @@ class ModelPool:
         self._reaper = asyncio.create_task(self._watch())
 
     async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-        for task in [*self._tasks, *(m._loading for m in self._models.values() if m._loading)]:
+        """Stop the pool's own tasks and wait until they have stopped (one cancelled in a
+        catalog query must not still be in it when the database is disposed), then close
+        the engines."""
+        tasks = [task for task in (self._reaper, *self._tasks,
+                                   *(m._loading for m in self._models.values()))
+                 if task is not None]
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(self._close_engine(m) for m in self._models.values()
                                if m.engine is not None), return_exceptions=True)
 
