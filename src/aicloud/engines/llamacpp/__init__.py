@@ -8,7 +8,8 @@ loop needs, which then takes one back from the next decode, whose barriers stall
 With one short spin before sleeping, a loaded 2-core machine served a stream 3x faster
 (docs/benchmarks.md, "OpenMP spinning"). libgomp reads the setting once, when it is
 loaded with llama.cpp, so it is set here, before any module of this package imports
-`llama_cpp`; a value the operator set is kept.
+`llama_cpp`; an operator's `GOMP_SPINCOUNT` or `OMP_WAIT_POLICY` is kept (libgomp lets the
+spin count override the policy, so neither is added beside one the operator set).
 """
 
 from __future__ import annotations
@@ -17,4 +18,5 @@ import os
 
 SPIN_COUNT = "1000"
 
-os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
