@@ -173,6 +173,33 @@ def test_keep_alive_per_request_unloads_an_idle_model(server: Server) -> None:
     wait_for(lambda: model(server, "brief-2")["state"] == "unloaded", 10)
 
 
+def stream_all(server: Server, name: str, tokens: int, first_chunk: threading.Event,
+               outcome: dict[str, Any]) -> None:
+    """A streamed chat of exactly `tokens` tokens (no end-of-text token can be sampled);
+    sets `first_chunk` at its first chunk and fills `outcome` once it has ended."""
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=120,
+                      headers={"Authorization": f"Bearer {server.keys['alpha']}"},
+                      json={"model": name, "max_tokens": tokens, "stream": True,
+                            "stream_options": {"include_usage": True},
+                            "logit_bias": {"0": -100, "1": -100, "2": -100},
+                            "messages": [{"role": "user",
+                                          "content": "Count from one to one hundred."}]},
+                      ) as resp:
+        text, finish, usage, done = "", None, None, False
+        for line in resp.iter_lines():
+            done = done or line == "data: [DONE]"
+            if not line.startswith("data: {"):
+                continue
+            first_chunk.set()
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            for choice in chunk["choices"]:
+                text += choice["delta"].get("content") or ""
+                finish = choice["finish_reason"] or finish
+        outcome.update(status=resp.status_code, text=text, finish=finish, usage=usage,
+                       done=done)
+
+
 def test_eviction_never_cuts_a_running_request(server: Server) -> None:
     unload_unpinned(server)
     for m in ("run-a", "run-b", "run-c"):
@@ -181,23 +208,7 @@ def test_eviction_never_cuts_a_running_request(server: Server) -> None:
     outcome: dict[str, Any] = {}
 
     def long_stream() -> None:
-        with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=120,
-                          headers={"Authorization": f"Bearer {server.keys['alpha']}"},
-                          json={"model": "run-a", "max_tokens": 100, "stream": True,
-                                # no end-of-text token: it runs all 100 tokens
-                                "logit_bias": {"0": -100, "1": -100, "2": -100},
-                                "messages": [{"role": "user",
-                                              "content": "Count from one to one hundred."}]},
-                          ) as resp:
-            text, finish = "", None
-            for line in resp.iter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                first_chunk.set()
-                choice = json.loads(line[6:])["choices"][0]
-                text += choice["delta"].get("content") or ""
-                finish = choice["finish_reason"] or finish
-            outcome.update(status=resp.status_code, text=text, finish=finish)
+        stream_all(server, "run-a", 100, first_chunk, outcome)
 
     assert chat(server, "run-b").status_code == 200
     streaming = threading.Thread(target=long_stream)
@@ -226,27 +237,7 @@ def test_an_admin_unload_waits_for_a_stream_to_end(server: Server) -> None:
     outcome: dict[str, Any] = {}
 
     def long_stream() -> None:
-        with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=120,
-                          headers={"Authorization": f"Bearer {server.keys['alpha']}"},
-                          json={"model": "drain-a", "max_tokens": 160, "stream": True,
-                                "stream_options": {"include_usage": True},
-                                "logit_bias": {"0": -100, "1": -100, "2": -100},
-                                "messages": [{"role": "user",
-                                              "content": "Count from one to one hundred."}]},
-                          ) as resp:
-            text, finish, usage, done = "", None, None, False
-            for line in resp.iter_lines():
-                done = done or line == "data: [DONE]"
-                if not line.startswith("data: {"):
-                    continue
-                first_chunk.set()
-                chunk = json.loads(line[6:])
-                usage = chunk.get("usage") or usage
-                for choice in chunk["choices"]:
-                    text += choice["delta"].get("content") or ""
-                    finish = choice["finish_reason"] or finish
-            outcome.update(status=resp.status_code, text=text, finish=finish, usage=usage,
-                           done=done)
+        stream_all(server, "drain-a", 160, first_chunk, outcome)
 
     unloaded: dict[str, Any] = {}
 
