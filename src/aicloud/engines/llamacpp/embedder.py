@@ -155,9 +155,8 @@ class Embedder:
         """One decode with the whole graph: if the final norm's rows pool to llama.cpp's
         own vector, later decodes stop before the output head; if not (dense layers after
         pooling, a norm by another name), the context is made again without the callback,
-        which then costs nothing. (It runs on the loading thread, so the process then has
-        a second OpenMP team, which by itself shortens libgomp's spinning at every barrier
-        of every decode: docs/benchmarks.md, Embeddings, Session 8.)"""
+        which then costs nothing. Runs where the context is made: on the engine thread,
+        between two steps (`LlamaCppEngine._embedding`)."""
         tap = self.tap
         if tap is None:
             return
