@@ -109,6 +109,7 @@ def context_config(settings: Settings, entry: CatalogEntry) -> ContextConfig:
         threads=settings.threads, step_sequences=settings.step_sequences,
         batch_tokens=settings.batch_tokens,
         kv_budget_mb=settings.kv_budget_mb, adapt_threads=settings.adapt_threads,
+        flash_attention=settings.flash_attention, kv_type=settings.kv_cache,
     )
 
 
@@ -135,7 +136,7 @@ def llamacpp_estimate(settings: Settings, entry: CatalogEntry) -> int:
         path = typed
     return llamacpp_need(path, context=config.context_per_sequence,
                          sequences=config.sequences, kv_budget_mb=config.kv_budget_mb,
-                         batch_tokens=config.batch_tokens).total
+                         batch_tokens=config.batch_tokens, kv_type=config.kv_type).total
 
 
 def check_vllm(specs: list[ModelSpec]) -> None:

@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     adapt_threads: bool = Field(default=True, description="re-decide the decode thread "
                                 "count by measuring (a busy neighbour makes fewer faster)")
     kv_budget_mb: int = Field(default=2048, ge=16)
+    kv_cache: Literal["bf16", "f16", "q8_0"] = Field(
+        default="bf16", description="type of the KV cache: bf16 (as vLLM keeps a bf16 "
+        "model's), f16, or q8_0 (half the memory); with f16 a greedy text can depend on "
+        "the batch it ran in")
+    flash_attention: bool = Field(default=True, description="llama.cpp's flash attention "
+                                  "(off: the plain matrix-product path, f16 or bf16 cache)")
     weights: str = Field(default="auto", description="auto (the faster of the file and "
                          "q4_0 here, measured once), native, q4_0, q8_0, bf16 or f16")
     weights_dir: Path | None = Field(default=None, description="re-typed weights and the "

@@ -125,24 +125,26 @@ def test_multibyte_output_is_always_valid_utf8(engine: LlamaCppEngine, loop_thre
     character the whole bytes do not (a model may sample bytes that are not UTF-8 at all,
     which only a replacement character can show; which it samples depends on the weight
     format this machine serves, so the check compares with the bytes, not with a text)."""
-    sampling = SamplingParams(temperature=1.0, seed=7)
-
-    async def scenario() -> list[TokenEvent]:
+    async def scenario(seed: int) -> list[TokenEvent]:
         tokens = await engine.encode_chat([ChatMessage("user", prompt)])
+        sampling = SamplingParams(temperature=1.0, seed=seed)
         stream = await engine.generate(GenerationRequest("t", tokens, sampling, 60,
                                                          logprobs=0))
         return [e async for e in stream]
 
-    events = loop_thread.run(scenario())
-    raw = b"".join(lp.chosen.raw for e in events for lp in e.logprobs)
-    whole = raw.decode("utf-8", errors="replace")
-    text = "".join(e.text for e in events)
-    # bytes of a character cut by max_tokens are dropped or shown replaced: either way
-    assert text in (whole, whole.rstrip("\ufffd"))
-    for event in events:
-        event.text.encode("utf-8")  # raises on lone surrogates
-        assert "\ufffd" not in event.text or "\ufffd" in whole
-    assert any(ord(c) > 0x7F for c in text), "the check needs multibyte output"
+    texts = []
+    for seed in range(7, 13):  # a small model answers some of these in English
+        events = loop_thread.run(scenario(seed))
+        raw = b"".join(lp.chosen.raw for e in events for lp in e.logprobs)
+        whole = raw.decode("utf-8", errors="replace")
+        text = "".join(e.text for e in events)
+        # bytes of a character cut by max_tokens are dropped or shown replaced: either way
+        assert text in (whole, whole.rstrip("\ufffd"))
+        for event in events:
+            event.text.encode("utf-8")  # raises on lone surrogates
+            assert "\ufffd" not in event.text or "\ufffd" in whole
+        texts.append(text)
+    assert any(ord(c) > 0x7F for text in texts for c in text), "the check needs multibyte output"
 
 
 def test_prefix_reuse_reports_cached_tokens(engine: LlamaCppEngine,

@@ -74,9 +74,9 @@ def counted(loop_thread: LoopThread) -> Iterator[tuple[LlamaCppEngine, Decodes]]
                                        step_sequences=len(PROMPTS))))
 
 
-async def answer(engine: LlamaCppEngine, prompt: str) -> str:
+async def answer(engine: LlamaCppEngine, prompt: str, max_tokens: int = 12) -> str:
     tokens = await engine.encode_chat([ChatMessage("user", prompt)])
-    request = GenerationRequest("t", tokens, SamplingParams(temperature=0.0), 12, ())
+    request = GenerationRequest("t", tokens, SamplingParams(temperature=0.0), max_tokens, ())
     return "".join([e.text async for e in await engine.generate(request)])
 
 
@@ -100,3 +100,26 @@ def test_a_step_of_neighbouring_slots_is_one_graph_computation(
         ids = sorted(seq for seq, _ in rows)
         if ids == list(range(ids[0], ids[0] + len(ids))):  # neighbouring slots
             assert graphs == 1, f"rows {rows} took {graphs} graph computations"
+
+
+def test_a_newcomer_fills_the_hole_a_finished_sequence_left(
+        counted: tuple[LlamaCppEngine, Decodes], loop_thread: LoopThread) -> None:
+    """Slots 0-2 run, 1 finishes, and a newcomer whose prompt slot 3 caches arrives: it
+    takes slot 1 (its prefix copied over from slot 3), so the steps stay one run of
+    sequence ids and one graph, instead of 0, 2, 3 in two."""
+    engine, decodes = counted
+
+    async def scenario() -> None:
+        await asyncio.gather(*(answer(engine, p) for p in PROMPTS))  # slot i caches prompt i
+        decodes.calls.clear()
+        long_a = asyncio.ensure_future(answer(engine, PROMPTS[0], 40))
+        short = asyncio.ensure_future(answer(engine, PROMPTS[1], 2))
+        long_c = asyncio.ensure_future(answer(engine, PROMPTS[2], 40))
+        await short
+        await asyncio.gather(answer(engine, PROMPTS[3], 16), long_a, long_c)
+
+    loop_thread.run(scenario())
+    trios = [(sorted(seq for seq, _ in rows), graphs) for rows, graphs in decodes.calls
+             if len(rows) == 3 and len({seq for seq, _ in rows}) == 3]
+    assert trios, "the newcomer never decoded beside the two long sequences"
+    assert all(ids == [0, 1, 2] and graphs == 1 for ids, graphs in trios), trios

@@ -17,9 +17,11 @@ from typing import IO, Any
 
 from aicloud.engines.llamacpp.model import (
     DEFAULT_CONTEXT,
+    DEFAULT_KV_TYPE,
     GGUF_MAGIC,
     MAX_AUTO_SEQUENCES,
     ModelLoadError,
+    kv_bytes_per_token,
 )
 
 # scalar value types of GGUF metadata, by type code: struct format
@@ -59,10 +61,8 @@ class GgufShape:
     context_train: int
     vocab: int
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """f16 K and V for every layer, as `LlamaModel.kv_bytes_per_token`."""
-        return 2 * 2 * self.layers * self.kv_heads * self.head_dim
+    def kv_bytes_per_token(self, kv_type: str) -> int:
+        return kv_bytes_per_token(self.layers, self.kv_heads, self.head_dim, kv_type)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -110,12 +110,13 @@ def _shape(path: Path, size: int, mtime_ns: int) -> GgufShape:
 
 
 def llamacpp_need(path: Path, *, context: int | None, sequences: int | None,
-                  kv_budget_mb: int, batch_tokens: int) -> MemoryNeed:
+                  kv_budget_mb: int, batch_tokens: int,
+                  kv_type: str = DEFAULT_KV_TYPE) -> MemoryNeed:
     """What `LlamaModel` will allocate for this file and layout (it sizes the context
     and the sequences the same way: see `LlamaModel.resolve`)."""
     shape = gguf_shape(path)
     ctx = min(context or DEFAULT_CONTEXT, shape.context_train or DEFAULT_CONTEXT)
-    per_sequence = ctx * shape.kv_bytes_per_token
+    per_sequence = ctx * shape.kv_bytes_per_token(kv_type)
     seqs = sequences or max(1, min(MAX_AUTO_SEQUENCES, (kv_budget_mb << 20)
                                    // max(1, per_sequence)))
     rows = max(batch_tokens, seqs)

@@ -38,7 +38,7 @@ from aicloud.engines.llamacpp.logprobs import LogprobRow, log_softmax, token_log
 from aicloud.engines.llamacpp.model import LlamaModel
 from aicloud.engines.llamacpp.parking import ParkedCells, park, resume
 from aicloud.engines.llamacpp.preempt import ABORTED, AbortFlag
-from aicloud.engines.llamacpp.sampling import build_sampler, free_sampler
+from aicloud.engines.llamacpp.sampling import build_sampler
 from aicloud.engines.llamacpp.sequence import SeqState, Sequence
 from aicloud.engines.llamacpp.slots import Slot, SlotTable
 from aicloud.engines.llamacpp.threads import ThreadBudget, ThreadTuner
@@ -475,7 +475,8 @@ class Batcher:
         return status
 
     def _sample(self, seq: Sequence, index: int, row: LogprobRow | None) -> Sampled:
-        token = llama_cpp.llama_sampler_sample(seq.sampler, self.model.ctx, index)
+        assert seq.sampler is not None  # placed sequences have one
+        token = seq.sampler.sample(self.model.ctx, index)
         if row is None:
             return seq, token, None
         return seq, token, token_logprobs(row, token, seq.top_logprobs or 0, self.model.piece)
@@ -534,7 +535,7 @@ class Batcher:
     @staticmethod
     def _free_sampler(seq: Sequence) -> None:
         if seq.sampler is not None:
-            free_sampler(seq.sampler)
+            seq.sampler.close()
         seq.sampler = None
 
     @staticmethod

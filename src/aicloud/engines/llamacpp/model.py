@@ -52,6 +52,9 @@ class ModelLoadError(EngineError):
     code = "model_load_failed"
 
 
+DEFAULT_KV_TYPE = "bf16"
+
+
 @dataclass(slots=True, frozen=True)
 class ContextConfig:
     """How one context is laid out: `sequences` slots, each in its own KV stream.
@@ -60,10 +63,14 @@ class ContextConfig:
     The defaults make a greedy request's text independent of the batch it runs in:
     per-sequence streams place each sequence's cells the same under any load (in a unified
     cache a freed hole moves a sequence's next cells before its older ones, reordering the
-    attention sums), and without flash attention every row takes the same CPU kernel (with
-    it, 64 query rows or more switch to a tiled kernel that rounds differently, and a prompt
-    prefix computed that way and then reused changes the text). `unified_kv=True` with
-    `flash_attention=True` trades that identity for fewer graph computations per step."""
+    attention sums). Flash attention with a bf16 (or q8_0) cache computes every query row
+    with one kernel, over its own cells in order, whatever else the step holds; with an f16
+    cache llama.cpp switches kernels by the step's shape (a tiled one for 64 rows of one
+    stream, one that splits the cells among the threads for a lone sequence past 512
+    cells), which round differently. Flash attention made decode 1.2-1.5x faster here
+    (docs/benchmarks.md); without it (`flash_attention=False`) every row takes the plain
+    matrix-product path. `unified_kv=True` trades the identity for fewer graph
+    computations per step."""
 
     sequences: int | None = None
     context_per_sequence: int | None = None
@@ -71,13 +78,43 @@ class ContextConfig:
     step_sequences: int | None = None
     batch_tokens: int = 512
     kv_budget_mb: int = 2048
-    flash_attention: bool = False
+    flash_attention: bool = True
+    kv_type: str = DEFAULT_KV_TYPE  # of K and V: bf16, f16 or q8_0 (`KV_TYPES`)
     unified_kv: bool = False
     adapt_threads: bool = True  # `threads` is then the most a decode uses (threads.py)
 
     @property
     def n_ctx(self) -> int:
         return (self.sequences or 1) * (self.context_per_sequence or 0)
+
+    def __post_init__(self) -> None:
+        if self.kv_type not in KV_TYPES:
+            raise ModelLoadError(f"unknown KV cache type {self.kv_type!r}; one of "
+                                 + ", ".join(KV_TYPES))
+        if KV_TYPES[self.kv_type].quantized and not self.flash_attention:
+            raise ModelLoadError("a quantized KV cache needs flash attention")
+
+
+@dataclass(slots=True, frozen=True)
+class KvType:
+    ggml_type: int
+    block_bytes: int  # bytes per block of `block` values
+    block: int = 1
+
+    @property
+    def quantized(self) -> bool:
+        return self.block > 1
+
+    def bytes(self, values: int) -> int:
+        return -(-values // self.block) * self.block_bytes
+
+
+KV_TYPES = {"bf16": KvType(30, 2), "f16": KvType(1, 2), "q8_0": KvType(8, 34, 32)}
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv_type: str) -> int:
+    """K and V of every layer: what one more token of context costs."""
+    return 2 * layers * KV_TYPES[kv_type].bytes(kv_heads * head_dim)
 
 
 MAX_AUTO_SEQUENCES = 32
@@ -249,20 +286,17 @@ class LlamaModel(Vocabulary):
         self.config = self.resolve(config)
         self.ctx = self._new_context(self.config)
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """f16 K and V for every layer: what one more token of context costs."""
+    def kv_bytes_per_token(self, kv_type: str) -> int:
         m = self.model
         head_dim: int = llama_cpp.llama_model_n_embd(m) // max(1, llama_cpp.llama_model_n_head(m))
-        layers: int = llama_cpp.llama_model_n_layer(m)
-        kv_heads: int = llama_cpp.llama_model_n_head_kv(m)
-        return 2 * 2 * layers * kv_heads * head_dim
+        return kv_bytes_per_token(llama_cpp.llama_model_n_layer(m),
+                                  llama_cpp.llama_model_n_head_kv(m), head_dim, kv_type)
 
     def resolve(self, config: ContextConfig) -> ContextConfig:
         """Fill in what was left to us: context from the model, sequences from the KV budget,
         threads from the cores we may run on."""
         context = min(config.context_per_sequence or DEFAULT_CONTEXT, self.context_train)
-        per_sequence = context * self.kv_bytes_per_token
+        per_sequence = context * self.kv_bytes_per_token(config.kv_type)
         fits = (config.kv_budget_mb << 20) // max(1, per_sequence)
         sequences = config.sequences or max(1, min(MAX_AUTO_SEQUENCES, fits))
         threads = config.threads or default_threads()
@@ -280,6 +314,7 @@ class LlamaModel(Vocabulary):
         cparams.n_threads = config.threads
         cparams.n_threads_batch = config.threads
         cparams.kv_unified = config.unified_kv
+        cparams.type_k = cparams.type_v = KV_TYPES[config.kv_type].ggml_type
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
             if config.flash_attention

@@ -6,7 +6,6 @@ import asyncio
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from aicloud.engines.base import (
     FinishReason,
@@ -16,10 +15,8 @@ from aicloud.engines.base import (
     Usage,
 )
 from aicloud.engines.llamacpp.constrain import Guide
+from aicloud.engines.llamacpp.sampling import TokenSampler
 from aicloud.engines.llamacpp.text import StopMatcher, Utf8Stream
-
-if TYPE_CHECKING:
-    import llama_cpp
 
 
 class SeqState(enum.IntEnum):
@@ -44,7 +41,7 @@ class Sequence:
     completion_tokens: int = 0
     last_token: int = 0
     last_step: int = 0  # the batcher's step that last advanced it (decoding takes turns)
-    sampler: llama_cpp.llama_sampler_p | None = None
+    sampler: TokenSampler | None = None
     guide: Guide | None = None  # the request's grammar, if it has one
     cancelled: bool = False
     decoder: Utf8Stream = field(default_factory=Utf8Stream)
