@@ -203,6 +203,20 @@ def test_least_recently_used_idle_model_is_evicted_for_room(tmp_path: Path) -> N
     run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario)
 
 
+def test_the_model_most_in_demand_is_kept_though_used_less_recently(tmp_path: Path) -> None:
+    """By recency alone the hot model went whenever its line emptied for a moment (under
+    overload, a model with 40% of the requests was evicted for one asked once)."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        for _ in range(5):
+            await call(pool, "hot")
+        await call(pool, "b")  # the most recent, asked once
+        await call(pool, "c")  # one must go: b, not the hot one
+        assert states(pool) == {"hot": "ready", "b": "unloaded", "c": "ready"}
+        assert world.closes == ["b"]
+
+    run(tmp_path, [entry("hot"), entry("b"), entry("c")], scenario)
+
+
 def test_pinned_model_is_never_evicted(tmp_path: Path) -> None:
     async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
         assert states(pool)["p"] == "ready"  # pinned: loaded at start
