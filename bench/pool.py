@@ -390,7 +390,7 @@ async def one(policy: Any, k: int, arrival: float, start: float, args: Args,
     await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
     model_id = entry(k).id
     outcome.cold = not policy.loaded(model_id)
-    began = time.perf_counter()
+    began, deadline = time.perf_counter(), time.monotonic() + args.deadline
     request_id = f"r{arrival}"
     try:
         async with policy.engine(model_id) as engine:
@@ -398,11 +398,15 @@ async def one(policy: Any, k: int, arrival: float, start: float, args: Args,
             tokens = await engine.encode_chat(
                 [ChatMessage("user", f"Write one sentence about {TOPICS[k % len(TOPICS)]}.")])
             outcome.encoded = time.perf_counter() - began
+            # every policy is told the client's deadline; only an admission layer uses it
             request = GenerationRequest(request_id, tokens, SamplingParams(temperature=0),
-                                        args.max_tokens, tenant=f"t{k}")
+                                        args.max_tokens, tenant=f"t{k}", deadline=deadline)
             async for event in await engine.generate(request):
                 if outcome.ttft is None and event.completion_tokens:
                     outcome.ttft = time.perf_counter() - began
+                if event.finish_reason is not None and event.finish_reason.refused:
+                    raise EngineUnavailable(f"shed: {event.finish_reason.value}",
+                                            retry_after=1)
             outcome.done = time.perf_counter() - began
         handed = policy.timing.admitted.get(request_id)
         outcome.admitted = None if handed is None else handed - began
