@@ -265,8 +265,8 @@ class AicloudPolicy:
         return any(v.id == model_id and v.state is ModelState.READY for v in self.pool.views())
 
     @asynccontextmanager
-    async def engine(self, model_id: str) -> AsyncIterator[Engine]:
-        lease = await self.pool.lease(model_id, "bench")
+    async def engine(self, model_id: str, deadline: float) -> AsyncIterator[Engine]:
+        lease = await self.pool.lease(model_id, "bench", deadline=deadline)
         try:
             yield lease.model
         finally:
@@ -359,8 +359,8 @@ class SimplePolicy:
             return self._take(model_id)
 
     @asynccontextmanager
-    async def engine(self, model_id: str) -> AsyncIterator[Engine]:
-        engine = await self._ready(model_id)
+    async def engine(self, model_id: str, deadline: float) -> AsyncIterator[Engine]:
+        engine = await self._ready(model_id)  # as Ollama: no deadline
         try:
             yield engine
         finally:
@@ -393,7 +393,7 @@ async def one(policy: Any, k: int, arrival: float, start: float, args: Args,
     began, deadline = time.perf_counter(), time.monotonic() + args.deadline
     request_id = f"r{arrival}"
     try:
-        async with policy.engine(model_id) as engine:
+        async with policy.engine(model_id, deadline) as engine:
             outcome.leased = time.perf_counter() - began
             tokens = await engine.encode_chat(
                 [ChatMessage("user", f"Write one sentence about {TOPICS[k % len(TOPICS)]}.")])

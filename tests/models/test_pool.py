@@ -6,6 +6,7 @@ engine, through a live server, are in tests/e2e/test_pool.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -249,6 +250,26 @@ def test_a_model_with_work_in_flight_is_not_evicted_and_the_load_gets_a_503(
         running_b.finish()
 
     run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario)
+
+
+def test_a_request_past_its_deadline_leaves_and_a_load_nobody_waits_for_is_given_up(
+        tmp_path: Path) -> None:
+    """Under overload, loads queued for room behind busy models were made for requests
+    long gone, each evicting a model others used."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        running = [await use(pool, "a"), await use(pool, "b")]
+        began = time.monotonic()
+        with pytest.raises(EngineUnavailable) as refused:
+            await pool.lease("c", "org_a", deadline=began + 0.2)
+        assert time.monotonic() - began < 1.0 and refused.value.retry_after > 0
+        await until(lambda: states(pool)["c"] == "unloaded")
+        for stream in running:
+            stream.finish()
+        await asyncio.sleep(0.2)
+        assert world.starts == ["a", "b"] and world.closes == []
+        await call(pool, "c")  # a caller with time to wait still gets its load
+
+    run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario, fit_wait=10.0)
 
 
 def test_minimum_residency_keeps_a_fresh_model_from_being_evicted(tmp_path: Path) -> None:

@@ -465,10 +465,13 @@ class ModelPool:
 
     async def lease(self, name: str, organization_id: str,
                     may_use: Callable[[str], bool] = lambda _: True,
-                    keep_alive: float | None = None) -> Lease:
+                    keep_alive: float | None = None, deadline: float | None = None) -> Lease:
         """The model called `name`, loaded (waiting for its load if need be), for a caller
         of `organization_id` whose key allows the names `may_use` accepts. A model the
-        caller may not use is UnknownModel, exactly like one that does not exist."""
+        caller may not use is UnknownModel, exactly like one that does not exist. A caller
+        with a `deadline` (time.monotonic()) gets a 503 once it passes while the model is
+        not ready, and a load still waiting for room that nobody waits for any more is
+        given up: it would only evict a model others use."""
         entry = await self.find(name)
         if entry is None or not entry.allows(organization_id) or not any(
                 may_use(n) for n in entry.names):
@@ -480,7 +483,15 @@ class ModelPool:
         model.last_used = time.monotonic()
         model.requested(model.last_used, self.config.demand_half_life)
         cold = None if model.state is ModelState.READY else time.perf_counter()
-        await self.ensure(model)
+        if deadline is None:
+            await self.ensure(model)
+        else:
+            try:
+                await asyncio.wait_for(self.ensure(model), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise EngineUnavailable(
+                    f"The model '{entry.id}' could not be loaded within the request's "
+                    "deadline; retry shortly.", retry_after=self.config.retry_after) from None
         model.begin(leased=True)  # no await since ensure() saw it ready
         return Lease(model, cold)
 
@@ -520,6 +531,8 @@ class ModelPool:
             if model.state is ModelState.UNLOADED:
                 model.set_state(ModelState.LOADING)  # before any await: one load only
                 model._loading = asyncio.create_task(self._load(model))
+                # a load given up after its waiters left raises to nobody
+                model._loading.add_done_callback(_retrieved)
             if model.state is ModelState.LOADING and model._loading is not None:
                 # a load that cannot fit raises its 503 in every request waiting for it;
                 # a request that leaves does not cancel the load
@@ -610,6 +623,9 @@ class ModelPool:
         self._room_line.append(model)
         try:
             while not self._fits(model):
+                if not model.waiters:
+                    raise EngineUnavailable(f"Nobody waits for '{model.entry.id}' any more.",
+                                            retry_after=self.config.retry_after)
                 woken = self._room.waiter()
                 now = time.monotonic()
                 victims = [m for m in self._models.values() if m is not model
@@ -831,3 +847,9 @@ async def _quietly_close(engine: Engine) -> None:
 
 def _mib(n: int) -> int:
     return n >> 20
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Mark a load's failure as seen: whoever waited for it has it already, or left."""
+    if not task.cancelled():
+        task.exception()
