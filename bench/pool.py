@@ -45,6 +45,7 @@ from aicloud.engines.base import (
     ChatMessage,
     Engine,
     EngineUnavailable,
+    FinishReason,
     GenerationRequest,
     SamplingParams,
 )
@@ -201,9 +202,9 @@ class TimedBudget(ThreadBudget):
         self.takes = 0
         self._sum = threading.Lock()
 
-    def take(self, wanted: int, *, exact: bool = False) -> int:
+    def take(self, wanted: int, *, exact: bool = False, rows: int = 1) -> int:
         began = time.perf_counter()
-        got = super().take(wanted, exact=exact)
+        got = super().take(wanted, exact=exact, rows=rows)
         with self._sum:
             self.waited += time.perf_counter() - began
             self.takes += 1
@@ -407,6 +408,8 @@ async def one(policy: Any, k: int, arrival: float, start: float, args: Args,
                 if event.finish_reason is not None and event.finish_reason.refused:
                     raise EngineUnavailable(f"shed: {event.finish_reason.value}",
                                             retry_after=1)
+                if event.finish_reason is FinishReason.ERROR:
+                    raise RuntimeError("the generation failed")
             outcome.done = time.perf_counter() - began
         handed = policy.timing.admitted.get(request_id)
         outcome.admitted = None if handed is None else handed - began
