@@ -26,6 +26,7 @@ from aicloud.engines.base import (
 from aicloud.models.catalog import Catalog, CatalogEntry
 from aicloud.models.engines import EngineKinds
 from aicloud.models.pool import ModelPool, ModelState, PoolConfig, UnknownModel
+from aicloud.scheduling.admission import Admitter
 from aicloud.store import db, migrate
 
 MB = 1 << 20
@@ -123,7 +124,12 @@ def run(tmp_path: Path, entries: list[CatalogEntry], scenario: Scenario,
     url = f"sqlite:///{tmp_path / 'pool.db'}"
     migrate.upgrade(url)
     world = World()
-    kinds = EngineKinds({e.engine: lambda e: StandIn(e, world) for e in entries},
+    admitted = config.pop("admitted", False)  # each stand-in behind an admission layer
+
+    def build(e: CatalogEntry) -> Any:
+        return Admitter(StandIn(e, world)) if admitted else StandIn(e, world)
+
+    kinds = EngineKinds({e.engine: build for e in entries},
                         {e.engine: lambda e: e.options["size_mb"] * MB for e in entries})
     defaults: dict[str, Any] = {"memory_budget": 250 * MB, "min_residency": 0.0,
                                 "fit_wait": 1.0, "tick": 0.05, "keep_alive": 60.0}
@@ -270,6 +276,24 @@ def test_a_request_past_its_deadline_leaves_and_a_load_nobody_waits_for_is_given
         await call(pool, "c")  # a caller with time to wait still gets its load
 
     run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario, fit_wait=10.0)
+
+
+def test_a_reloaded_model_starts_with_the_service_time_its_last_load_measured(
+        tmp_path: Path) -> None:
+    """Without it, a reload's first requests started however near their deadline."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        lease = await pool.lease("a", "org_a")
+        first = lease.model.engine
+        assert isinstance(first, Admitter) and first.service is None
+        first.service = 1.5  # as its finished generations would have measured
+        lease.release()
+        await pool.unload("a")
+        lease = await pool.lease("a", "org_a")
+        again = lease.model.engine
+        assert isinstance(again, Admitter) and again is not first and again.service == 1.5
+        lease.release()
+
+    run(tmp_path, [entry("a")], scenario, admitted=True)
 
 
 def test_minimum_residency_keeps_a_fresh_model_from_being_evicted(tmp_path: Path) -> None:

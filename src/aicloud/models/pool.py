@@ -46,6 +46,7 @@ from aicloud.engines.llamacpp.model import ModelLoadError
 from aicloud.models.catalog import MAX_KEEP_ALIVE, Catalog, CatalogEntry, CatalogError, EngineKind
 from aicloud.models.engines import EngineKinds
 from aicloud.models.memory import resident_bytes, return_freed_memory
+from aicloud.scheduling.admission import Admitter
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ class PooledModel:
         self.leased = 0
         self.running = 0
         self.waiters = 0  # requests waiting for it to be ready: it is theirs once loaded
+        self.service: float | None = None  # its admission layer's service time, kept
         self.changed = asyncio.Event()  # set and replaced at every state change
         self._info: EngineInfo | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -437,6 +439,8 @@ class ModelPool:
 
     async def _close_engine(self, model: PooledModel) -> None:
         engine, model.engine = model.engine, (model.engine if model.fixed else None)
+        if isinstance(engine, Admitter) and engine.service is not None:
+            model.service = engine.service  # for its next load's first requests
         if engine is not None:
             await engine.close()
 
@@ -556,6 +560,11 @@ class ModelPool:
             async with self._memory_lock:  # one load or unload at a time: each measurable
                 before = self._memory()
                 engine = self._kinds.build(entry)
+                if isinstance(engine, Admitter) and engine.service is None:
+                    # what its last residency measured: without it, the first requests
+                    # after a reload started however near their deadline (bench/pool.py:
+                    # most of the late ones at 8 requests/s)
+                    engine.service = model.service
                 try:
                     await engine.start()
                 except BaseException:
