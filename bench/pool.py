@@ -45,6 +45,7 @@ from aicloud.engines.base import (
     ChatMessage,
     Engine,
     EngineUnavailable,
+    FinishReason,
     GenerationRequest,
     SamplingParams,
 )
@@ -201,9 +202,9 @@ class TimedBudget(ThreadBudget):
         self.takes = 0
         self._sum = threading.Lock()
 
-    def take(self, wanted: int, *, exact: bool = False) -> int:
+    def take(self, wanted: int, *, exact: bool = False, rows: int = 1) -> int:
         began = time.perf_counter()
-        got = super().take(wanted, exact=exact)
+        got = super().take(wanted, exact=exact, rows=rows)
         with self._sum:
             self.waited += time.perf_counter() - began
             self.takes += 1
@@ -265,8 +266,8 @@ class AicloudPolicy:
         return any(v.id == model_id and v.state is ModelState.READY for v in self.pool.views())
 
     @asynccontextmanager
-    async def engine(self, model_id: str) -> AsyncIterator[Engine]:
-        lease = await self.pool.lease(model_id, "bench")
+    async def engine(self, model_id: str, deadline: float) -> AsyncIterator[Engine]:
+        lease = await self.pool.lease(model_id, "bench", deadline=deadline)
         try:
             yield lease.model
         finally:
@@ -359,8 +360,8 @@ class SimplePolicy:
             return self._take(model_id)
 
     @asynccontextmanager
-    async def engine(self, model_id: str) -> AsyncIterator[Engine]:
-        engine = await self._ready(model_id)
+    async def engine(self, model_id: str, deadline: float) -> AsyncIterator[Engine]:
+        engine = await self._ready(model_id)  # as Ollama: no deadline
         try:
             yield engine
         finally:
@@ -390,19 +391,25 @@ async def one(policy: Any, k: int, arrival: float, start: float, args: Args,
     await asyncio.sleep(max(0.0, start + arrival - time.perf_counter()))
     model_id = entry(k).id
     outcome.cold = not policy.loaded(model_id)
-    began = time.perf_counter()
+    began, deadline = time.perf_counter(), time.monotonic() + args.deadline
     request_id = f"r{arrival}"
     try:
-        async with policy.engine(model_id) as engine:
+        async with policy.engine(model_id, deadline) as engine:
             outcome.leased = time.perf_counter() - began
             tokens = await engine.encode_chat(
                 [ChatMessage("user", f"Write one sentence about {TOPICS[k % len(TOPICS)]}.")])
             outcome.encoded = time.perf_counter() - began
+            # every policy is told the client's deadline; only an admission layer uses it
             request = GenerationRequest(request_id, tokens, SamplingParams(temperature=0),
-                                        args.max_tokens, tenant=f"t{k}")
+                                        args.max_tokens, tenant=f"t{k}", deadline=deadline)
             async for event in await engine.generate(request):
                 if outcome.ttft is None and event.completion_tokens:
                     outcome.ttft = time.perf_counter() - began
+                if event.finish_reason is not None and event.finish_reason.refused:
+                    raise EngineUnavailable(f"shed: {event.finish_reason.value}",
+                                            retry_after=1)
+                if event.finish_reason is FinishReason.ERROR:
+                    raise RuntimeError("the generation failed")
             outcome.done = time.perf_counter() - began
         handed = policy.timing.admitted.get(request_id)
         outcome.admitted = None if handed is None else handed - began

@@ -1,5 +1,5 @@
 """One budget of decode threads for every loaded model: the sum in use never exceeds it,
-and waiting decoders take turns in arrival order."""
+and waiting decoders take turns by the sequences each decode advances."""
 
 from __future__ import annotations
 
@@ -46,3 +46,29 @@ def test_a_decode_gets_what_is_free_and_an_exact_one_waits_for_all() -> None:
     budget.give(3)
     waiter.join(5)
     assert got == [2] and budget.free == 2
+
+
+def test_turns_go_by_rows_so_a_model_decoding_four_sequences_gets_four_turns_to_one() -> None:
+    """In arrival order the two alternated: the hot model of a heavy-tailed load got one
+    step in three beside two others while it held most of the requests."""
+    budget = ThreadBudget(1)
+    order: list[str] = []
+    budget.take(1)  # held while both decoders join the line
+
+    def decoder(name: str, rows: int, steps: int) -> None:
+        for _ in range(steps):
+            got = budget.take(1, rows=rows)
+            order.append(name)
+            budget.give(got)
+
+    threads = [threading.Thread(target=decoder, args=("wide", 4, 16)),
+               threading.Thread(target=decoder, args=("narrow", 1, 4))]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    budget.give(1)
+    for t in threads:
+        t.join(10)
+    assert len(order) == 20 and budget.free == 1
+    assert order[:10].count("wide") >= 7  # 8 by the rule, 5 in arrival order
+

@@ -6,6 +6,7 @@ engine, through a live server, are in tests/e2e/test_pool.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from aicloud.engines.base import (
 from aicloud.models.catalog import Catalog, CatalogEntry
 from aicloud.models.engines import EngineKinds
 from aicloud.models.pool import ModelPool, ModelState, PoolConfig, UnknownModel
+from aicloud.scheduling.admission import Admitter
 from aicloud.store import db, migrate
 
 MB = 1 << 20
@@ -122,7 +124,12 @@ def run(tmp_path: Path, entries: list[CatalogEntry], scenario: Scenario,
     url = f"sqlite:///{tmp_path / 'pool.db'}"
     migrate.upgrade(url)
     world = World()
-    kinds = EngineKinds({e.engine: lambda e: StandIn(e, world) for e in entries},
+    admitted = config.pop("admitted", False)  # each stand-in behind an admission layer
+
+    def build(e: CatalogEntry) -> Any:
+        return Admitter(StandIn(e, world)) if admitted else StandIn(e, world)
+
+    kinds = EngineKinds({e.engine: build for e in entries},
                         {e.engine: lambda e: e.options["size_mb"] * MB for e in entries})
     defaults: dict[str, Any] = {"memory_budget": 250 * MB, "min_residency": 0.0,
                                 "fit_wait": 1.0, "tick": 0.05, "keep_alive": 60.0}
@@ -203,6 +210,20 @@ def test_least_recently_used_idle_model_is_evicted_for_room(tmp_path: Path) -> N
     run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario)
 
 
+def test_the_model_most_in_demand_is_kept_though_used_less_recently(tmp_path: Path) -> None:
+    """By recency alone the hot model went whenever its line emptied for a moment (under
+    overload, a model with 40% of the requests was evicted for one asked once)."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        for _ in range(5):
+            await call(pool, "hot")
+        await call(pool, "b")  # the most recent, asked once
+        await call(pool, "c")  # one must go: b, not the hot one
+        assert states(pool) == {"hot": "ready", "b": "unloaded", "c": "ready"}
+        assert world.closes == ["b"]
+
+    run(tmp_path, [entry("hot"), entry("b"), entry("c")], scenario)
+
+
 def test_pinned_model_is_never_evicted(tmp_path: Path) -> None:
     async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
         assert states(pool)["p"] == "ready"  # pinned: loaded at start
@@ -235,6 +256,44 @@ def test_a_model_with_work_in_flight_is_not_evicted_and_the_load_gets_a_503(
         running_b.finish()
 
     run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario)
+
+
+def test_a_request_past_its_deadline_leaves_and_a_load_nobody_waits_for_is_given_up(
+        tmp_path: Path) -> None:
+    """Under overload, loads queued for room behind busy models were made for requests
+    long gone, each evicting a model others used."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        running = [await use(pool, "a"), await use(pool, "b")]
+        began = time.monotonic()
+        with pytest.raises(EngineUnavailable) as refused:
+            await pool.lease("c", "org_a", deadline=began + 0.2)
+        assert time.monotonic() - began < 1.0 and refused.value.retry_after > 0
+        await until(lambda: states(pool)["c"] == "unloaded")
+        for stream in running:
+            stream.finish()
+        await asyncio.sleep(0.2)
+        assert world.starts == ["a", "b"] and world.closes == []
+        await call(pool, "c")  # a caller with time to wait still gets its load
+
+    run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario, fit_wait=10.0)
+
+
+def test_a_reloaded_model_starts_with_the_service_time_its_last_load_measured(
+        tmp_path: Path) -> None:
+    """Without it, a reload's first requests started however near their deadline."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        lease = await pool.lease("a", "org_a")
+        first = lease.model.engine
+        assert isinstance(first, Admitter) and first.service is None
+        first.service = 1.5  # as its finished generations would have measured
+        lease.release()
+        await pool.unload("a")
+        lease = await pool.lease("a", "org_a")
+        again = lease.model.engine
+        assert isinstance(again, Admitter) and again is not first and again.service == 1.5
+        lease.release()
+
+    run(tmp_path, [entry("a")], scenario, admitted=True)
 
 
 def test_minimum_residency_keeps_a_fresh_model_from_being_evicted(tmp_path: Path) -> None:

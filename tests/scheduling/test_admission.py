@@ -324,3 +324,37 @@ def test_idle_waits_for_everything_in_flight() -> None:
         assert admitter.in_flight == 0
 
     run(scenario)
+
+
+def test_a_request_that_can_no_longer_meet_its_deadline_is_refused_not_started() -> None:
+    """Under overload a line served in order makes every request late: one whose deadline
+    is lost by its turn gets a 503 and leaves its slot to one that can still be on time,
+    judged by the model's recent service time."""
+    async def scenario() -> None:
+        clock = Clock()
+        engine = Engine(slots=1)
+        admitter = Admitter(engine, FairQueue(clock=clock))
+        await admitter.generate(request("a-0"))
+        clock.now = 2.0
+        engine.runs[0].finish()  # its service took 2 s: the estimate now
+        await settle()
+        await admitter.generate(request("a-1"))
+        hopeless = await admitter.generate(request("b-0", deadline=3.5))  # 2 + 2 > 3.5
+        hopeful = await admitter.generate(request("c-0", deadline=10.0))
+        no_deadline = await admitter.generate(request("d-0"))
+        clock.now = 2.5
+        engine.runs[1].finish()
+        assert (await hopeless.final()).finish_reason is FinishReason.OVERLOADED
+        await settle()
+        assert engine.running() == ["c-0"] and admitter.shed == 1
+        clock.now = 20.0  # past c's deadline, but it runs: only starting is refused
+        engine.runs[2].finish()
+        assert (await hopeful.final()).finish_reason is FinishReason.STOP
+        await settle()
+        assert engine.running() == ["d-0"]  # without a deadline it waits as long as it must
+        engine.runs[3].finish()
+        assert (await no_deadline.final()).finish_reason is FinishReason.STOP
+        await settle()
+        assert admitter.in_flight == 0 and len(admitter.queue) == 0
+
+    run(scenario)

@@ -222,6 +222,9 @@ class GenerationRequest:
     logprobs: int | None = None  # None: none; k: the chosen token's and k alternatives
     logit_bias: dict[int, float] = field(default_factory=dict)  # added to the raw logits
     relay: RelayBody | None = None  # set (and prompt_tokens empty) for RELAY engines
+    # time.monotonic() by which the caller needs the last token (None: no deadline); the
+    # admission layer answers a 503 instead of starting what could only finish after it
+    deadline: float | None = None
     # the admission layer's per-tenant counters, for an engine that picks which sequences
     # decode each step (never sent to another process: a replica set drops it)
     shares: TenantShares | None = field(default=None, compare=False, repr=False)

@@ -4,7 +4,8 @@ budget and unloaded when idle.
 Each model goes unloaded -> loading -> ready -> draining -> unloaded, or to failed when
 its load fails. A request for an unloaded model waits while exactly one load runs (the
 weights are read in worker threads, so other models keep decoding); loading makes room
-by unloading idle models, least recently used first, never a pinned model, one with work
+by unloading idle models, the least in demand first (requests counted with a half-life,
+so between models asked equally often the least recently used), never a pinned model, one with work
 in flight or one loaded less than `min_residency` ago. What Ollama's users hit is what
 this is built against: a model reloaded on every request (keep_alive per model and per
 request, minimum residency), over-estimated memory (the estimate from the GGUF header is
@@ -45,6 +46,7 @@ from aicloud.engines.llamacpp.model import ModelLoadError
 from aicloud.models.catalog import MAX_KEEP_ALIVE, Catalog, CatalogEntry, CatalogError, EngineKind
 from aicloud.models.engines import EngineKinds
 from aicloud.models.memory import resident_bytes, return_freed_memory
+from aicloud.scheduling.admission import Admitter
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,8 @@ class PoolConfig:
     keep_alive: float = 300.0
     max_keep_alive: float = MAX_KEEP_ALIVE
     min_residency: float = 2.0
+    # how long a request keeps counting for its model's place in the eviction order
+    demand_half_life: float = 30.0
     fit_wait: float = 30.0
     retry_after: float = 5.0
     tick: float = 1.0  # how often idle models are looked at and the catalog re-read
@@ -83,6 +87,8 @@ class PoolConfig:
     def __post_init__(self) -> None:
         if self.memory_budget <= 0:
             raise ValueError("the memory budget must be positive")
+        if not (math.isfinite(self.demand_half_life) and self.demand_half_life > 0):
+            raise ValueError("demand_half_life must be a positive number of seconds")
         for name in ("keep_alive", "max_keep_alive", "min_residency", "fit_wait"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -166,6 +172,8 @@ class PooledModel:
         self.error: str | None = None
         self.loaded_at = 0.0
         self.last_used = time.monotonic()
+        self._demand = 0.0  # requests for it, each decayed by the pool's half-life
+        self._demand_at = self.last_used
         self.requested_keep_alive: float | None = None  # the last request's X-Keep-Alive
         # work in flight: requests holding a lease, and engine calls running (a request's
         # own calls run under its lease; a generation outlives it when its client left,
@@ -173,6 +181,7 @@ class PooledModel:
         self.leased = 0
         self.running = 0
         self.waiters = 0  # requests waiting for it to be ready: it is theirs once loaded
+        self.service: float | None = None  # its admission layer's service time, kept
         self.changed = asyncio.Event()  # set and replaced at every state change
         self._info: EngineInfo | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -213,6 +222,18 @@ class PooledModel:
         """What the admin API, console and metrics show: one request streaming counts
         once, though it holds a lease and runs a generation."""
         return max(self.leased, self.running)
+
+    def requested(self, now: float, half_life: float) -> None:
+        """One more request for it (loaded or not)."""
+        self._demand = self.demand(now, half_life) + 1.0
+        self._demand_at = now
+
+    def demand(self, now: float, half_life: float) -> float:
+        """Its requests, each counting half as much every `half_life` seconds: about its
+        request rate times 1.44 half-lives, and for models asked once each, the most
+        recent highest (LRU's order)."""
+        decay: float = 0.5 ** (max(0.0, now - self._demand_at) / half_life)
+        return self._demand * decay
 
     def evictable(self, now: float, min_residency: float) -> bool:
         return (self.state is ModelState.READY and not self.entry.pinned and not self.fixed
@@ -418,6 +439,8 @@ class ModelPool:
 
     async def _close_engine(self, model: PooledModel) -> None:
         engine, model.engine = model.engine, (model.engine if model.fixed else None)
+        if isinstance(engine, Admitter) and engine.service is not None:
+            model.service = engine.service  # for its next load's first requests
         if engine is not None:
             await engine.close()
 
@@ -446,10 +469,13 @@ class ModelPool:
 
     async def lease(self, name: str, organization_id: str,
                     may_use: Callable[[str], bool] = lambda _: True,
-                    keep_alive: float | None = None) -> Lease:
+                    keep_alive: float | None = None, deadline: float | None = None) -> Lease:
         """The model called `name`, loaded (waiting for its load if need be), for a caller
         of `organization_id` whose key allows the names `may_use` accepts. A model the
-        caller may not use is UnknownModel, exactly like one that does not exist."""
+        caller may not use is UnknownModel, exactly like one that does not exist. A caller
+        with a `deadline` (time.monotonic()) gets a 503 once it passes while the model is
+        not ready, and a load still waiting for room that nobody waits for any more is
+        given up: it would only evict a model others use."""
         entry = await self.find(name)
         if entry is None or not entry.allows(organization_id) or not any(
                 may_use(n) for n in entry.names):
@@ -459,8 +485,17 @@ class ModelPool:
         model.requested_keep_alive = None if keep_alive is None else min(
             keep_alive, self.config.max_keep_alive)
         model.last_used = time.monotonic()
+        model.requested(model.last_used, self.config.demand_half_life)
         cold = None if model.state is ModelState.READY else time.perf_counter()
-        await self.ensure(model)
+        if deadline is None:
+            await self.ensure(model)
+        else:
+            try:
+                await asyncio.wait_for(self.ensure(model), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise EngineUnavailable(
+                    f"The model '{entry.id}' could not be loaded within the request's "
+                    "deadline; retry shortly.", retry_after=self.config.retry_after) from None
         model.begin(leased=True)  # no await since ensure() saw it ready
         return Lease(model, cold)
 
@@ -500,6 +535,8 @@ class ModelPool:
             if model.state is ModelState.UNLOADED:
                 model.set_state(ModelState.LOADING)  # before any await: one load only
                 model._loading = asyncio.create_task(self._load(model))
+                # a load given up after its waiters left raises to nobody
+                model._loading.add_done_callback(_retrieved)
             if model.state is ModelState.LOADING and model._loading is not None:
                 # a load that cannot fit raises its 503 in every request waiting for it;
                 # a request that leaves does not cancel the load
@@ -523,6 +560,11 @@ class ModelPool:
             async with self._memory_lock:  # one load or unload at a time: each measurable
                 before = self._memory()
                 engine = self._kinds.build(entry)
+                if isinstance(engine, Admitter) and engine.service is None:
+                    # what its last residency measured: without it, the first requests
+                    # after a reload started however near their deadline (bench/pool.py:
+                    # most of the late ones at 8 requests/s)
+                    engine.service = model.service
                 try:
                     await engine.start()
                 except BaseException:
@@ -575,7 +617,7 @@ class ModelPool:
                 log.warning("the loaded models take %d MiB, over the budget of %d MiB",
                             _mib(self.used()), _mib(self.config.memory_budget))
                 return
-            await self._unload(min(victims, key=lambda m: m.last_used), "evicted")
+            await self._unload(self._victim(victims, now), "evicted")
 
     async def _make_room(self, model: PooledModel) -> None:
         """Unload idle models, least recently used first, until `model` fits; wait for
@@ -590,12 +632,15 @@ class ModelPool:
         self._room_line.append(model)
         try:
             while not self._fits(model):
+                if not model.waiters:
+                    raise EngineUnavailable(f"Nobody waits for '{model.entry.id}' any more.",
+                                            retry_after=self.config.retry_after)
                 woken = self._room.waiter()
                 now = time.monotonic()
                 victims = [m for m in self._models.values() if m is not model
                            and m.evictable(now, self.config.min_residency)]
                 if victims and self._room_line[0] is model:
-                    await self._unload(min(victims, key=lambda m: m.last_used), "evicted")
+                    await self._unload(self._victim(victims, now), "evicted")
                     continue
                 if now >= deadline:
                     raise EngineUnavailable(
@@ -606,6 +651,15 @@ class ModelPool:
         finally:
             self._room_line.remove(model)
             self.wake()  # the next in line may fit now, or be the one to evict
+
+    def _victim(self, idle: list[PooledModel], now: float) -> PooledModel:
+        """The idle model to unload: the least in demand, the least recently used among
+        equals. By recency alone, the hottest model was evicted whenever its line
+        emptied for a moment: under overload (bench/pool.py at 8 requests/s) a model
+        taking 40% of the requests was unloaded for one asked once, and its next
+        requests waited 12 s for its reload behind six other loads."""
+        half_life = self.config.demand_half_life
+        return min(idle, key=lambda m: (m.demand(now, half_life), m.last_used))
 
     def _fits(self, model: PooledModel) -> bool:
         """Whether `model` fits beside the loaded models, the loads ahead of it and the
@@ -802,3 +856,9 @@ async def _quietly_close(engine: Engine) -> None:
 
 def _mib(n: int) -> int:
     return n >> 20
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Mark a load's failure as seen: whoever waited for it has it already, or left."""
+    if not task.cancelled():
+        task.exception()

@@ -23,6 +23,11 @@ counters, applied at admission here and token by token inside the engine.
   usage corrects it by what was cached), each output token as its event passes.
 - Back-pressure: a full line or a long wait is refused with a 429 (the tenant floods the
   model) or a 503 (everyone does), with a retry-after, exactly as `FairQueue` decides.
+- Deadlines: a request that carries one (`GenerationRequest.deadline`) and reaches the
+  head of the line too late to finish by it (now + the model's recent service time, from
+  hand-over to last token) is answered with a 503 instead of being started. Under
+  overload a line served in order makes every request late; shedding what can no longer
+  be on time gives its slot and decode time to requests that still can be.
 - `in_flight` counts the model's admitted generations and running embeddings; `idle()`
   returns once nothing is in flight or waiting, which is what a pool drains on.
 
@@ -61,6 +66,8 @@ log = logging.getLogger(__name__)
 # while requests wait, admission is re-checked at least this often: an engine's room can
 # grow without a request finishing (a Ray replica coming back)
 RECHECK_SECONDS = 1.0
+# how much each finished generation moves the model's service-time estimate
+SERVICE_WEIGHT = 0.2
 
 
 class AdmittedStream:
@@ -76,6 +83,7 @@ class AdmittedStream:
         self.cancelled = False
         self.charged_input = 0
         self.charged_output = 0
+        self.handed: float | None = None  # when it was handed to the engine
 
     @property
     def tenant(self) -> str:
@@ -133,6 +141,8 @@ class Admitter:
         self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self.service: float | None = None  # recent seconds from hand-over to last token
+        self.shed = 0  # requests refused at their turn because their deadline was lost
 
     @property
     def in_flight(self) -> int:
@@ -217,6 +227,10 @@ class Admitter:
         found = False
         try:
             while (admitted := self.queue.pop(self._may_admit)) is not None:
+                if self._too_late(admitted):
+                    self.shed += 1
+                    admitted.end(FinishReason.OVERLOADED)
+                    continue
                 self._take(admitted)
                 if admitted is inline:
                     found = True
@@ -227,6 +241,11 @@ class Admitter:
         self._arm()
         self._check_idle()
         return found
+
+    def _too_late(self, stream: AdmittedStream) -> bool:
+        """Whether `stream`, started now, would finish after its deadline."""
+        deadline = stream.request.deadline
+        return deadline is not None and self.queue.now() + (self.service or 0.0) > deadline
 
     def _take(self, stream: AdmittedStream) -> None:
         """Count it in flight and charge its prompt now (corrected when it ends)."""
@@ -241,6 +260,7 @@ class Admitter:
 
     async def _hand_over(self, stream: AdmittedStream) -> GenerationStream:
         shares = self.queue if self.queue.config.mode is Mode.VTC else None
+        stream.handed = self.queue.now()
         try:
             inner = await self.engine.generate(replace(stream.request, shares=shares))
         except BaseException:
@@ -265,6 +285,11 @@ class Admitter:
 
     async def _watch(self, stream: AdmittedStream, inner: GenerationStream) -> None:
         final = await inner.final()
+        if final.finish_reason in (FinishReason.STOP, FinishReason.LENGTH) and (
+                stream.handed is not None):
+            took = self.queue.now() - stream.handed
+            self.service = took if self.service is None else (
+                self.service + SERVICE_WEIGHT * (took - self.service))
         self.charge_output(stream, final.completion_tokens)
         self._release(stream, final.usage or Usage(stream.charged_input, 0))
 

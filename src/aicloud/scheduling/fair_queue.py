@@ -131,6 +131,10 @@ class FairQueue(Generic[Item]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def now(self) -> float:
+        """The line's clock (time.monotonic unless a test injects one)."""
+        return self._clock()
+
     # -- joining and leaving the line ---------------------------------------------------------
 
     def push(self, item: Item, tenant: str, priority: int = Priority.INTERACTIVE,

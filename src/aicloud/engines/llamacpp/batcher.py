@@ -434,9 +434,10 @@ class Batcher:
         if preemptible and not self._arm_abort():
             return ABORTED
         try:
-            status = self._llama_decode(all(len(tokens) == 1 for _, tokens, _ in group))
+            status = self._llama_decode(all(len(tokens) == 1 for _, tokens, _ in group),
+                                        len(group))
             if status == 1 and self.slots.drop_idle_caches():
-                status = self._llama_decode(measured=False)
+                status = self._llama_decode(measured=False, rows=len(group))
         finally:
             if preemptible:  # every other decode runs with the flag down
                 with self._wake:
@@ -453,13 +454,13 @@ class Batcher:
             self._abortable = True
             return True
 
-    def _llama_decode(self, measured: bool) -> int:
+    def _llama_decode(self, measured: bool, rows: int = 1) -> int:
         """One llama_decode with the tuner's thread count, or fewer if the shared budget
         has fewer free. Only calls of next tokens are timed for it: a prompt chunk is other
         work, its speed would not compare."""
         wanted = self.threads.threads() if self.config.adapt_threads else (
             self.config.threads or 1)
-        n = self.budget.take(wanted) if self.budget is not None else wanted
+        n = self.budget.take(wanted, rows=rows) if self.budget is not None else wanted
         try:
             if n != self._threads_set:
                 llama_cpp.llama_set_n_threads(self.model.ctx, n, n)

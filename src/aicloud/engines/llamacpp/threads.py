@@ -101,26 +101,44 @@ class ThreadBudget:
     against each other at every barrier: a 40-token answer took 10 s instead of 0.5 s).
 
     A decode takes up to the threads it wants and gives them back when it returns; when
-    none are free it waits, first come first served, so busy models take turns step by
-    step (each step is tens of milliseconds) instead of splitting the cores."""
+    none are free it waits, so busy models take turns step by step (each step is tens of
+    milliseconds) instead of splitting the cores. Turns go by backlog: each caller (an
+    engine's thread) says how many sequences its decode advances (`rows`), and a turn
+    costs it 1/rows, so a model decoding four sequences gets four turns to one that
+    decodes one, and every sequence advances at the same rate whichever model it is on.
+    A step costs about the same for one row or four, so this also makes more tokens per
+    second of the cores than turns in arrival order, which gave the hot model of a
+    heavy-tailed load one step in three while it held most of the requests. A caller
+    coming back from idle starts level with the turns being served (no banked credit)."""
 
     def __init__(self, total: int) -> None:
         self.total = max(1, total)
         self.free = self.total
-        self._turns: deque[object] = deque()
+        self._turns: list[tuple[float, int]] = []  # (virtual start, arrival) of waiters
+        self._arrivals = 0
+        self._now = 0.0  # the virtual start of the turn served last
+        self._ends: dict[int, float] = {}  # each caller's virtual end of its last turn
         self._changed = threading.Condition()
 
-    def take(self, wanted: int, *, exact: bool = False) -> int:
+    def take(self, wanted: int, *, exact: bool = False, rows: int = 1) -> int:
         """Block until this caller's turn and at least one thread (all `wanted` with
         `exact`) is free; return how many it got (at most `wanted` and the total)."""
         wanted = max(1, min(wanted, self.total))
-        turn = object()
+        caller = threading.get_ident()
         with self._changed:
+            self._arrivals += 1
+            start = max(self._ends.get(caller, 0.0), self._now)
+            turn = (start, self._arrivals)
             self._turns.append(turn)
             needed = wanted if exact else 1
-            while self._turns[0] is not turn or self.free < needed:
+            while min(self._turns) != turn or self.free < needed:
                 self._changed.wait()
-            self._turns.popleft()
+            self._turns.remove(turn)
+            self._now = start
+            self._ends[caller] = start + 1.0 / max(1, rows)
+            # callers whose turns are all behind are level with newcomers: forget them
+            for gone in [c for c, end in self._ends.items() if end <= start]:
+                del self._ends[gone]
             got = min(wanted, self.free)
             self.free -= got
             self._changed.notify_all()
