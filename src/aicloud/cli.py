@@ -231,7 +231,7 @@ def serve(
         help="decoding threads (default: the cores this process may use)")] = None,
     step_sequences: Annotated[int | None, typer.Option(
         help="running sequences decoded per step, taking turns: fewer makes a newcomer's "
-             "first token come sooner under load (default: 8 per thread)")] = None,
+             "first token come sooner under load (default: 16 per thread)")] = None,
     kv_budget_mb: Annotated[int | None, typer.Option(
         help="memory for the KV cache of each model, used to size --sequences "
              "(default 2048)")] = None,

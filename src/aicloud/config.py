@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     threads: int | None = Field(default=None, ge=1)
     step_sequences: int | None = Field(
         default=None, ge=1, le=256, description="sequences decoded per step, in turns "
-        "(default: 8 per thread)")
+        "(default: 16 per thread)")
     batch_tokens: int = Field(default=512, ge=16, le=8192)
     adapt_threads: bool = Field(default=True, description="re-decide the decode thread "
                                 "count by measuring (a busy neighbour makes fewer faster)")

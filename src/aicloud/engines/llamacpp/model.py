@@ -118,11 +118,12 @@ def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv_type: str) 
 
 
 MAX_AUTO_SEQUENCES = 32
-# On a CPU, decoding more sequences per llama_decode stops adding throughput at about this
-# many per thread (bench/engine.py, 2 threads: Q4_1 makes the same tok/s at 8, 16 and 32,
-# Q4_0 15 % less at 8 than at 16 or 32), while a wider step makes everyone, a newcomer's
-# first token included, wait longer for it.
-STEP_SEQUENCES_PER_THREAD = 8
+# Sequences decoded per step, per thread. With flash attention and the running sequences
+# in one run of KV streams, a step of 32 on 2 threads made 365 tok/s against 251 for two
+# steps of 16 (bench/engine.py-style run, session 9): a step reads every weight once, so
+# narrower steps mostly re-read them. A newcomer's first token still does not wait for a
+# full step: the step that ends a prompt decodes a quarter as many others.
+STEP_SEQUENCES_PER_THREAD = 16
 DEFAULT_CONTEXT = 2048
 
 
