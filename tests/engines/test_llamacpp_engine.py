@@ -574,11 +574,11 @@ def test_an_interactive_request_stops_the_batch_step_in_flight(
             decode = batcher._llama_decode
             asked: list[AdmittedStream] = []
 
-            def hand_over_during_the_decode(measured: bool) -> int:
+            def hand_over_during_the_decode(measured: bool, rows: int = 1) -> int:
                 if not asked:  # the first decode of the flood: its prompt chunks
                     asked.append(asyncio.run_coroutine_threadsafe(admitter.generate(
                         GenerationRequest("i", fruit, GREEDY, 4, tenant="t")), loop).result())
-                return decode(measured)
+                return decode(measured, rows)
 
             batcher._llama_decode = hand_over_during_the_decode  # type: ignore[method-assign]
             flood = [await admitter.generate(bulk(f"b{i}")) for i in range(4)]

@@ -74,9 +74,9 @@ def counted(loop_thread: LoopThread) -> Iterator[tuple[LlamaCppEngine, Decodes]]
                                        step_sequences=len(PROMPTS))))
 
 
-async def answer(engine: LlamaCppEngine, prompt: str, max_tokens: int = 12) -> str:
+async def answer(engine: LlamaCppEngine, prompt: str) -> str:
     tokens = await engine.encode_chat([ChatMessage("user", prompt)])
-    request = GenerationRequest("t", tokens, SamplingParams(temperature=0.0), max_tokens, ())
+    request = GenerationRequest("t", tokens, SamplingParams(temperature=0.0), 12, ())
     return "".join([e.text async for e in await engine.generate(request)])
 
 
@@ -102,24 +102,21 @@ def test_a_step_of_neighbouring_slots_is_one_graph_computation(
             assert graphs == 1, f"rows {rows} took {graphs} graph computations"
 
 
-def test_a_newcomer_fills_the_hole_a_finished_sequence_left(
+
+def test_prompts_of_one_length_in_neighbouring_slots_share_one_graph(
         counted: tuple[LlamaCppEngine, Decodes], loop_thread: LoopThread) -> None:
-    """Slots 0-2 run, 1 finishes, and a newcomer whose prompt slot 3 caches arrives: it
-    takes slot 1 (its prefix copied over from slot 3), so the steps stay one run of
-    sequence ids and one graph, instead of 0, 2, 3 in two."""
+    """Requests that arrive together with one prompt find it cached and compute its last
+    two tokens each: one call, one graph for all of them, not a graph each."""
     engine, decodes = counted
+    loop_thread.run(answer(engine, PROMPTS[0]))  # cached now
 
-    async def scenario() -> None:
-        await asyncio.gather(*(answer(engine, p) for p in PROMPTS))  # slot i caches prompt i
-        decodes.calls.clear()
-        long_a = asyncio.ensure_future(answer(engine, PROMPTS[0], 40))
-        short = asyncio.ensure_future(answer(engine, PROMPTS[1], 2))
-        long_c = asyncio.ensure_future(answer(engine, PROMPTS[2], 40))
-        await short
-        await asyncio.gather(answer(engine, PROMPTS[3], 16), long_a, long_c)
+    async def together() -> list[str]:
+        return await asyncio.gather(*(answer(engine, PROMPTS[0]) for _ in PROMPTS))
 
-    loop_thread.run(scenario())
-    trios = [(sorted(seq for seq, _ in rows), graphs) for rows, graphs in decodes.calls
-             if len(rows) == 3 and len({seq for seq, _ in rows}) == 3]
-    assert trios, "the newcomer never decoded beside the two long sequences"
-    assert all(ids == [0, 1, 2] and graphs == 1 for ids, graphs in trios), trios
+    decodes.calls.clear()
+    texts = loop_thread.run(together())
+    assert len(set(texts)) == 1
+    shared = [(rows, graphs) for rows, graphs in decodes.calls
+              if len({seq for seq, _ in rows}) > 1 and len(rows) == 2 * len({s for s, _ in rows})]
+    assert shared, f"each prompt had a call of its own: {decodes.calls[:6]}"
+    assert all(graphs == 1 for _, graphs in shared)

@@ -82,7 +82,8 @@ class Batcher:
         self.model = model
         self.budget = budget  # the process's decode threads, shared with other models
         self.config = model.config
-        self.slots = SlotTable(model.memory, self.config.sequences or 1)
+        self.slots = SlotTable(model.memory, self.config.sequences or 1,
+                               None if self.config.unified_kv else model.ctx)
         self.running: list[Sequence] = []  # in a slot
         self.pending: deque[Sequence] = deque()  # submitted, waiting for a slot
         self.parked: dict[Sequence, ParkedCells] = {}  # paused to lend their slot
@@ -380,7 +381,7 @@ class Batcher:
                                    for seq in sorted(decoding, key=lambda s: s.slot)]
         if self.config.unified_kv:
             return [decodes + prompts] if decodes or prompts else []
-        return ([decodes] if decodes else []) + [[item] for item in prompts]
+        return ([decodes] if decodes else []) + prompt_calls(prompts)
 
     def _runnable(self) -> list[Sequence]:
         """The running sequences this step may advance: the interactive ones if any."""
@@ -564,6 +565,22 @@ class Batcher:
 def batch(seq: Sequence) -> bool:
     """Of the batch class: it yields steps and slots to interactive sequences."""
     return seq.request.priority >= Priority.BATCH
+
+
+def prompt_calls(prompts: list[PlanItem]) -> list[list[PlanItem]]:
+    """Prompt chunks as `llama_decode` calls: chunks of one length in neighbouring slots
+    share a call, which llama.cpp computes as one ubatch (with a stream per sequence it
+    takes equal rows from consecutive sequence ids); others get a call each. Requests that
+    arrive together with one system prompt leave two tokens each to compute: 32 of them
+    took 32 graphs, each a pass over every weight, before the first token."""
+    calls: list[list[PlanItem]] = []
+    for item in sorted(prompts, key=lambda p: p[0].slot):
+        last = calls[-1][-1] if calls else None
+        if last is not None and len(last[1]) == len(item[1]) and last[0].slot + 1 == item[0].slot:
+            calls[-1].append(item)
+        else:
+            calls.append([item])
+    return calls
 
 
 def prompt_chunk(left: int, budget: int) -> int:
