@@ -278,6 +278,18 @@ def test_a_request_past_its_deadline_leaves_and_a_load_nobody_waits_for_is_given
     run(tmp_path, [entry("a"), entry("b"), entry("c")], scenario, fit_wait=10.0)
 
 
+def test_a_loaded_model_is_leased_whatever_the_deadline(tmp_path: Path) -> None:
+    """asyncio.wait_for with no time left (Python 3.11) times out before the wait even
+    starts: a loaded model was refused as "could not be loaded", so a request whose
+    deadline was lost never reached the admission layer that sheds it with its 503."""
+    async def scenario(pool: ModelPool, catalog: Catalog, world: World) -> None:
+        await call(pool, "a")
+        lease = await pool.lease("a", "org_a", deadline=time.monotonic() - 1.0)
+        lease.release()
+
+    run(tmp_path, [entry("a")], scenario)
+
+
 def test_a_reloaded_model_starts_with_the_service_time_its_last_load_measured(
         tmp_path: Path) -> None:
     """Without it, a reload's first requests started however near their deadline."""

@@ -327,14 +327,18 @@ async def open_run(serving: Serving, engine: Engine, principal: Principal, model
                    prefix: str, logprobs: int | None = None,
                    requests: Ticket | None = None,
                    constraint: Constraint | None = None,
-                   batch_line: str | None = None, cold_since: float | None = None) -> Run:
+                   batch_line: str | None = None, cold_since: float | None = None,
+                   deadline: float | None = None) -> Run:
     """Admit the request (its hold covers every choice's max_tokens) and start the first
     choice of each prompt; `begin` starts the others. `requests`: the RPM already taken
     by `admit_request` before tokenizing; `constraint`: the grammar every choice follows.
 
     `batch_line`: the request id of a Batch API line's attempt. It runs in the batch
     class at the batch price, and outside the progress journal: a line cut by a crash
-    is not billed as interrupted but runs again (one usage row per answered line)."""
+    is not billed as interrupted but runs again (one usage row per answered line).
+
+    `deadline` (time.monotonic(), from `X-Request-Timeout`): the admission layer sheds a
+    choice with a 503 if its turn comes too late to finish by then."""
     cloud = serving.cloud
     sampling = sampling_from(body)
     n = body.choices
@@ -358,6 +362,7 @@ async def open_run(serving: Serving, engine: Engine, principal: Principal, model
             stop=body.stops, tenant=tenant_of(principal, serving.fair_share_by),
             priority=priority, weight=principal.weight, logprobs=logprobs,
             logit_bias=dict(body.logit_bias or {}), cache_scope=scope, constraint=constraint,
+            deadline=deadline,
         ) for k in range(n * len(prompts))]
         run.siblings = [(k, g) for k, g in enumerate(generations) if k % n]
         for k in range(0, len(generations), n):

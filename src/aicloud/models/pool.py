@@ -487,7 +487,9 @@ class ModelPool:
         model.last_used = time.monotonic()
         model.requested(model.last_used, self.config.demand_half_life)
         cold = None if model.state is ModelState.READY else time.perf_counter()
-        if deadline is None:
+        # a ready model needs no wait (wait_for would time out a deadline already past
+        # before ensure() even ran, and answer "could not be loaded" for a loaded model)
+        if deadline is None or model.state is ModelState.READY:
             await self.ensure(model)
         else:
             try:

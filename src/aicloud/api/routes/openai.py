@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -53,6 +54,14 @@ def _no_such_model(model: str) -> APIError:
 
 
 KEEP_ALIVE_HEADER = "X-Keep-Alive"
+REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
+
+
+def _seconds(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        return math.nan
 
 
 def keep_alive_of(request: Request) -> float | None:
@@ -61,23 +70,41 @@ def keep_alive_of(request: Request) -> float | None:
     raw = request.headers.get(KEEP_ALIVE_HEADER)
     if raw is None:
         return None
-    try:
-        seconds = float(raw)
-    except ValueError:
-        seconds = math.nan
+    seconds = _seconds(raw)
     if not math.isfinite(seconds) or seconds < 0:
         raise invalid(f"{KEEP_ALIVE_HEADER} must be a number of seconds (0 or more)",
                       KEEP_ALIVE_HEADER)
     return seconds
 
 
+def deadline_of(request: Request) -> float | None:
+    """`X-Request-Timeout: SECONDS`: the caller wants its answer within that long of its
+    arrival, or a 503 at once rather than a late one. The deadline (time.monotonic()) is
+    fixed at the first call, which the routes make on arrival, so a fallback model or a
+    Responses call keeps it."""
+    if hasattr(request.state, "deadline"):
+        fixed: float | None = request.state.deadline
+        return fixed
+    raw = request.headers.get(REQUEST_TIMEOUT_HEADER)
+    deadline = None
+    if raw is not None:
+        seconds = _seconds(raw)
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise invalid(f"{REQUEST_TIMEOUT_HEADER} must be a number of seconds (more than "
+                          "0)", REQUEST_TIMEOUT_HEADER)
+        deadline = time.monotonic() + seconds
+    request.state.deadline = deadline
+    return deadline
+
+
 async def lease_for(pool: ModelPool, model: str, principal: Principal,
-                    keep_alive: float | None = None) -> Lease:
-    """The model, loaded, held for the caller until the lease is released; a model outside
-    the key's allow-list or its organization's looks exactly like one that does not exist."""
+                    keep_alive: float | None = None, deadline: float | None = None) -> Lease:
+    """The model, loaded, held for the caller until the lease is released (503 if it is
+    not ready by `deadline`); a model outside the key's allow-list or its organization's
+    looks exactly like one that does not exist."""
     try:
         return await pool.lease(model, principal.organization_id, principal.may_use,
-                                keep_alive)
+                                keep_alive, deadline)
     except UnknownModel:
         raise _no_such_model(model) from None
 
@@ -89,11 +116,11 @@ def cold_since_of(request: Request) -> float | None:
 
 
 async def engine_for(request: Request, pool: ModelPool, model: str,
-                     principal: Principal) -> Engine:
-    """The model, loaded (a request for an unloaded one waits for its load). A model
-    outside the key's allow-list or its organization's looks exactly like one that does
-    not exist."""
-    lease = await lease_for(pool, model, principal, keep_alive_of(request))
+                     principal: Principal, deadline: float | None = None) -> Engine:
+    """The model, loaded (a request for an unloaded one waits for its load, until
+    `deadline` if it has one). A model outside the key's allow-list or its organization's
+    looks exactly like one that does not exist."""
+    lease = await lease_for(pool, model, principal, keep_alive_of(request), deadline)
     hold(request, lease)
     if lease.cold_since is not None:
         request.state.cold_since = lease.cold_since
@@ -254,6 +281,7 @@ async def _constraint(body: SamplingFields) -> Constraint | None:
              **request_body(ChatCompletionRequest))
 async def chat_completions(request: Request, principal: CurrentPrincipal,
                            pool: PoolDep) -> StreamingResponse | JSONResponse:
+    deadline_of(request)  # counted from arrival
     body = await parse_body(request, ChatCompletionRequest, text_fields=("messages",))
     return await run_chat(request, principal, pool, body)
 
@@ -263,15 +291,16 @@ async def run_chat(request: Request, principal: Principal, pool: ModelPool,
                    ) -> StreamingResponse | JSONResponse:
     """One chat completion, whoever asked for it (the chat route, or a Responses call,
     whose ledger rows then carry the response's id)."""
-    engine = await engine_for(request, pool, body.model, principal)
+    deadline = deadline_of(request)
+    engine = await engine_for(request, pool, body.model, principal, deadline)
     if engine.info().can(RELAY):  # a provider's model: relayed as sent, nothing rendered
         return await relay_with_fallbacks(
             request, principal, body, CHAT, id_prefix, engine,
-            lambda name: engine_for(request, pool, name, principal),
+            lambda name: engine_for(request, pool, name, principal, deadline),
             lambda name: run_chat(request, principal, pool,
                                   body.model_copy(update={"model": name}), id_prefix))
     run, fmt = await open_chat(serving(request), principal, engine, body, id_prefix,
-                               cold_since=cold_since_of(request))
+                               cold_since=cold_since_of(request), deadline=deadline)
     return await _respond(request, run, fmt, body.stream, _include_usage(body))
 
 
@@ -284,11 +313,11 @@ def not_local(model: str) -> APIError:
 
 async def open_chat(serving: Serving, principal: Principal, engine: Engine,
                     body: ChatCompletionRequest, id_prefix: str = "chatcmpl",
-                    batch_line: str | None = None, cold_since: float | None = None
-                    ) -> tuple[Run, Format]:
+                    batch_line: str | None = None, cold_since: float | None = None,
+                    deadline: float | None = None) -> tuple[Run, Format]:
     """Check, tokenize and admit a chat completion and start it on `engine` (leased from
     the pool by the caller): the part an HTTP request and a batch line share (see
-    `open_run` for `batch_line`)."""
+    `open_run` for `batch_line` and `deadline`)."""
     cloud = serving.cloud
     if engine.info().can(RELAY):
         raise not_local(body.model)
@@ -307,7 +336,7 @@ async def open_chat(serving: Serving, principal: Principal, engine: Engine,
     # billed, priced and answered as the catalog's id, whichever alias the caller used
     run = await open_run(serving, engine, principal, engine.info().model_id, [tokens], body,
                          body.completion_limit, id_prefix, body.top_logprobs_wanted,
-                         requests, constraint, batch_line, cold_since)
+                         requests, constraint, batch_line, cold_since, deadline)
     plain = ChatFormat(bool(body.logprobs))
     return run, prompt.answer_format(plain) or plain
 
@@ -315,27 +344,30 @@ async def open_chat(serving: Serving, principal: Principal, engine: Engine,
 @router.post("/completions", response_model=None, **request_body(CompletionRequest))
 async def completions(request: Request, principal: CurrentPrincipal,
                       pool: PoolDep) -> StreamingResponse | JSONResponse:
+    deadline_of(request)  # counted from arrival
     body = await parse_body(request, CompletionRequest, text_fields=("prompt",))
     return await run_completion(request, principal, pool, body)
 
 
 async def run_completion(request: Request, principal: Principal, pool: ModelPool,
                          body: CompletionRequest) -> StreamingResponse | JSONResponse:
-    engine = await engine_for(request, pool, body.model, principal)
+    deadline = deadline_of(request)
+    engine = await engine_for(request, pool, body.model, principal, deadline)
     if engine.info().can(RELAY):
         return await relay_with_fallbacks(
             request, principal, body, TEXT, "cmpl", engine,
-            lambda name: engine_for(request, pool, name, principal),
+            lambda name: engine_for(request, pool, name, principal, deadline),
             lambda name: run_completion(request, principal, pool,
                                         body.model_copy(update={"model": name})))
     run, fmt = await open_completion(serving(request), principal, engine, body,
-                                     cold_since=cold_since_of(request))
+                                     cold_since=cold_since_of(request), deadline=deadline)
     return await _respond(request, run, fmt, body.stream, _include_usage(body))
 
 
 async def open_completion(serving: Serving, principal: Principal, engine: Engine,
                           body: CompletionRequest, batch_line: str | None = None,
-                          cold_since: float | None = None) -> tuple[Run, Format]:
+                          cold_since: float | None = None, deadline: float | None = None
+                          ) -> tuple[Run, Format]:
     """Check, tokenize and admit a text completion and start it (see `open_chat`)."""
     cloud = serving.cloud
     if engine.info().can(RELAY):
@@ -354,6 +386,7 @@ async def open_completion(serving: Serving, principal: Principal, engine: Engine
     tokens = [await engine.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
     run = await open_run(serving, engine, principal, engine.info().model_id, tokens, body,
                          body.max_tokens if body.max_tokens is not None else 16, "cmpl",
-                         body.logprobs, requests, constraint, batch_line, cold_since)
+                         body.logprobs, requests, constraint, batch_line, cold_since,
+                         deadline)
     echo = [p for p in prompts if isinstance(p, str)] if body.echo else None
     return run, TextFormat(body.choices, body.logprobs, echo)

@@ -22,7 +22,7 @@ from aicloud.api.deps import CloudDep, CurrentPrincipal, PoolDep, parse_body
 from aicloud.api.errors import APIError, invalid, validation_message
 from aicloud.api.event_stream import EventStream
 from aicloud.api.openapi import request_body
-from aicloud.api.routes.openai import SSE_HEADERS, run_chat
+from aicloud.api.routes.openai import SSE_HEADERS, deadline_of, run_chat
 from aicloud.api.schemas import ChatCompletionRequest
 from aicloud.responses.items import (
     CHAT_PARAMS,
@@ -76,6 +76,7 @@ def _with_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @router.post("/responses", response_model=None, **request_body(ResponseCreate))
 async def create_response(request: Request, principal: CurrentPrincipal, pool: PoolDep,
                           cloud: CloudDep) -> JSONResponse | StreamingResponse:
+    deadline_of(request)  # counted from arrival (run_chat keeps it)
     body = await parse_body(request, ResponseCreate)
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
