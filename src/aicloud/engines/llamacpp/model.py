@@ -74,6 +74,9 @@ class ContextConfig:
     flash_attention: bool = False
     unified_kv: bool = False
     adapt_threads: bool = True  # `threads` is then the most a decode uses (threads.py)
+    # rows an interactive decode step may hold in all, batch-class rows filling what its
+    # interactive rows leave (issue 16); 1 keeps batch rows out of interactive steps
+    ride_rows: int = 2
 
     @property
     def n_ctx(self) -> int:
