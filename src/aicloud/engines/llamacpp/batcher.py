@@ -213,10 +213,10 @@ class Batcher:
         the slot stays free for the next interactive one), and they never take the
         reserved slot (`_reserve`): an interactive newcomer then starts without parking
         anyone, and that idle slot keeps its prompt cached for the next one (a slot of a
-        batch's project is emptied for it: measured, 7 of 37 interactive prompts beside a
-        batch were prefilled whole, 42 tokens instead of 8). One that finds no room does
-        not hold up the others. Returns the sequences that could not be resumed (the lock
-        is held)."""
+        batch's project is emptied for it: measured, 6 and 10 of 37 interactive prompts
+        beside a batch were prefilled whole, 42 tokens instead of 8). One that finds no
+        room does not hold up the others. Returns the sequences that could not be resumed
+        (the lock is held)."""
         failed: list[Outcome] = []
         self._newcomer = False
         yielding = self._yielding()
@@ -404,9 +404,10 @@ class Batcher:
     def _riders(self, interactive: list[Sequence]) -> list[Sequence]:
         """Decoding batch sequences that ride along in a step of interactive decodes, up
         to `ride_rows` rows in all, those advanced longest ago first. A CPU step of one row
-        leaves most of what the cores could compute unused (on this model a second row
-        costs a small part of the first), and while interactive traffic runs the batch got
-        nothing else (capacity used: 83 % of idle, session 8). Never while an interactive
+        leaves much of what the cores could compute unused (session 9, loaded machine: a
+        second row added 3-50 % to a step, 8 rows took 2.1x one row), and while
+        interactive traffic runs the batch got nothing else (capacity used: 83 % of idle,
+        session 8). Never while an interactive
         prompt waits for its first token (one in its prefill, or handed over and not yet
         placed): that step stays the newcomer's alone, so riders cost no TTFT; they only
         make interactive decode steps a little longer. Prompt chunks never ride: each is a
