@@ -499,14 +499,14 @@ def test_batch_sequences_yield_every_step_and_a_slot_to_an_interactive_one(
 
 def test_a_batch_row_rides_interactive_decode_steps_but_never_its_first_token(
         loop_thread: LoopThread) -> None:
-    """With the default `ride_rows` (2), a batch flood gets one row in each step of a lone
+    """With `ride_rows=2`, a batch flood gets one row in each step of a lone
     interactive request's decode (capacity a one-row CPU step leaves unused), never in
     the step that makes its first token: that still comes in the step after it is handed
     over or the next, and it still ends before any of the flood. Every text at
     temperature 0 is the text alone (a rider is computed as in any other step)."""
     spec = bundled_model()
     engine = LlamaCppEngine(spec.model_id, spec.path,
-                            ContextConfig(sequences=4, context_per_sequence=512))
+                            ContextConfig(sequences=4, context_per_sequence=512, ride_rows=2))
     admitter = Admitter(engine)
 
     async def scenario() -> tuple[str, str, list[str], str, Deliveries]:

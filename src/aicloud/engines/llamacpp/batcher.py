@@ -9,12 +9,13 @@ leave at once. A tenant alone may fill every slot; a newcomer of a tenant below 
 that finds none free takes one from a tenant above its share, whose sequence is parked
 (`parking.py`); and which sequences decode in each step follows the tenants' counters too
 (`turns.py`). Batch-class sequences yield to interactive ones at every step: while one of
-those runs they sit the steps out (but for a row riding along in its decode steps, see
-`_riders`), wait for a slot, and lend theirs (parked, or back in line before their first
-token), so batch work uses only capacity left idle; one slot stays free for an interactive
-newcomer while batch work fills the others (`_reserve`); and a step of batch rows only is
-cut short when an interactive request arrives (`preempt.py`: its decode stops between two
-graph nodes and its rows are computed again later).
+those runs they sit the steps out (but for rows `ride_rows` lets ride along in its
+decode steps, `_riders`; none by default), wait for a slot, and lend theirs (parked, or
+back in line before their first token), so batch work uses only capacity left idle;
+one slot stays free for an interactive newcomer while batch work fills the others
+(`_reserve`); and a step of batch rows only is cut short when an interactive request
+arrives (`preempt.py`: its decode stops between two graph nodes and its rows are computed
+again later).
 
 Narrow steps are what let a newcomer start fast under load: on a CPU a step of 32
 sequences makes hardly more tokens per second than one of 16, but takes twice as long, and
@@ -367,8 +368,8 @@ class Batcher:
         alone.
 
         While an interactive sequence runs, batch ones sit the step out: every row makes a
-        CPU step longer, so they would slow every interactive token (issue 16); but for a
-        few riding its decode rows (`_riders`)."""
+        CPU step longer, so they would slow every interactive token (issue 16); but for
+        those `ride_rows` lets ride its decode rows (`_riders`)."""
         runnable = self._runnable()
         width = self.config.step_sequences or len(runnable)
         decoding = [s for s in runnable if s.state is SeqState.DECODE]

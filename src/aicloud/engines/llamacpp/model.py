@@ -75,8 +75,9 @@ class ContextConfig:
     unified_kv: bool = False
     adapt_threads: bool = True  # `threads` is then the most a decode uses (threads.py)
     # rows an interactive decode step may hold in all, batch-class rows filling what its
-    # interactive rows leave (issue 16); 1 keeps batch rows out of interactive steps
-    ride_rows: int = 2
+    # interactive rows leave (issue 16). 1 (batch rows sit interactive steps out) until a
+    # quiet A/B shows riders pay: on the loaded machine of session 9 they did not clearly
+    ride_rows: int = 1
 
     @property
     def n_ctx(self) -> int:
