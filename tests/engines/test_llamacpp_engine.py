@@ -458,11 +458,11 @@ def test_batch_sequences_yield_every_step_and_a_slot_to_an_interactive_one(
     """A batch-class flood holds every slot; an interactive request of the same tenant (so
     no share is involved, only the class) takes a slot at once (a batch sequence is
     parked), makes its first token in the step after it is handed over or the next, and
-    decodes alone until it ends, before any of the flood; the flood's texts at temperature
-    0 are still the text each gets alone."""
+    (with no batch row allowed to ride its steps) decodes alone until it ends, before any
+    of the flood; the flood's texts at temperature 0 are still the text each gets alone."""
     spec = bundled_model()
     engine = LlamaCppEngine(spec.model_id, spec.path,
-                            ContextConfig(sequences=4, context_per_sequence=512))
+                            ContextConfig(sequences=4, context_per_sequence=512, ride_rows=1))
     admitter = Admitter(engine)
 
     async def scenario() -> tuple[str, list[str], Deliveries]:
@@ -497,6 +497,96 @@ def test_batch_sequences_yield_every_step_and_a_slot_to_an_interactive_one(
     assert seen.sequences["i"].completion_tokens > 1
     assert seen.parks >= 1
     assert texts == [alone] * 4
+
+
+def test_a_batch_row_rides_interactive_decode_steps_but_never_its_first_token(
+        loop_thread: LoopThread) -> None:
+    """With `ride_rows=2`, a batch flood gets one row in each step of a lone
+    interactive request's decode (capacity a one-row CPU step leaves unused), never in
+    the step that makes its first token: that still comes in the step after it is handed
+    over or the next, and it still ends before any of the flood. Every text at
+    temperature 0 is the text alone (a rider is computed as in any other step)."""
+    spec = bundled_model()
+    engine = LlamaCppEngine(spec.model_id, spec.path,
+                            ContextConfig(sequences=4, context_per_sequence=512, ride_rows=2))
+    admitter = Admitter(engine)
+
+    async def scenario() -> tuple[str, str, list[str], str, Deliveries]:
+        await admitter.start()
+        try:
+            counting = await engine.encode_text("1, 2, 3, 4, 5, 6,")
+            fruit = await engine.encode_chat([ChatMessage("user", "Name a fruit.")])
+
+            def ask(name: str) -> GenerationRequest:
+                return GenerationRequest(name, fruit, GREEDY, 8, tenant="t")
+
+            alone = "".join([e.text async for e in await admitter.generate(
+                batch_line("alone", counting, FLOOD))])
+            solo = "".join([e.text async for e in await admitter.generate(ask("s"))])
+            seen = Deliveries(engine)
+            flood = [await admitter.generate(batch_line(f"b{i}", counting, FLOOD))
+                     for i in range(4)]
+            readers = [aiter(s) for s in flood]
+            heads = [await anext(r) for r in readers]  # every one of them has a slot
+            asked = await admitter.generate(ask("i"))
+            text = "".join([e.text async for e in asked])
+            texts = ["".join(e.text for e in [head, *[e async for e in r]])
+                     for head, r in zip(heads, readers, strict=True)]
+            return alone, solo, texts, text, seen
+        finally:
+            await admitter.close()
+
+    alone, solo, texts, text, seen = loop_thread.run(scenario(), timeout=600)
+    assert seen.finals()[0] == "i", "an interactive request waited for the batch flood"
+    assert seen.first_step("i") - seen.handed_at["i"] <= 2
+    # one event per step from "i"; between its first and last, at most one rider in each
+    # step after the first (that one is its prefill's alone)
+    riders, steps = len(seen.between("i")), seen.sequences["i"].completion_tokens
+    assert riders > 0, "no batch row rode the interactive decode steps"
+    assert riders <= steps - 1, "more than one batch row per step"
+    assert text == solo
+    assert texts == [alone] * 4
+
+
+def test_a_slot_stays_free_for_an_interactive_newcomer_beside_a_batch(
+        loop_thread: LoopThread) -> None:
+    """Where the engine holds more sequences than a step decodes, a batch flood handed
+    more lines than slots leaves one slot free: an interactive newcomer takes it without
+    parking anyone, and since the batch's lines (each in a cache scope of its own) never
+    took it, it still holds the prompt of the interactive request before, so the
+    newcomer's prefix is cached. (On the engine itself: the admission layer in front
+    would hand it fewer lines.)"""
+    spec = bundled_model()
+    engine = LlamaCppEngine(spec.model_id, spec.path,
+                            ContextConfig(sequences=4, context_per_sequence=512,
+                                          step_sequences=2))
+
+    async def scenario() -> tuple[int, TokenEvent, Deliveries]:
+        await engine.start()
+        try:
+            counting = await engine.encode_text("1, 2, 3, 4, 5, 6,")
+            fruit = await engine.encode_chat([ChatMessage("user", "Name a fruit.")])
+            await (await engine.generate(GenerationRequest("warm", fruit, GREEDY, 2,
+                                                           tenant="t"))).final()
+            seen = Deliveries(engine)
+            flood = [await engine.generate(batch_line(f"b{i}", counting, FLOOD, scoped=True))
+                     for i in range(5)]
+            for s in flood[:3]:
+                await anext(aiter(s))  # three have a slot and are decoding
+            placed = engine.stats().running
+            final = await (await engine.generate(GenerationRequest(
+                "i", fruit, GREEDY, 4, tenant="t"))).final()
+            for s in flood:
+                s.cancel()
+            return placed, final, seen
+        finally:
+            await engine.close()
+
+    placed, final, seen = loop_thread.run(scenario(), timeout=600)
+    assert placed == 3, "the batch took every slot"
+    assert seen.parks == 0, "the newcomer parked a batch sequence"
+    assert final.usage is not None and final.usage.cached_tokens > 0
+    assert seen.finals()[0] == "i"
 
 
 def test_a_batch_sequence_in_its_prompt_lends_its_slot_and_keeps_what_it_computed(

@@ -82,6 +82,10 @@ class ContextConfig:
     kv_type: str = DEFAULT_KV_TYPE  # of K and V: bf16, f16 or q8_0 (`KV_TYPES`)
     unified_kv: bool = False
     adapt_threads: bool = True  # `threads` is then the most a decode uses (threads.py)
+    # rows an interactive decode step may hold in all, batch-class rows filling what its
+    # interactive rows leave (issue 16). 1 (batch rows sit interactive steps out) until a
+    # quiet A/B shows riders pay: on the loaded machine of session 9 they did not clearly
+    ride_rows: int = 1
 
     @property
     def n_ctx(self) -> int:
