@@ -69,3 +69,23 @@ def test_empty_or_zero_samples_are_ignored() -> None:
 def test_bad_config_is_refused() -> None:
     with pytest.raises(ValueError):
         TunerConfig(probe_every=0)
+
+
+def test_a_probe_is_judged_against_steps_as_wide_as_its_own() -> None:
+    """Two threads are faster at every width, but the probe at one thread lands on wide
+    steps while the steps before it were narrow: rows per second over mixed widths said
+    one thread was faster (a wide step makes more rows a second at any count)."""
+    tuner = ThreadTuner(2, CONFIG)
+    seconds = {1: {1: 0.010, 16: 0.080}, 2: {1: 0.006, 16: 0.050}}  # by threads, then rows
+
+    def step(rows: int) -> None:
+        tuner.record(rows, seconds[tuner.threads()][rows])
+
+    for _ in range(3):
+        step(16)  # the current count has seen wide steps too
+    for _ in range(CONFIG.probe_every - 3):
+        step(1)
+    assert tuner.threads() == 1  # probing
+    while tuner.threads() == 1:
+        step(16)
+    assert tuner.current == 2 and tuner.switches == 0

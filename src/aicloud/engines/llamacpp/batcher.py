@@ -49,6 +49,7 @@ from aicloud.engines.llamacpp.turns import take_turns
 
 log = logging.getLogger(__name__)
 
+RESERVE_FROM = 16  # slots from which one is always kept for interactive requests
 Delivery = tuple[Callable[[TokenEvent], None], TokenEvent]
 PlanItem = tuple[Sequence, list[int], bool]
 Outcome = tuple[Sequence, TokenEvent]
@@ -103,8 +104,10 @@ class Batcher:
         self._newcomer = False  # an interactive sequence came since the last admission
         self._waiting_interactive = False  # one was left without a slot at the last one
         # a slot batch sequences leave free for an interactive newcomer, where the engine
-        # holds more sequences than a step decodes (so the batch loses no rows by it)
-        self._reserve = 1 if self.slots.free > (self.config.step_sequences or 0) else 0
+        # holds more sequences than a step decodes (so the batch loses no rows by it) or
+        # so many that one is a small share (a 32-slot engine's batch keeps 31)
+        self._reserve = 1 if self.slots.free > min(RESERVE_FROM - 1,
+                                                   self.config.step_sequences or 0) else 0
         self._wake = threading.Condition()
         self._stopping = False
         self._chores: deque[Callable[[], None]] = deque()

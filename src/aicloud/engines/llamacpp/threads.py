@@ -13,6 +13,7 @@ fastest. Probing costs a few slow steps per period when the current count was ri
 
 from __future__ import annotations
 
+import statistics
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -43,8 +44,11 @@ class ThreadTuner:
         self.current = self.max_threads
         self._probe: int | None = None  # the count being tried, if any
         self._since_probe = 0
-        self._recent: deque[tuple[int, float]] = deque(maxlen=self.config.probe_steps)
+        # seconds of the last decodes at the current count, by rows: a step's time depends
+        # on its width, so a probe is compared only with steps as wide as its own
+        self._recent: dict[int, deque[float]] = {}
         self._probed: list[tuple[int, float]] = []
+        self._probe_steps_seen = 0
         self._next_candidate = 0
         self.switches = 0
 
@@ -57,13 +61,18 @@ class ThreadTuner:
         if rows <= 0 or seconds <= 0:
             return
         if self._probe is None:
-            self._recent.append((rows, seconds))
+            self._recent.setdefault(rows, deque(maxlen=self.config.probe_steps)).append(seconds)
             self._since_probe += 1
             if self._since_probe >= self.config.probe_every and self.max_threads > 1:
                 self._start_probe()
             return
-        self._probed.append((rows, seconds))
-        if len(self._probed) >= self.config.probe_steps:
+        self._probe_steps_seen += 1
+        if rows in self._recent:
+            self._probed.append((rows, seconds))
+        # steps of widths never seen at the current count say nothing; a probe that meets
+        # none it can compare ends without a verdict
+        if (len(self._probed) >= self.config.probe_steps
+                or self._probe_steps_seen >= 4 * self.config.probe_steps):
             self._end_probe()
 
     def _start_probe(self) -> None:
@@ -71,6 +80,7 @@ class ThreadTuner:
         self._probe = candidates[self._next_candidate % len(candidates)]
         self._next_candidate += 1
         self._probed = []
+        self._probe_steps_seen = 0
 
     def _candidates(self) -> list[int]:
         """Half and double the current count (hill climbing: on a few cores that is every
@@ -81,18 +91,19 @@ class ThreadTuner:
     def _end_probe(self) -> None:
         probe, self._probe = self._probe, None
         self._since_probe = 0
-        if probe is not None and _rate(self._probed) > self.config.margin * _rate(
-                list(self._recent)):
+        if probe is not None and self._probed and _speedup(
+                self._probed, self._recent) > self.config.margin:
             self.current = probe
             self.switches += 1
             self._recent.clear()
         self._probed = []
 
 
-def _rate(samples: list[tuple[int, float]]) -> float:
-    """Rows per second over the samples (0 when there are none)."""
-    seconds = sum(s for _, s in samples)
-    return sum(r for r, _ in samples) / seconds if seconds > 0 else 0.0
+def _speedup(probed: list[tuple[int, float]], recent: dict[int, deque[float]]) -> float:
+    """How much faster the probed count ran: the median over its steps of the time the
+    current count took for a step as wide (its recent median) over the probe's time."""
+    ratios = sorted(statistics.median(recent[rows]) / seconds for rows, seconds in probed)
+    return ratios[len(ratios) // 2]
 
 
 class ThreadBudget:
