@@ -235,6 +235,10 @@ def serve(
     kv_budget_mb: Annotated[int | None, typer.Option(
         help="memory for the KV cache of each model, used to size --sequences "
              "(default 2048)")] = None,
+    kv_cache: Annotated[Literal["bf16", "f16", "q8_0"] | None, typer.Option(
+        help="type of the KV cache: bf16 (default; texts independent of the batch), f16 "
+             "(5-10% faster decode here, texts may depend on the batch) or q8_0 (half "
+             "the memory)")] = None,
     weights: Annotated[str | None, typer.Option(
         help="auto (default: the faster of the file and q4_0 on this machine, measured "
              "once), native (the file as it is), or re-typed once into q4_0, q8_0, "
@@ -261,7 +265,8 @@ def serve(
     options: dict[str, Any] = dict(
         host=host, port=port, models=model, engine=engine, sequences=sequences,
         context=context, threads=threads, step_sequences=step_sequences,
-        kv_budget_mb=kv_budget_mb, weights=weights, ray_address=ray, replicas=replicas,
+        kv_budget_mb=kv_budget_mb, kv_cache=kv_cache, weights=weights, ray_address=ray,
+        replicas=replicas,
         min_replicas=min_replicas, max_replicas=max_replicas, replica_cpus=replica_cpus,
         memory_budget_mb=memory_mb(memory_budget) if memory_budget else None)
     # Settings validates each value; `--port 0` is a port: any free one

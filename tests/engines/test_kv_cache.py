@@ -69,3 +69,19 @@ def test_a_long_prompt_reused_as_a_prefix_gives_the_text_it_gives_cold(
     reused, hit, cold, none = loop_thread.run(scenario())
     assert hit > 64 and none == 0
     assert reused == cold
+
+
+def test_the_server_setting_reaches_each_model_and_refuses_an_unknown_type() -> None:
+    from pydantic import ValidationError
+
+    from aicloud.cli import context_config
+    from aicloud.config import Settings
+    from aicloud.models.catalog import CatalogEntry
+
+    entry = CatalogEntry("m", source=str(bundled_model().path))
+    assert context_config(Settings(), entry).kv_type == "bf16"
+    assert context_config(Settings(), entry).flash_attention
+    config = context_config(Settings(kv_cache="q8_0"), entry)
+    assert config.kv_type == "q8_0"
+    with pytest.raises(ValidationError):
+        Settings(kv_cache="f32")
