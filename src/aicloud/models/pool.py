@@ -3,15 +3,15 @@ budget and unloaded when idle.
 
 Each model goes unloaded -> loading -> ready -> draining -> unloaded, or to failed when
 its load fails. A request for an unloaded model waits while exactly one load runs (the
-weights are read in worker threads, so other models keep decoding); loading makes room
-by unloading idle models, the least in demand first (requests counted with a half-life,
-so between models asked equally often the least recently used), never a pinned model, one with work
-in flight or one loaded less than `min_residency` ago. What Ollama's users hit is what
-this is built against: a model reloaded on every request (keep_alive per model and per
-request, minimum residency), over-estimated memory (the estimate from the GGUF header is
-replaced by what the load measurably cost), no pinning, and an eviction that waited
-forever (a load waits at most `fit_wait` for room, then the request gets a 503 with
-Retry-After; nothing holds a lock while it waits).
+weights are read in worker threads, so other models keep decoding); loading makes room by
+unloading idle models, the least in demand first (requests counted with a half-life, so
+between models asked equally often the least recently used), never a pinned model, one
+with work in flight or one loaded less than `min_residency` ago. What Ollama's users hit
+is what this is built against: a model reloaded on every request (keep_alive per model
+and per request, minimum residency), over-estimated memory (the estimate from the GGUF
+header is replaced by what the load measurably cost), no pinning, and an eviction that
+waited forever (a load waits at most `fit_wait` for room, then the request gets a 503
+with Retry-After; nothing holds a lock while it waits).
 """
 
 from __future__ import annotations
@@ -622,7 +622,7 @@ class ModelPool:
             await self._unload(self._victim(victims, now), "evicted")
 
     async def _make_room(self, model: PooledModel) -> None:
-        """Unload idle models, least recently used first, until `model` fits; wait for
+        """Unload idle models, the least in demand first (`_victim`), until `model` fits; wait for
         busy ones up to `fit_wait`, then refuse (503: nothing is wrong with the model).
 
         Loads waiting for room get it in the order they began: only the oldest evicts,

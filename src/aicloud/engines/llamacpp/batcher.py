@@ -17,10 +17,10 @@ one slot stays free for an interactive newcomer while batch work fills the other
 arrives (`preempt.py`: its decode stops between two graph nodes and its rows are computed
 again later).
 
-Narrow steps are what let a newcomer start fast under load: on a CPU a step of 32
-sequences makes hardly more tokens per second than one of 16, but takes twice as long, and
-a request admitted now waits for the step in flight before its prefill can run; the step
-that makes its first token is narrower still.
+A step reads every weight once, so by default it decodes every running sequence (16 per
+thread), in one run of KV streams (`SlotTable` keeps busy slots together); a newcomer
+waits for the step in flight, and the step that makes its first token decodes only a
+quarter as many others.
 """
 
 from __future__ import annotations
@@ -106,8 +106,8 @@ class Batcher:
         # a slot batch sequences leave free for an interactive newcomer, where the engine
         # holds more sequences than a step decodes (so the batch loses no rows by it) or
         # so many that one is a small share (a 32-slot engine's batch keeps 31)
-        self._reserve = 1 if self.slots.free > min(RESERVE_FROM - 1,
-                                                   self.config.step_sequences or 0) else 0
+        slots = len(self.slots.slots)
+        self._reserve = int(slots >= RESERVE_FROM or slots > (self.config.step_sequences or 0))
         self._wake = threading.Condition()
         self._stopping = False
         self._chores: deque[Callable[[], None]] = deque()
@@ -412,11 +412,10 @@ class Batcher:
         leaves much of what the cores could compute unused (session 9, loaded machine: a
         second row added 3-50 % to a step, 8 rows took 2.1x one row), and while
         interactive traffic runs the batch got nothing else (capacity used: 83 % of idle,
-        session 8). Never while an interactive
-        prompt waits for its first token (one in its prefill, or handed over and not yet
-        placed): that step stays the newcomer's alone, so riders cost no TTFT; they only
-        make interactive decode steps a little longer. Prompt chunks never ride: each is a
-        call of its own, as long as several steps."""
+        session 8). Never while an interactive prompt waits for its first token (one in its
+        prefill, or handed over and not yet placed): that step stays the newcomer's alone,
+        so riders cost no TTFT; they only make interactive decode steps a little longer.
+        Prompt chunks never ride: each is a call of its own, as long as several steps."""
         room = min(self.config.ride_rows, self.config.step_sequences or self.config.ride_rows)
         room -= len(interactive)
         if (room <= 0 or self._newcomer or self._waiting_interactive

@@ -124,7 +124,7 @@ def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, kv_type: str) 
 MAX_AUTO_SEQUENCES = 32
 # Sequences decoded per step, per thread. With flash attention and the running sequences
 # in one run of KV streams, a step of 32 on 2 threads made 365 tok/s against 251 for two
-# steps of 16 (bench/engine.py-style run, session 9): a step reads every weight once, so
+# steps of 16 (bench/engine_profile.py, session 9): a step reads every weight once, so
 # narrower steps mostly re-read them. A newcomer's first token still does not wait for a
 # full step: the step that ends a prompt decodes a quarter as many others.
 STEP_SEQUENCES_PER_THREAD = 16

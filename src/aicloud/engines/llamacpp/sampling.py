@@ -4,7 +4,7 @@ or for the common request that only sets a temperature (or none), our own in num
 llama.cpp's temperature and dist samplers walk the whole vocabulary in scalar loops: 0.43
 ms a token on SmolLM2's 49k tokens here, 14 ms of every 32-sequence step, where the
 decode itself took 60 ms. `SoftmaxSampler` draws from the same distribution with
-vectorised passes in 0.07 ms (docs/benchmarks.md).
+vectorised passes: 0.07 ms alone, 0.1 ms a token in the engine (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -86,8 +86,10 @@ class SoftmaxSampler:
     def sample(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, index),
                                        shape=(self.n_vocab,))
+        if self.greedy:
+            return int(np.argmax(logits))
         top = logits.max()
-        if self.greedy or not math.isfinite(top):
+        if not math.isfinite(top):
             return int(np.argmax(logits))
         return self.draw(logits, top)
 

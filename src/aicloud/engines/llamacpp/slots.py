@@ -4,8 +4,8 @@ Each slot is a llama.cpp sequence id, with its own KV stream by default (one uni
 when `ContextConfig.unified_kv`). An idle slot keeps the prompt of its last request (never
 the generated tokens, which are freed at once), so a later request with the same system
 prompt starts from there. A prefix held by any slot, busy or idle, can be shared into
-another slot with `llama_memory_seq_cp`: in a unified cache it adds the sequence id to the
-same cells, across streams it copies them; either way, no prefill.
+another slot: in a unified cache `llama_memory_seq_cp` adds the sequence id to the same
+cells, across streams its cells are copied (`_copy_cells`); either way, no prefill.
 
 Reuse never crosses an isolation scope (`GenerationRequest.cache_scope`: a project, key or
 organization, maybe salted): a slot remembers whose prompt it holds, a prefix is shared
@@ -61,11 +61,11 @@ class SlotTable:
     def acquire(self, prompt: list[int], scope: str = "") -> tuple[Slot, int]:
         """Take an idle slot next to the busy ones (`_idle_by_place`), of those the one that
         best matches `prompt` within `scope`, with a longer prefix that another slot of
-        `scope` holds copied into it (a copy of the stream, milliseconds); return it and
-        how many prompt tokens are already in its cache. At least two prompt tokens are left to
-        decode (one for the logits sampling needs; two because llama.cpp computes a lone row
-        with other kernels, so a fully cached prompt would not give the text it gives
-        cold). A slot of another scope matches nothing, so it is only ever emptied."""
+        `scope` holds copied into it (`_share`); return it and how many prompt tokens are
+        already in its cache. At least two prompt tokens are left to decode (one for the
+        logits sampling needs; two because llama.cpp computes a lone row with other
+        kernels, so a fully cached prompt would not give the text it gives cold). A slot
+        of another scope matches nothing, so it is only ever emptied."""
         def match(s: Slot) -> int:
             return common_prefix(s.tokens, prompt) if s.scope == scope else 0
 
